@@ -1,0 +1,1 @@
+"""Prefect flows (plan -> shards -> finalize) and the command line."""

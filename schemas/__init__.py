@@ -1,0 +1,1 @@
+"""Pydantic models at the edges (job spec, plan) and the output's Arrow schema."""

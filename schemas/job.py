@@ -1,0 +1,160 @@
+"""The job spec: what a user writes in job.yaml, validated before anything heavy runs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a job file must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Strict):
+    path: str = Field(description="A Parquet file, a directory of them, or a glob.")
+    id_column: str | None = Field(
+        default=None, description="Column holding the row id; else file:row_index."
+    )
+    messages_column: str | None = Field(
+        default=None,
+        description="Column of chat messages: list<struct<role, content>> or a JSON string.",
+    )
+    prompt_column: str | None = Field(
+        default=None, description="Column holding the user prompt (when no messages column)."
+    )
+    system_prompt: str | None = None
+    passthrough_columns: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputSpec:
+        if self.messages_column and self.prompt_column:
+            raise ValueError("set messages_column or prompt_column, not both")
+        if not self.messages_column and not self.prompt_column:
+            self.prompt_column = "prompt"
+        return self
+
+
+class ShardSpec(_Strict):
+    rows_per_shard: int = Field(default=1000, gt=0)
+
+
+class EngineSpec(_Strict):
+    kind: Literal["vllm", "replay"] = "vllm"
+    model: str | None = Field(default=None, validate_default=True)
+    tokenizer: str | None = None
+    revision: str | None = None
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    decode_context_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    max_model_len: int | None = Field(default=None, gt=0)
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    quantization: str | None = None
+    load_format: str = "auto"
+    kv_cache_memory_bytes: int | None = Field(default=None, gt=0)
+    seed: int = 0
+    max_in_flight: int = Field(
+        default=512, gt=0, description="Requests kept inside the engine at once."
+    )
+    replay_column: str = Field(
+        default="raw_text", description="kind=replay: column holding the completion text."
+    )
+    extra_args: dict[str, Any] = Field(
+        default_factory=dict, description="Any other vllm.LLM / EngineArgs argument."
+    )
+
+    # Field validators (not model validators) so these errors are reported together
+    # with every other field error of the file.
+    @field_validator("model")
+    @classmethod
+    def _model_for_vllm(cls, model: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("kind", "vllm") == "vllm" and not model:
+            raise ValueError("required when engine.kind is vllm")
+        return model
+
+    @field_validator("decode_context_parallel_size")
+    @classmethod
+    def _dcp_divides_tp(cls, dcp: int, info: ValidationInfo) -> int:
+        tp = info.data.get("tensor_parallel_size")
+        if tp is not None and tp % dcp:
+            raise ValueError(
+                "tensor_parallel_size must be divisible by decode_context_parallel_size "
+                f"(vLLM requires it): got TP={tp}, DCP={dcp}")
+        return dcp
+
+    def output_affecting(self) -> dict[str, Any]:
+        """Engine settings that change what is generated (not how fast)."""
+        keys = ("kind", "model", "tokenizer", "revision", "max_model_len", "dtype",
+                "quantization", "load_format", "seed")
+        out = {k: getattr(self, k) for k in keys}
+        if self.kind == "replay":
+            out["replay_column"] = self.replay_column
+        return out
+
+
+class StructuredOutputSpec(_Strict):
+    """One of vLLM's StructuredOutputsParams constraints."""
+
+    regex: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="json")
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputSpec:
+        given = [k for k in ("regex", "json_schema", "choice", "grammar") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of regex, json, choice, grammar; got {given}")
+        return self
+
+
+class SamplingSpec(_Strict):
+    """vllm.SamplingParams fields; `extra` passes any other field through."""
+
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = 0
+    min_p: float = Field(default=0.0, ge=0, le=1)
+    max_tokens: int = Field(default=1024, gt=0)
+    min_tokens: int = Field(default=0, ge=0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = Field(default=1.0, gt=0)
+    ignore_eos: bool = False
+    structured_outputs: StructuredOutputSpec | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class ParserSpec(_Strict):
+    """Names exactly as `vllm serve --reasoning-parser / --tool-call-parser` takes them."""
+
+    reasoning: str | None = None
+    tool_call: str | None = None
+
+
+class OutputSpec(_Strict):
+    path: str
+    flush_rows: int = Field(default=1000, gt=0)
+    flush_seconds: float = Field(default=60.0, gt=0)
+    keep_raw_text: bool = False
+    compression: str = "zstd"
+
+
+class JobSpec(_Strict):
+    name: str = "thinkbatch"
+    input: InputSpec
+    shards: ShardSpec = Field(default_factory=ShardSpec)
+    engine: EngineSpec
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    parsers: ParserSpec = Field(default_factory=ParserSpec)
+    output: OutputSpec
+    preset: str | None = Field(default=None, description="Name of a preset merged under this file.")
+

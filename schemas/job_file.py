@@ -1,0 +1,118 @@
+"""Loading a job file: YAML, an optional preset underneath, `--set a.b=value` on top."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from thinkbatch.schemas.job import JobSpec
+
+PRESET_DIRS = (Path(__file__).resolve().parent.parent / "deployments" / "presets",)
+
+
+class JobFileError(ValueError):
+    """Every problem of a job file at once, so a user fixes them in one go."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("invalid job:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def parse_set(expr: str) -> tuple[list[str], Any]:
+    """`engine.max_in_flight=64` -> (["engine", "max_in_flight"], 64); values are YAML."""
+    key, sep, raw = expr.partition("=")
+    if not sep or not key.strip():
+        raise JobFileError([f"--set {expr!r}: expected KEY.PATH=VALUE"])
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def find_preset(name: str) -> Path:
+    as_path = Path(name)
+    if as_path.suffix in (".yaml", ".yml") and as_path.exists():
+        return as_path
+    for folder in PRESET_DIRS:
+        candidate = folder / f"{name}.yaml"
+        if candidate.exists():
+            return candidate
+    known = sorted(p.stem for d in PRESET_DIRS if d.exists() for p in d.glob("*.yaml"))
+    raise JobFileError([f"preset {name!r} not found; known presets: {', '.join(known)}"])
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise JobFileError([f"job file {str(path)!r} does not exist"]) from None
+    except yaml.YAMLError as e:
+        raise JobFileError([f"{path}: not valid YAML: {e}"]) from None
+    if not isinstance(data, dict):
+        raise JobFileError([f"{path}: top level must be a mapping"])
+    return data
+
+
+def resolve_raw(
+    job: dict[str, Any], sets: Sequence[str] = (), preset: str | None = None
+) -> dict[str, Any]:
+    """Preset (from --preset or the job's `preset:` key) under the job, --set on top."""
+    data = copy.deepcopy(job)
+    for expr in sets:
+        keys, value = parse_set(expr)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise JobFileError([f"--set {expr!r}: {k} is not a mapping"])
+        node[keys[-1]] = value
+    name = preset or data.get("preset")
+    if name:
+        data = deep_merge(_preset_chain(name), data)
+        data["preset"] = name
+    return data
+
+
+def _preset_chain(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset may itself name a preset it refines (the TP8-only variant does)."""
+    if name in seen:
+        raise JobFileError([f"presets include each other: {' -> '.join((*seen, name))}"])
+    data = _read_yaml(find_preset(name))
+    base = data.pop("preset", None)
+    return deep_merge(_preset_chain(base, (*seen, name)), data) if base else data
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "job"
+        out.append(f"{where}: {e['msg']}")
+    return out
+
+
+def load_job(
+    path: str | Path | None = None,
+    *,
+    sets: Sequence[str] = (),
+    preset: str | None = None,
+    inline: dict[str, Any] | None = None,
+) -> JobSpec:
+    """Read, merge and validate; raises JobFileError listing every problem."""
+    raw = inline if inline is not None else _read_yaml(Path(path))
+    data = resolve_raw(raw, sets, preset)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise JobFileError(format_validation_error(e)) from None

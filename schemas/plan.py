@@ -1,0 +1,37 @@
+"""The plan: input files (from footers only) cut into fixed-size shards of rows."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class InputFile(BaseModel):
+    path: str
+    size: int
+    version: str  # mtime (local) or ETag (object store): changes when the file does
+    num_rows: int
+    row_group_rows: list[int]
+    first_row: int  # global index of the file's first row in plan order
+
+
+class Segment(BaseModel):
+    """Rows [start, stop) of one file."""
+
+    file: int
+    start: int
+    stop: int
+
+
+class Shard(BaseModel):
+    shard_id: int
+    first_row: int  # global row index of the shard's first row
+    num_rows: int
+    segments: list[Segment]
+
+
+class Plan(BaseModel):
+    files: list[InputFile]
+    shards: list[Shard]
+    total_rows: int
+    fingerprint: str
+    fingerprint_parts: dict[str, str]

@@ -1,0 +1,1 @@
+"""The work: plan, read, render, engine, parse, commit, storage, report. Prefect-free."""

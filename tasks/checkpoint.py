@@ -1,0 +1,120 @@
+"""The output folder as the job's durable state: plan, committed parts, done shards.
+
+A row is done iff it is in a committed part; a shard is done iff its marker exists.
+Resume reads only the `row_index` column of the parts of unfinished shards.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from thinkbatch.schemas.plan import Plan
+from thinkbatch.tasks import storage
+from thinkbatch.tasks.fingerprint import describe_changes
+
+
+class ResumeRefused(RuntimeError):
+    """The output folder holds a different job: resuming would mix outputs."""
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    root: str
+
+    @property
+    def plan(self) -> str:
+        return storage.join(self.root, "_plan.json")
+
+    @property
+    def manifest(self) -> str:
+        return storage.join(self.root, "_manifest.json")
+
+    @property
+    def data(self) -> str:
+        return storage.join(self.root, "data")
+
+    @property
+    def shards(self) -> str:
+        return storage.join(self.root, "_shards")
+
+    @staticmethod
+    def part_prefix(shard_id: int) -> str:
+        return f"shard-{shard_id:06d}-"
+
+    def new_part(self, shard_id: int) -> str:
+        return storage.join(self.data, f"{self.part_prefix(shard_id)}{uuid.uuid4().hex[:12]}.parquet")
+
+    def parts_of(self, shard_id: int) -> list[str]:
+        prefix = self.part_prefix(shard_id)
+        return [storage.join(self.data, n) for n in storage.list_files(self.data, ".parquet")
+                if n.startswith(prefix)]
+
+    def all_parts(self) -> list[str]:
+        return [storage.join(self.data, n) for n in storage.list_files(self.data, ".parquet")]
+
+    def done_marker(self, shard_id: int) -> str:
+        return storage.join(self.shards, f"{shard_id:06d}.json")
+
+
+def open_plan(layout: OutputLayout, plan: Plan, *, force_resume: bool = False) -> tuple[Plan, bool]:
+    """Write the plan first; on resume, check the fingerprint. Returns (plan, resumed)."""
+    try:
+        storage.write_atomic(layout.plan, plan.model_dump_json(indent=1).encode(), if_absent=True)
+        return plan, False
+    except storage.AlreadyExists:
+        stored = Plan.model_validate_json(storage.read_bytes(layout.plan))
+    if stored.fingerprint != plan.fingerprint:
+        changes = describe_changes(stored.fingerprint_parts, plan.fingerprint_parts)
+        if not force_resume:
+            raise ResumeRefused(
+                f"{layout.root} holds a run of a different job; changed since it started:\n"
+                + "\n".join(f"  - {c}" for c in changes)
+                + "\nUse another output path, or --force-resume to continue with the old plan."
+            )
+    storage.remove_temporaries(layout.data)
+    return stored, True
+
+
+def committed_rows(layout: OutputLayout, shard_id: int) -> set[int]:
+    """Row indices already committed for one shard: memory follows shard size."""
+    done: set[int] = set()
+    for part in layout.parts_of(shard_id):
+        done.update(pq.read_table(part, columns=["row_index"]).column(0).to_pylist())
+    return done
+
+
+def shard_stats(layout: OutputLayout, shard_id: int) -> dict[str, Any]:
+    """Counts by status and token totals of a shard's committed parts."""
+    statuses: Counter[str] = Counter()
+    prompt_tokens = completion_tokens = rows = 0
+    for part in layout.parts_of(shard_id):
+        t = pq.read_table(part, columns=["status", "prompt_tokens", "completion_tokens"])
+        rows += t.num_rows
+        statuses.update(t.column("status").to_pylist())
+        prompt_tokens += _sum(t.column("prompt_tokens"))
+        completion_tokens += _sum(t.column("completion_tokens"))
+    return {"rows": rows, "status": dict(statuses), "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens}
+
+
+def _sum(col: pa.ChunkedArray) -> int:
+    return int(pc.sum(col).as_py() or 0)
+
+
+def mark_done(layout: OutputLayout, shard_id: int) -> dict[str, Any]:
+    stats = shard_stats(layout, shard_id)
+    storage.write_atomic(layout.done_marker(shard_id), json.dumps(stats).encode())
+    return stats
+
+
+def done_stats(layout: OutputLayout, shard_id: int) -> dict[str, Any] | None:
+    path = layout.done_marker(shard_id)
+    return json.loads(storage.read_bytes(path)) if storage.exists(path) else None

@@ -1,0 +1,100 @@
+"""Splitting raw completions into reasoning, answer and tool calls with vLLM's own
+parsers, chosen by the names `vllm serve` takes (`--reasoning-parser kimi_k2`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from thinkbatch.schemas.job import ParserSpec
+from thinkbatch.schemas.output import Status
+from thinkbatch.tasks.engine import Generation
+
+
+@dataclass(slots=True)
+class Parsed:
+    status: Status
+    reasoning: str | None = None
+    answer: str | None = None
+    tool_calls: list[dict[str, str | None]] | None = None
+    error: str | None = None
+
+
+def parser_class(spec: ParserSpec, tokenizer: Any, model_name: str | None) -> Any:
+    """The composed vLLM Parser class, validated against the tokenizer; None if no parser."""
+    if not (spec.reasoning or spec.tool_call):
+        return None
+    from vllm.parser.parser_manager import ParserManager
+
+    return ParserManager.get_parser(
+        tool_parser_name=spec.tool_call,
+        reasoning_parser_name=spec.reasoning,
+        enable_auto_tools=spec.tool_call is not None,
+        model_name=model_name,
+        tokenizer=tokenizer,
+    )
+
+
+def marker_strings(tokenizer: Any) -> list[str]:
+    """Added tokens (think tags, tool-call markers...): none may leak into a column."""
+    if tokenizer is None:
+        return []
+    return sorted(t for t in tokenizer.get_added_vocab() if len(t) > 1)
+
+
+class OutputParser:
+    def __init__(self, spec: ParserSpec, tokenizer: Any, model_name: str | None):
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.cls = parser_class(spec, tokenizer, model_name)
+        self.markers = marker_strings(tokenizer) if self.cls else []
+
+    def _request(self, messages: list[dict[str, Any]], tools: list[dict] | None) -> Any:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        return ChatCompletionRequest.model_construct(
+            model="thinkbatch", messages=messages, tools=tools, tool_choice="auto" if tools else None,
+            include_reasoning=True,
+        )
+
+    def parse(self, gen: Generation, messages: list[dict[str, Any]], tools: list[dict] | None,
+              chat_template_kwargs: dict[str, Any]) -> Parsed:
+        truncated = gen.finish_reason == "length"
+        if self.cls is None:
+            if truncated:
+                return Parsed(Status.TRUNCATED, error="hit max_tokens")
+            return Parsed(Status.OK, answer=gen.text)
+        try:
+            parser = self.cls(self.tokenizer, tools, chat_template_kwargs=chat_template_kwargs)
+            if gen.prompt_token_ids is not None:
+                parser.set_prompt_token_ids(gen.prompt_token_ids)
+            reasoning, answer, calls = parser.parse(
+                gen.text, self._request(messages, tools),
+                enable_auto_tools=self.spec.tool_call is not None,
+                model_output_token_ids=gen.token_ids,
+            )
+        except Exception as e:  # a parser bug or unparseable text: keep the row, say why
+            return Parsed(Status.PARSE_ERROR, error=f"{type(e).__name__}: {e}")
+        tool_calls = [{"id": c.id, "name": c.name, "arguments": c.arguments}
+                      for c in calls or []] or None
+        if truncated:
+            return Parsed(Status.TRUNCATED, reasoning=reasoning or None,
+                          error="hit max_tokens before the answer was complete")
+        leak = self._leak(reasoning, answer, tool_calls)
+        if leak:
+            return Parsed(Status.PARSE_ERROR, reasoning=reasoning, answer=answer,
+                          tool_calls=tool_calls, error=leak)
+        return Parsed(Status.OK, reasoning=reasoning or None, answer=answer or None,
+                      tool_calls=tool_calls)
+
+    def _leak(self, reasoning: str | None, answer: str | None,
+              tool_calls: list[dict[str, str | None]] | None) -> str | None:
+        fields = {"reasoning": reasoning, "answer": answer}
+        for i, c in enumerate(tool_calls or []):
+            fields[f"tool_calls[{i}].name"] = c["name"]
+            fields[f"tool_calls[{i}].arguments"] = c["arguments"]
+        for name, text in fields.items():
+            for m in self.markers:
+                if text and m in text:
+                    return f"marker {m!r} left in {name}: the output is not well formed"
+        return None

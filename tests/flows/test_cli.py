@@ -1,0 +1,63 @@
+"""The `thinkbatch` command as a user runs it: a subprocess, Prefect with no server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from tests.conftest import CLI, job_dict, prompt_rows, write_job, write_prompts
+
+KIMI_OUTPUT = "<think>thinking {i}</think>answer {i}"
+
+
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def _replay_job(tmp_path: Path, tiny_model: str) -> Path:
+    rows = prompt_rows(40)
+    for i, r in enumerate(rows):
+        r["raw_text"] = KIMI_OUTPUT.format(i=i)
+    rows[7]["raw_text"] = None
+    write_prompts(tmp_path / "in.parquet", rows)
+    job = job_dict(tmp_path / "in.parquet", tmp_path / "out",
+                   {"kind": "replay", "tokenizer": tiny_model},
+                   sampling={"temperature": 0.6, "structured_outputs": None},
+                   output={"keep_raw_text": True})
+    return write_job(tmp_path / "job.yaml", job)
+
+
+def test_bad_job_file_is_refused_with_every_error_before_any_model_loads(tmp_path: Path) -> None:
+    job = job_dict(tmp_path / "missing.parquet", tmp_path / "out",
+                   {"model": str(tmp_path / "no-such-model"), "tensor_parallel_size": 8,
+                    "decode_context_parallel_size": 3})
+    job["parsers"] = {"reasoning": "not_a_parser"}
+    r = _run("run", str(write_job(tmp_path / "job.yaml", job)))
+    assert r.returncode == 2, r.stderr
+    assert "divisible by" in r.stderr
+    job["engine"]["decode_context_parallel_size"] = 8
+    r = _run("run", str(write_job(tmp_path / "job.yaml", job)))
+    assert r.returncode == 2
+    assert "input.path" in r.stderr and "not_a_parser" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_replay_run_then_changed_sampling_is_refused(tmp_path: Path, tiny_model: str) -> None:
+    job = _replay_job(tmp_path, tiny_model)
+    r = _run("run", str(job), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "40 rows written" in r.stdout and "ok=39" in r.stdout and "invalid_input=1" in r.stdout
+    r = _run("run", str(job), "--no-progress", "--set", "sampling.temperature=1.0")
+    assert r.returncode == 2
+    assert "sampling.temperature: 0.6 -> 1.0" in r.stderr
+    r = _run("run", str(job), "--no-progress", "--set", "sampling.temperature=1.0",
+             "--force-resume")
+    assert r.returncode == 0, r.stderr
+
+
+def test_validate_loads_no_model(tmp_path: Path, tiny_model: str) -> None:
+    r = _run("validate", str(_replay_job(tmp_path, tiny_model)))
+    assert r.returncode == 0 and "is valid" in r.stdout
+    assert not (tmp_path / "out").exists()

