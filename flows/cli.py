@@ -12,6 +12,7 @@ from typing import Any
 from thinkbatch.tasks.vllm_env import prepare_vllm_env
 
 prepare_vllm_env()
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from thinkbatch.schemas.job import JobSpec  # noqa: E402
 from thinkbatch.schemas.job_file import JobFileError, load_job  # noqa: E402
@@ -43,29 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_checked(args: argparse.Namespace) -> JobSpec:
+
+
+def _validate(path: str, job: JobSpec) -> int:
     from thinkbatch.tasks.validate import check_job
 
-    job = load_job(args.job, sets=args.sets, preset=args.preset)
     errors = check_job(job)
     if errors:
         raise JobFileError(errors)
-    return job
-
-
-def _show_rows(path: str, n: int) -> str:
-    import pyarrow.dataset as ds
-
-    if n <= 0:
-        return ""
-    cols = ["id", "status", "reasoning", "answer", "tool_calls"]
-    rows = ds.dataset(path, format="parquet").head(n, columns=cols).to_pylist()
-    return "\n".join("  " + json.dumps(_clip(r), ensure_ascii=False) for r in rows)
-
-
-def _clip(row: dict[str, Any], width: int = 100) -> dict[str, Any]:
-    return {k: (v[:width] + "…" if isinstance(v, str) and len(v) > width else v)
-            for k, v in row.items()}
+    print(f"thinkbatch: {path} is valid")
+    return 0
 
 
 def _configure_logging() -> None:
@@ -77,6 +65,19 @@ def _configure_logging() -> None:
     log.propagate = False
 
 
+def _run(job: JobSpec, args: argparse.Namespace) -> dict[str, Any]:
+    _configure_logging()
+    from thinkbatch.flows.job import generate_dataset
+    from thinkbatch.tasks.engine import close_engines
+
+    try:
+        return generate_dataset(job.model_dump(mode="json", by_alias=True),
+                                force_resume=args.force_resume,
+                                show_progress=not args.no_progress)
+    finally:
+        close_engines()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "tiny-model":
@@ -84,34 +85,25 @@ def main(argv: list[str] | None = None) -> int:
 
         print(write_tiny_model(args.out_dir))
         return 0
-    try:
-        job = _load_checked(args)
-    except JobFileError as e:
-        print(f"thinkbatch: {e}", file=sys.stderr)
-        return EXIT_JOB_INVALID
-    if args.command == "validate":
-        print(f"thinkbatch: {args.job} is valid")
-        return 0
-    _configure_logging()
-    from thinkbatch.flows.job import generate_dataset
     from thinkbatch.tasks.checkpoint import ResumeRefused
-    from thinkbatch.tasks.engine import close_engines
-    from thinkbatch.tasks.report import summary
+    from thinkbatch.tasks.lease import OutputInUse
 
     try:
-        manifest = generate_dataset(job.model_dump(mode="json", by_alias=True),
-                                    force_resume=args.force_resume,
-                                    show_progress=not args.no_progress)
-    except ResumeRefused as e:
+        job = load_job(args.job, sets=args.sets, preset=args.preset)
+        if args.command == "validate":
+            return _validate(args.job, job)
+        manifest = _run(job, args)
+    except (JobFileError, ResumeRefused, OutputInUse) as e:
         print(f"thinkbatch: {e}", file=sys.stderr)
         return EXIT_JOB_INVALID
     except Exception as e:
         print(f"thinkbatch: job failed: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_JOB_FAILED
-    finally:
-        close_engines()
+    from thinkbatch.tasks.report import sample_rows, summary
+
     print(summary(manifest))
-    print(_show_rows(manifest["data"], args.show_rows))
+    for row in sample_rows(job, args.show_rows):
+        print("  " + json.dumps(row, ensure_ascii=False))
     return 0
 
 

@@ -24,11 +24,13 @@ from thinkbatch.schemas.plan import Plan  # noqa: E402
 from thinkbatch.tasks import checkpoint, report  # noqa: E402
 from thinkbatch.tasks.checkpoint import OutputLayout  # noqa: E402
 from thinkbatch.tasks.engine import get_engine  # noqa: E402
+from thinkbatch.tasks.lease import RunLease  # noqa: E402
 from thinkbatch.tasks.parse import OutputParser  # noqa: E402
 from thinkbatch.tasks.pipeline import Pipeline  # noqa: E402
 from thinkbatch.tasks.plan import make_plan  # noqa: E402
 from thinkbatch.tasks.read import input_schema  # noqa: E402
 from thinkbatch.tasks.sampling import sampling_params  # noqa: E402
+from thinkbatch.tasks.storage import Storage  # noqa: E402
 from thinkbatch.tasks.validate import check_job  # noqa: E402
 from thinkbatch.schemas.job_file import JobFileError  # noqa: E402
 
@@ -36,12 +38,8 @@ SHARDS_IN_FLIGHT = 4  # shard tasks registered with the engine at once
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan_job(job: JobSpec, force_resume: bool) -> tuple[Plan, bool]:
-    errors = check_job(job)
-    if errors:
-        raise JobFileError(errors)
-    return checkpoint.open_plan(OutputLayout(job.output.path), make_plan(job),
-                                force_resume=force_resume)
+def plan_job(job: JobSpec, layout: OutputLayout, force_resume: bool) -> tuple[Plan, bool]:
+    return checkpoint.open_plan(layout, make_plan(job, layout.store), force_resume=force_resume)
 
 
 @task(name="shard", cache_policy=NO_CACHE, task_run_name="shard-{shard_id}")
@@ -50,60 +48,74 @@ def run_shard(pipeline: Pipeline, shard_id: int) -> dict[str, Any]:
 
 
 @task(name="finalize", cache_policy=NO_CACHE)
-def finalize(job: JobSpec, plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
-    layout = OutputLayout(job.output.path)
+def finalize(job: JobSpec, layout: OutputLayout, plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
     manifest = report.build_manifest(job, plan, layout, run)
     report.write_manifest(layout, manifest)
     return manifest
 
 
-def open_pipeline(job: JobSpec, plan: Plan, pending_rows: int, done_rows: int,
+def open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, lease: RunLease,
+                  pending_rows: int, done_rows: int,
                   show_progress: bool) -> tuple[Pipeline, float]:
     started = time.monotonic()
     engine = get_engine(job.engine)
     load_s = time.monotonic() - started
     parser = OutputParser(job.parsers, engine.tokenizer, job.engine.model)
-    schema = output_schema(input_schema(plan, job.input.passthrough_columns)
+    schema = output_schema(input_schema(layout.store, plan, job.input.passthrough_columns)
                            if job.input.passthrough_columns else None)
     progress = report.Progress(total=pending_rows + done_rows, already_done=done_rows,
                                enabled=show_progress)
     sampling = sampling_params(job) if job.engine.kind == "vllm" else None
-    pipeline = Pipeline(job, plan, OutputLayout(job.output.path), engine, parser, sampling,
-                        schema, progress)
+    pipeline = Pipeline(job, plan, layout, engine, parser, sampling, schema, progress,
+                        may_commit=lambda: lease.held)
     return pipeline, load_s
+
+
+def _generate(spec: JobSpec, layout: OutputLayout, plan: Plan, lease: RunLease,
+              show_progress: bool) -> dict[str, Any]:
+    """Run the unfinished shards through one engine; returns this run's figures."""
+    todo = [s for s in plan.shards if checkpoint.done_stats(layout, s.shard_id) is None]
+    run: dict[str, Any] = {"shards_to_do": len(todo), "rows_generated": 0,
+                           "output_tokens": 0, "engine_load_s": 0.0, "generation_s": 0.0}
+    if not todo:
+        return run
+    pending = sum(s.num_rows for s in todo)
+    pipeline, run["engine_load_s"] = open_pipeline(spec, layout, plan, lease, pending,
+                                                   plan.total_rows - pending, show_progress)
+    started = time.monotonic()
+    try:
+        run_shard.map(unmapped(pipeline), [s.shard_id for s in todo]).result()
+    finally:
+        pipeline.close()
+        pipeline.progress.close()
+    run.update(rows_generated=pipeline.progress.rows, output_tokens=pipeline.progress.tokens,
+               generation_s=time.monotonic() - started)
+    return run
 
 
 @flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT),
       log_prints=True)
 def generate_dataset(job: dict[str, Any], force_resume: bool = False,
                      show_progress: bool = False) -> dict[str, Any]:
-    """Run a job end to end in this process; returns the manifest."""
+    """Run a job end to end in this process (or resume it); returns the manifest.
+
+    Checks run before any model loads; the output's lease keeps a second run out."""
     started = time.monotonic()
     spec = JobSpec.model_validate(job)
-    logger = get_run_logger()
-    plan, resumed = plan_job(spec, force_resume)
-    layout = OutputLayout(spec.output.path)
-    todo = [s for s in plan.shards if checkpoint.done_stats(layout, s.shard_id) is None]
-    done_rows = sum(s.num_rows for s in plan.shards) - sum(s.num_rows for s in todo)
-    logger.info("%s: %d rows in %d shards; %d shards to do%s", spec.name, plan.total_rows,
-                len(plan.shards), len(todo), " (resumed)" if resumed else "")
-    run = {"resumed": resumed, "rows_generated": 0, "engine_load_s": 0.0,
-           "output_tokens": 0}
-    if todo:
-        pipeline, run["engine_load_s"] = open_pipeline(
-            spec, plan, sum(s.num_rows for s in todo), done_rows, show_progress)
-        gen_started = time.monotonic()
-        try:
-            futures = run_shard.map(unmapped(pipeline), [s.shard_id for s in todo])
-            futures.result()
-        finally:
-            pipeline.close()
-            pipeline.progress.close()
-        gen_s = time.monotonic() - gen_started
-        run.update(rows_generated=pipeline.progress.rows, output_tokens=pipeline.progress.tokens,
-                   generation_s=gen_s)
-    wall = time.monotonic() - started
-    gen_s = run.get("generation_s") or 1e-9
-    run.update(wall_s=wall, rows_per_s=run["rows_generated"] / gen_s,
-               output_tokens_per_s=run["output_tokens"] / gen_s)
-    return finalize(spec, plan, run)
+    errors = check_job(spec)
+    if errors:
+        raise JobFileError(errors)
+    layout = OutputLayout(spec.output.path, Storage(spec.storage))
+    lease = RunLease(layout.store, layout.lease).acquire().keep_renewed()
+    try:
+        plan, resumed = plan_job(spec, layout, force_resume)
+        get_run_logger().info("%s: %d rows in %d shards%s", spec.name, plan.total_rows,
+                              len(plan.shards), " (resuming)" if resumed else "")
+        run = _generate(spec, layout, plan, lease, show_progress)
+        gen_s = run["generation_s"] or 1e-9
+        run.update(resumed=resumed, wall_s=time.monotonic() - started,
+                   rows_per_s=run["rows_generated"] / gen_s,
+                   output_tokens_per_s=run["output_tokens"] / gen_s)
+        return finalize(spec, layout, plan, run)
+    finally:
+        lease.release()

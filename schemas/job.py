@@ -139,6 +139,18 @@ class ParserSpec(_Strict):
     tool_call: str | None = None
 
 
+class StorageSpec(_Strict):
+    """How to reach s3:// paths. Credentials come from boto3's standard chain (or a
+    prefect-aws AwsCredentials block): never from the job file."""
+
+    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, R2...).")
+    region: str | None = None
+    profile: str | None = Field(default=None, description="A profile of ~/.aws/config.")
+    aws_credentials_block: str | None = Field(
+        default=None, description="Name of a prefect-aws AwsCredentials block.")
+    max_attempts: int = Field(default=10, ge=1, description="botocore standard-mode retries.")
+
+
 class OutputSpec(_Strict):
     path: str
     flush_rows: int = Field(default=1000, gt=0)
@@ -156,5 +168,6 @@ class JobSpec(_Strict):
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     parsers: ParserSpec = Field(default_factory=ParserSpec)
     output: OutputSpec
+    storage: StorageSpec = Field(default_factory=StorageSpec)
     preset: str | None = Field(default=None, description="Name of a preset merged under this file.")
 

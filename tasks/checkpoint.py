@@ -14,10 +14,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from thinkbatch.schemas.plan import Plan
-from thinkbatch.tasks import storage
+from thinkbatch.tasks.storage import AlreadyExists, Storage, join
 from thinkbatch.tasks.fingerprint import describe_changes
 
 
@@ -28,49 +27,55 @@ class ResumeRefused(RuntimeError):
 @dataclass(frozen=True)
 class OutputLayout:
     root: str
+    store: Storage
 
     @property
     def plan(self) -> str:
-        return storage.join(self.root, "_plan.json")
+        return join(self.root, "_plan.json")
+
+    @property
+    def lease(self) -> str:
+        return join(self.root, "_lease.json")
 
     @property
     def manifest(self) -> str:
-        return storage.join(self.root, "_manifest.json")
+        return join(self.root, "_manifest.json")
 
     @property
     def data(self) -> str:
-        return storage.join(self.root, "data")
+        return join(self.root, "data")
 
     @property
     def shards(self) -> str:
-        return storage.join(self.root, "_shards")
+        return join(self.root, "_shards")
 
     @staticmethod
     def part_prefix(shard_id: int) -> str:
         return f"shard-{shard_id:06d}-"
 
     def new_part(self, shard_id: int) -> str:
-        return storage.join(self.data, f"{self.part_prefix(shard_id)}{uuid.uuid4().hex[:12]}.parquet")
+        return join(self.data, f"{self.part_prefix(shard_id)}{uuid.uuid4().hex[:12]}.parquet")
 
     def parts_of(self, shard_id: int) -> list[str]:
         prefix = self.part_prefix(shard_id)
-        return [storage.join(self.data, n) for n in storage.list_files(self.data, ".parquet")
+        return [join(self.data, n) for n in self.store.list_files(self.data, ".parquet")
                 if n.startswith(prefix)]
 
     def all_parts(self) -> list[str]:
-        return [storage.join(self.data, n) for n in storage.list_files(self.data, ".parquet")]
+        return [join(self.data, n) for n in self.store.list_files(self.data, ".parquet")]
 
     def done_marker(self, shard_id: int) -> str:
-        return storage.join(self.shards, f"{shard_id:06d}.json")
+        return join(self.shards, f"{shard_id:06d}.json")
 
 
 def open_plan(layout: OutputLayout, plan: Plan, *, force_resume: bool = False) -> tuple[Plan, bool]:
     """Write the plan first; on resume, check the fingerprint. Returns (plan, resumed)."""
+    store = layout.store
     try:
-        storage.write_atomic(layout.plan, plan.model_dump_json(indent=1).encode(), if_absent=True)
+        store.write_atomic(layout.plan, plan.model_dump_json(indent=1).encode(), if_absent=True)
         return plan, False
-    except storage.AlreadyExists:
-        stored = Plan.model_validate_json(storage.read_bytes(layout.plan))
+    except AlreadyExists:
+        stored = Plan.model_validate_json(store.read_bytes(layout.plan))
     if stored.fingerprint != plan.fingerprint:
         changes = describe_changes(stored.fingerprint_parts, plan.fingerprint_parts)
         if not force_resume:
@@ -79,7 +84,7 @@ def open_plan(layout: OutputLayout, plan: Plan, *, force_resume: bool = False) -
                 + "\n".join(f"  - {c}" for c in changes)
                 + "\nUse another output path, or --force-resume to continue with the old plan."
             )
-    storage.remove_temporaries(layout.data)
+    store.remove_temporaries(layout.data)
     return stored, True
 
 
@@ -87,7 +92,7 @@ def committed_rows(layout: OutputLayout, shard_id: int) -> set[int]:
     """Row indices already committed for one shard: memory follows shard size."""
     done: set[int] = set()
     for part in layout.parts_of(shard_id):
-        done.update(pq.read_table(part, columns=["row_index"]).column(0).to_pylist())
+        done.update(layout.store.read_columns(part, ["row_index"]).column(0).to_pylist())
     return done
 
 
@@ -96,7 +101,7 @@ def shard_stats(layout: OutputLayout, shard_id: int) -> dict[str, Any]:
     statuses: Counter[str] = Counter()
     prompt_tokens = completion_tokens = rows = 0
     for part in layout.parts_of(shard_id):
-        t = pq.read_table(part, columns=["status", "prompt_tokens", "completion_tokens"])
+        t = layout.store.read_columns(part, ["status", "prompt_tokens", "completion_tokens"])
         rows += t.num_rows
         statuses.update(t.column("status").to_pylist())
         prompt_tokens += _sum(t.column("prompt_tokens"))
@@ -111,10 +116,13 @@ def _sum(col: pa.ChunkedArray) -> int:
 
 def mark_done(layout: OutputLayout, shard_id: int) -> dict[str, Any]:
     stats = shard_stats(layout, shard_id)
-    storage.write_atomic(layout.done_marker(shard_id), json.dumps(stats).encode())
+    layout.store.write_atomic(layout.done_marker(shard_id), json.dumps(stats).encode())
     return stats
 
 
 def done_stats(layout: OutputLayout, shard_id: int) -> dict[str, Any] | None:
     path = layout.done_marker(shard_id)
-    return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
+    try:
+        return json.loads(layout.store.read_bytes(path))
+    except FileNotFoundError:
+        return None

@@ -15,11 +15,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from thinkbatch.tasks import checkpoint, storage
+from thinkbatch.tasks import checkpoint
 from thinkbatch.tasks.checkpoint import OutputLayout
 
 OnShardDone = Callable[[int, dict[str, Any]], None]
 OnCommit = Callable[[int, int], None]
+
+
+class FencedOut(RuntimeError):
+    """This run no longer holds the output's lease: committing would duplicate rows."""
 
 
 def table_bytes(table: pa.Table, compression: str) -> bytes:
@@ -31,7 +35,7 @@ def table_bytes(table: pa.Table, compression: str) -> bytes:
 class Committer:
     def __init__(self, layout: OutputLayout, schema: pa.Schema, *, flush_rows: int,
                  flush_seconds: float, compression: str, on_shard_done: OnShardDone,
-                 on_commit: OnCommit | None = None):
+                 may_commit: Callable[[], bool], on_commit: OnCommit | None = None):
         self.layout = layout
         self.schema = schema
         self.flush_rows = flush_rows
@@ -39,6 +43,7 @@ class Committer:
         self.compression = compression
         self.on_shard_done = on_shard_done
         self.on_commit = on_commit
+        self.may_commit = may_commit
         self._buffer: dict[int, list[dict[str, Any]]] = defaultdict(list)
         self._buffered = 0
         self._last_flush = time.monotonic()
@@ -78,7 +83,10 @@ class Committer:
         self._put(lambda: self._commit(shard_id, table))
 
     def _commit(self, shard_id: int, table: pa.Table) -> None:
-        storage.write_atomic(self.layout.new_part(shard_id), table_bytes(table, self.compression))
+        if not self.may_commit():
+            raise FencedOut(f"lost the lease of {self.layout.root}; not committing")
+        self.layout.store.write_atomic(self.layout.new_part(shard_id),
+                                       table_bytes(table, self.compression))
         if self.on_commit:
             self.on_commit(shard_id, table.num_rows)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,8 @@ class _ShardStart:
 
 class Pipeline:
     def __init__(self, job: JobSpec, plan: Plan, layout: OutputLayout, engine: Engine,
-                 parser: OutputParser, sampling: Any, schema: Any, progress: Progress):
+                 parser: OutputParser, sampling: Any, schema: Any, progress: Progress,
+                 may_commit: Callable[[], bool]):
         self.job = job
         self.plan = plan
         self.engine = engine
@@ -54,7 +56,7 @@ class Pipeline:
         self.committer = Committer(
             layout, schema, flush_rows=job.output.flush_rows,
             flush_seconds=job.output.flush_seconds, compression=job.output.compression,
-            on_shard_done=self._shard_done, on_commit=self._committed,
+            on_shard_done=self._shard_done, on_commit=self._committed, may_commit=may_commit,
         )
         self.layout = layout
         self._shards: queue.Queue[Shard | None] = queue.Queue()
@@ -98,7 +100,8 @@ class Pipeline:
             while (shard := self._shards.get()) is not None:
                 done = checkpoint.committed_rows(self.layout, shard.shard_id)
                 self._put_item(_ShardStart(shard.shard_id, shard.num_rows - len(done)))
-                for batch in shard_batches(self.plan, shard, columns, self.job.input.id_column):
+                for batch in shard_batches(self.layout.store, self.plan, shard, columns,
+                                           self.job.input.id_column):
                     reqs = [r for r in render_batch(self.job, batch) if r.row_index not in done]
                     if reqs:
                         self._put_item((shard.shard_id, reqs))

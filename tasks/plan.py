@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.plan import InputFile, Plan, Segment, Shard
-from thinkbatch.tasks import storage
+from thinkbatch.tasks.storage import FileStat, Storage
 from thinkbatch.tasks.fingerprint import digest, fingerprint_parts
 
 
-def read_footers(files: list[storage.FileStat]) -> list[InputFile]:
+FOOTER_READERS = 16  # footers are tiny ranged reads: latency-bound on object stores
+
+
+def read_footers(store: Storage, files: list[FileStat]) -> list[InputFile]:
+    def row_groups(f: FileStat) -> list[int]:
+        meta = store.open_parquet(f.path).metadata
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+    with ThreadPoolExecutor(FOOTER_READERS) as pool:
+        groups = list(pool.map(row_groups, files))
     out, first = [], 0
-    for f in files:
-        meta = storage.open_parquet(f.path).metadata
-        groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    for f, g in zip(files, groups):
         out.append(InputFile(path=f.path, size=f.size, version=f.version,
-                             num_rows=meta.num_rows, row_group_rows=groups, first_row=first))
-        first += meta.num_rows
+                             num_rows=sum(g), row_group_rows=g, first_row=first))
+        first += sum(g)
     return out
 
 
@@ -43,9 +52,9 @@ def cut_shards(files: list[InputFile], rows_per_shard: int) -> list[Shard]:
     return shards
 
 
-def make_plan(job: JobSpec) -> Plan:
-    stats = storage.list_inputs(job.input.path)
-    files = read_footers(stats)
+def make_plan(job: JobSpec, store: Storage) -> Plan:
+    stats = store.list_inputs(job.input.path)
+    files = read_footers(store, stats)
     parts = fingerprint_parts(job, stats)
     return Plan(
         files=files,

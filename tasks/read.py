@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.plan import InputFile, Plan, Shard
-from thinkbatch.tasks import storage
+from thinkbatch.tasks.storage import Storage
 
 ROW_INDEX = "__row_index"
 ROW_ID = "__row_id"
@@ -22,9 +22,9 @@ def needed_columns(job: JobSpec) -> list[str]:
     return list(dict.fromkeys(c for c in cols if c))
 
 
-def input_schema(plan: Plan, columns: list[str]) -> pa.Schema:
+def input_schema(store: Storage, plan: Plan, columns: list[str]) -> pa.Schema:
     """The needed columns' types, from the first file's footer."""
-    schema = storage.open_parquet(plan.files[0].path).schema_arrow
+    schema = store.open_parquet(plan.files[0].path).schema_arrow
     missing = [c for c in columns if schema.get_field_index(c) < 0]
     if missing:
         raise ValueError(f"input {plan.files[0].path} lacks columns {missing}; "
@@ -32,7 +32,7 @@ def input_schema(plan: Plan, columns: list[str]) -> pa.Schema:
     return pa.schema([schema.field(c) for c in columns])
 
 
-def _segment_batches(f: InputFile, start: int, stop: int, columns: list[str],
+def _segment_batches(store: Storage, f: InputFile, start: int, stop: int, columns: list[str],
                      batch_size: int) -> Iterator[tuple[pa.RecordBatch, int]]:
     """Rows [start, stop) of one file, reading only the row groups that hold them."""
     groups, offsets, pos = [], [], 0
@@ -43,7 +43,7 @@ def _segment_batches(f: InputFile, start: int, stop: int, columns: list[str],
         pos += n
     if not groups:
         return
-    pf = storage.open_parquet(f.path)
+    pf = store.open_parquet(f.path)
     pos = offsets[0]
     for batch in pf.iter_batches(batch_size=batch_size, row_groups=groups, columns=columns):
         lo, hi = max(start - pos, 0), min(stop - pos, batch.num_rows)
@@ -52,13 +52,15 @@ def _segment_batches(f: InputFile, start: int, stop: int, columns: list[str],
         pos += batch.num_rows
 
 
-def shard_batches(plan: Plan, shard: Shard, columns: list[str], id_column: str | None,
+def shard_batches(store: Storage, plan: Plan, shard: Shard, columns: list[str],
+                  id_column: str | None,
                   batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
     """The shard's rows plus the global row index and the row id (the id column as
     text, else `file:row` so an id stays stable when files are added to the input)."""
     for seg in shard.segments:
         f = plan.files[seg.file]
-        for batch, file_row in _segment_batches(f, seg.start, seg.stop, columns, batch_size):
+        for batch, file_row in _segment_batches(store, f, seg.start, seg.stop, columns,
+                                                batch_size):
             first = f.first_row + file_row
             idx = pa.array(range(first, first + batch.num_rows), pa.int64())
             if id_column:

@@ -12,8 +12,9 @@ from typing import Any
 
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.plan import Plan
-from thinkbatch.tasks import checkpoint, storage
+from thinkbatch.tasks import checkpoint
 from thinkbatch.tasks.checkpoint import OutputLayout
+from thinkbatch.tasks.storage import Storage
 
 
 class Progress:
@@ -83,7 +84,7 @@ def build_manifest(job: JobSpec, plan: Plan, layout: OutputLayout,
 
 
 def write_manifest(layout: OutputLayout, manifest: dict[str, Any]) -> None:
-    storage.write_atomic(layout.manifest, json.dumps(manifest, indent=2).encode())
+    layout.store.write_atomic(layout.manifest, json.dumps(manifest, indent=2).encode())
 
 
 def summary(manifest: dict[str, Any]) -> str:
@@ -97,3 +98,15 @@ def summary(manifest: dict[str, Any]) -> str:
         f"engine load {run['engine_load_s']:.1f}s)",
     ]
     return "\n".join(lines)
+
+
+def sample_rows(job: JobSpec, n: int, width: int = 100) -> list[dict[str, Any]]:
+    """The first rows of the first part, long texts clipped: what a newcomer looks at."""
+    layout = OutputLayout(job.output.path, Storage(job.storage))
+    parts = layout.all_parts()
+    if n <= 0 or not parts:
+        return []
+    cols = ["id", "status", "reasoning", "answer", "tool_calls"]
+    rows = layout.store.read_columns(parts[0], cols).slice(0, n).to_pylist()
+    return [{k: (v[:width] + "…" if isinstance(v, str) and len(v) > width else v)
+             for k, v in r.items()} for r in rows]

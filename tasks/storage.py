@@ -1,117 +1,378 @@
-"""All storage access: listing inputs, opening Parquet, atomic writes of outputs.
+"""All storage access, local disk and S3 behind one interface.
 
-The rest of the code sees paths as strings and calls these functions; nothing else
-touches the file system. Atomicity is what exactly-once rests on: a file is either
-absent or complete, never partial.
+The rest of the code holds paths as strings (`/data/out` or `s3://bucket/out`) and calls
+a `Storage`; nothing else touches a file system or boto3. Atomicity is what
+exactly-once rests on: an object is either absent or complete, never partial (local:
+write a hidden temporary, then rename; S3: one PUT). Where two writers could race,
+writes are conditional (create-if-absent, replace-if-unchanged), and the loser gets a
+clear error.
+
+S3: boto3 is the source of credentials and endpoint (the standard chain: environment,
+shared config/profile, instance or pod role; `AWS_ENDPOINT_URL` is honoured), plus the
+job's `storage` section. Parquet is read in ranges through pyarrow's S3 file system built
+from the same boto3-resolved credentials, never downloaded whole. Transient faults are
+retried by botocore's standard retry mode (and pyarrow's standard S3 retry strategy).
 """
 
 from __future__ import annotations
 
+import fcntl
+import fnmatch
 import glob
+import hashlib
 import os
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from thinkbatch.schemas.job import StorageSpec
+
 TMP_SUFFIX = ".tmp"
+_GLOB_CHARS = "*?["
 
 
 class AlreadyExists(FileExistsError):
     """A create-if-absent write lost the race: another writer got there first."""
 
 
+class VersionMismatch(RuntimeError):
+    """A replace-if-unchanged write lost: the object changed since it was read."""
+
+
+class StorageError(RuntimeError):
+    """A permanent storage problem (no such bucket, access denied, no credentials)."""
+
+
 @dataclass(frozen=True)
 class FileStat:
     path: str
     size: int
-    version: str  # changes whenever the content does
+    version: str  # mtime (local) or ETag (S3): changes whenever the content does
+
+
+def is_s3(path: str) -> bool:
+    return path.startswith("s3://")
 
 
 def join(*parts: str) -> str:
-    return str(Path(parts[0]).joinpath(*parts[1:]))
-
-
-def _stat(path: str) -> FileStat:
-    st = os.stat(path)
-    return FileStat(path=path, size=st.st_size, version=str(st.st_mtime_ns))
-
-
-def list_inputs(spec: str) -> list[FileStat]:
-    """A Parquet file, a directory (recursively) or a glob -> sorted file stats."""
-    if any(c in spec for c in "*?["):
-        paths = glob.glob(spec, recursive=True)
-    elif os.path.isdir(spec):
-        paths = [str(p) for p in Path(spec).rglob("*.parquet")]
-    elif os.path.exists(spec):
-        paths = [spec]
-    else:
-        raise FileNotFoundError(f"input {spec!r} does not exist")
-    files = sorted(p for p in paths if os.path.isfile(p) and not _hidden(p))
-    if not files:
-        raise FileNotFoundError(f"input {spec!r} matches no Parquet files")
-    return [_stat(p) for p in files]
+    return "/".join([parts[0].rstrip("/"), *(p.strip("/") for p in parts[1:])])
 
 
 def _hidden(path: str) -> bool:
-    name = os.path.basename(path)
-    return name.startswith((".", "_"))
+    return path.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_"))
 
 
-def list_files(folder: str, suffix: str = "") -> list[str]:
-    """Names (not paths) of the committed files in a folder; temporaries excluded."""
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return []
-    return sorted(n for n in names if n.endswith(suffix) and not n.endswith(TMP_SUFFIX))
+def _etag(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def open_parquet(path: str) -> pq.ParquetFile:
-    return pq.ParquetFile(path, memory_map=False)
-
-
-def exists(path: str) -> bool:
-    return os.path.exists(path)
-
-
-def read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def write_atomic(path: str, data: bytes, *, if_absent: bool = False) -> None:
-    """Write all of `data` or nothing. With if_absent, fail if `path` already exists."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}{TMP_SUFFIX}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        if if_absent:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise AlreadyExists(path) from None
+class _Local:
+    def list_inputs(self, spec: str) -> list[FileStat]:
+        if any(c in spec for c in _GLOB_CHARS):
+            paths = glob.glob(spec, recursive=True)
+        elif os.path.isdir(spec):
+            paths = [str(p) for p in Path(spec).rglob("*.parquet")]
+        elif os.path.exists(spec):
+            paths = [spec]
         else:
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            raise FileNotFoundError(f"input {spec!r} does not exist")
+        stats = []
+        for p in sorted(p for p in paths if os.path.isfile(p) and not _hidden(p)):
+            st = os.stat(p)
+            stats.append(FileStat(p, st.st_size, str(st.st_mtime_ns)))
+        return stats
 
+    def list_names(self, folder: str) -> list[str]:
+        try:
+            return os.listdir(folder)
+        except FileNotFoundError:
+            return []
 
-def remove_temporaries(folder: str) -> int:
-    """Delete what a killed writer left half-written; returns how many."""
-    removed = 0
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if name.startswith(".") and name.endswith(TMP_SUFFIX):
+    def open_input(self, path: str) -> Any:
+        return pa.OSFile(path)
+
+    def read_versioned(self, path: str) -> tuple[bytes, str]:
+        with open(path, "rb") as f:
+            data = f.read()
+        return data, _etag(data)
+
+    def write(self, path: str, data: bytes, *, if_absent: bool, if_match: str | None) -> str:
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            if if_absent:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise AlreadyExists(path) from None
+            elif if_match is not None:
+                with open(os.path.join(folder, ".thinkbatch-cas.lock"), "a") as guard:
+                    fcntl.flock(guard, fcntl.LOCK_EX)
+                    current = self.read_versioned(path)[1] if os.path.exists(path) else None
+                    if current != if_match:
+                        raise VersionMismatch(path)
+                    os.replace(tmp, path)
+            else:
+                os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return _etag(data)
+
+    def delete(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def remove_temporaries(self, folder: str) -> int:
+        names = [n for n in self.list_names(folder) if n.startswith(".") and n.endswith(TMP_SUFFIX)]
+        for name in names:
             os.unlink(os.path.join(folder, name))
-            removed += 1
-    return removed
+        return len(names)
+
+    def check_output(self, path: str) -> None:
+        parent = Path(path).resolve()
+        while not parent.exists():
+            parent = parent.parent
+        if not os.access(parent, os.W_OK):
+            raise StorageError(f"cannot write under {str(parent)!r}: permission denied")
 
 
-def delete(path: str) -> None:
-    os.unlink(path)
+# HEAD requests carry no error body: name the cause from the status.
+_HTTP_CODES = {"404": "NoSuchBucket", "403": "AccessDenied", "400": "BadRequest"}
+_MEANING = {"NoSuchBucket": "the bucket does not exist",
+            "AccessDenied": "these credentials may not access it"}
+
+
+def _split(url: str) -> tuple[str, str]:
+    parsed = urlparse(url)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+class _S3:
+    def __init__(self, options: StorageSpec):
+        from botocore.config import Config
+
+        self.options = options
+        self._session_obj = self._session(options)
+        self.client = self._session_obj.client(
+            "s3", endpoint_url=options.endpoint_url, region_name=options.region,
+            config=Config(retries={"mode": "standard", "max_attempts": options.max_attempts},
+                          connect_timeout=5, read_timeout=60),
+        )
+
+    @staticmethod
+    def _session(options: StorageSpec) -> Any:
+        import boto3
+
+        if options.aws_credentials_block:
+            try:
+                from prefect_aws import AwsCredentials
+            except ImportError:
+                raise StorageError("storage.aws_credentials_block needs prefect-aws installed "
+                                   "(pip install prefect-aws)") from None
+            return AwsCredentials.load(options.aws_credentials_block).get_boto3_session()
+        try:
+            return boto3.Session(profile_name=options.profile, region_name=options.region)
+        except Exception as e:  # ProfileNotFound: say which, never echo secrets
+            raise StorageError(f"AWS profile {options.profile!r}: {type(e).__name__}") from None
+
+    @cached_property
+    def arrow_fs(self) -> Any:
+        """pyarrow's S3 file system from the same boto3-resolved credentials and endpoint."""
+        from pyarrow import fs
+
+        creds = self._session_obj.get_credentials()
+        kwargs: dict[str, Any] = {
+            "region": self.client.meta.region_name or "us-east-1",
+            "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=self.options.max_attempts),
+            "connect_timeout": 5, "request_timeout": 60,
+        }
+        endpoint = urlparse(self.client.meta.endpoint_url)
+        if not endpoint.netloc.endswith("amazonaws.com"):
+            kwargs.update(endpoint_override=endpoint.netloc, scheme=endpoint.scheme)
+        if creds is None:
+            kwargs["anonymous"] = True
+        else:
+            frozen = creds.get_frozen_credentials()
+            kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key,
+                          session_token=frozen.token)
+        return fs.S3FileSystem(**kwargs)
+
+    def _fail(self, err: Exception, bucket: str, what: str) -> StorageError:
+        """A clear message naming the bucket and the cause, and no secrets."""
+        from botocore.exceptions import ClientError, NoCredentialsError
+
+        if isinstance(err, NoCredentialsError):
+            return StorageError(f"s3 bucket {bucket!r}: no AWS credentials found (environment, "
+                                "profile, role or storage.aws_credentials_block)")
+        if isinstance(err, ClientError):
+            e = err.response.get("Error", {})
+            code = _HTTP_CODES.get(e.get("Code", ""), e.get("Code"))
+            message = e.get("Message") or _MEANING.get(code, "")
+            return StorageError(f"s3 bucket {bucket!r}: {what} failed: {code} ({message})")
+        return StorageError(f"s3 bucket {bucket!r}: {what} failed: {type(err).__name__}: {err}")
+
+    def _list(self, bucket: str, prefix: str) -> list[dict[str, Any]]:
+        out = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=bucket, Prefix=prefix):
+                out += page.get("Contents", [])
+        except Exception as e:
+            raise self._fail(e, bucket, f"listing {prefix!r}") from None
+        return out
+
+    def list_inputs(self, spec: str) -> list[FileStat]:
+        bucket, key = _split(spec)
+        if any(c in key for c in _GLOB_CHARS):
+            cut = min(key.find(c) for c in _GLOB_CHARS if c in key)
+            objects = [o for o in self._list(bucket, key[:cut]) if fnmatch.fnmatchcase(o["Key"], key)]
+        else:
+            folder = key.rstrip("/") + "/" if key else ""
+            objects = [o for o in self._list(bucket, key) if o["Key"] == key]
+            if not objects or not key.endswith(".parquet"):
+                objects = [o for o in self._list(bucket, folder) if o["Key"].endswith(".parquet")]
+        return sorted((FileStat(f"s3://{bucket}/{o['Key']}", o["Size"], o["ETag"].strip('"'))
+                       for o in objects if not _hidden(o["Key"])), key=lambda f: f.path)
+
+    def list_names(self, folder: str) -> list[str]:
+        bucket, key = _split(folder)
+        prefix = key.rstrip("/") + "/"
+        return [o["Key"][len(prefix):] for o in self._list(bucket, prefix)
+                if "/" not in o["Key"][len(prefix):]]
+
+    def open_input(self, path: str) -> Any:
+        return self.arrow_fs.open_input_file(path.removeprefix("s3://"))
+
+    def read_versioned(self, path: str) -> tuple[bytes, str]:
+        bucket, key = _split(path)
+        try:
+            obj = self.client.get_object(Bucket=bucket, Key=key)
+        except self.client.exceptions.NoSuchKey:
+            raise FileNotFoundError(path) from None
+        return obj["Body"].read(), obj["ETag"].strip('"')
+
+    def write(self, path: str, data: bytes, *, if_absent: bool, if_match: str | None) -> str:
+        from botocore.exceptions import ClientError
+
+        bucket, key = _split(path)
+        conditions: dict[str, str] = {}
+        if if_absent:
+            conditions["IfNoneMatch"] = "*"
+        elif if_match is not None:
+            conditions["IfMatch"] = f'"{if_match}"'
+        try:
+            return self.client.put_object(Bucket=bucket, Key=key, Body=data,
+                                          **conditions)["ETag"].strip('"')
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code")
+            if code == "PreconditionFailed" and if_absent:
+                raise AlreadyExists(path) from None
+            if code in ("PreconditionFailed", "NoSuchKey") and if_match is not None:
+                raise VersionMismatch(path) from None
+            if code == "ConditionalRequestConflict":
+                raise (AlreadyExists if if_absent else VersionMismatch)(path) from None
+            raise self._fail(e, bucket, f"writing {key!r}") from None
+
+    def delete(self, path: str) -> None:
+        bucket, key = _split(path)
+        self.client.delete_object(Bucket=bucket, Key=key)
+
+    def exists(self, path: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        bucket, key = _split(path)
+        try:
+            self.client.head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise self._fail(e, bucket, f"reading {key!r}") from None
+
+    def remove_temporaries(self, folder: str) -> int:
+        return 0  # one PUT per object: S3 never holds a partial one
+
+    def check_output(self, path: str) -> None:
+        bucket, _ = _split(path)
+        try:
+            self.client.head_bucket(Bucket=bucket)
+        except Exception as e:
+            raise self._fail(e, bucket, "access") from None
+
+
+class Storage:
+    """Local paths and s3:// URLs, chosen per path."""
+
+    def __init__(self, options: StorageSpec | None = None):
+        self.options = options or StorageSpec()
+        self._local = _Local()
+
+    @cached_property
+    def _s3(self) -> _S3:
+        return _S3(self.options)
+
+    def _for(self, path: str) -> _Local | _S3:
+        return self._s3 if is_s3(path) else self._local
+
+    def list_inputs(self, spec: str) -> list[FileStat]:
+        """A Parquet file, a folder or prefix (recursively) or a glob -> sorted stats."""
+        files = self._for(spec).list_inputs(spec)
+        if not files:
+            raise FileNotFoundError(f"input {spec!r} matches no Parquet files")
+        return files
+
+    def list_files(self, folder: str, suffix: str = "") -> list[str]:
+        """Names (not paths) of the files directly in a folder; hidden ones (temporaries,
+        the local compare-and-swap guard) excluded."""
+        return sorted(n for n in self._for(folder).list_names(folder)
+                      if n.endswith(suffix) and not n.startswith("."))
+
+    def open_parquet(self, path: str) -> pq.ParquetFile:
+        return pq.ParquetFile(self._for(path).open_input(path))
+
+    def read_columns(self, path: str, columns: list[str]) -> pa.Table:
+        return self.open_parquet(path).read(columns=columns)
+
+    def read_bytes(self, path: str) -> bytes:
+        return self._for(path).read_versioned(path)[0]
+
+    def read_versioned(self, path: str) -> tuple[bytes, str]:
+        """Content and its version (ETag), for a later write(if_match=version)."""
+        return self._for(path).read_versioned(path)
+
+    def write_atomic(self, path: str, data: bytes, *, if_absent: bool = False,
+                     if_match: str | None = None) -> str:
+        """Write all of `data` or nothing; returns the new version. With if_absent, fail
+        if the object exists; with if_match, fail if it changed since that version."""
+        return self._for(path).write(path, data, if_absent=if_absent, if_match=if_match)
+
+    def exists(self, path: str) -> bool:
+        return self._for(path).exists(path)
+
+    def delete(self, path: str) -> None:
+        self._for(path).delete(path)
+
+    def remove_temporaries(self, folder: str) -> int:
+        """Delete what a killed local writer left half-written; returns how many."""
+        return self._for(folder).remove_temporaries(folder)
+
+    def check_output(self, path: str) -> None:
+        """Raise StorageError now for what would fail every commit later."""
+        self._for(path).check_output(path)

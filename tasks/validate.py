@@ -6,17 +6,17 @@ from __future__ import annotations
 import dataclasses
 
 from thinkbatch.schemas.job import JobSpec
-from thinkbatch.tasks import storage
+from thinkbatch.tasks.storage import Storage, StorageError
 from thinkbatch.tasks.read import needed_columns
 
 
-def check_inputs(job: JobSpec) -> list[str]:
+def check_inputs(job: JobSpec, store: Storage) -> list[str]:
     try:
-        files = storage.list_inputs(job.input.path)
-    except (FileNotFoundError, PermissionError) as e:
+        files = store.list_inputs(job.input.path)
+    except (FileNotFoundError, PermissionError, StorageError) as e:
         return [f"input.path: {e}"]
     try:
-        names = set(storage.open_parquet(files[0].path).schema_arrow.names)
+        names = set(store.open_parquet(files[0].path).schema_arrow.names)
     except Exception as e:
         return [f"input.path: {files[0].path} is not readable Parquet: {e}"]
     return [f"input: column {c!r} not in {files[0].path} (has: {sorted(names)})"
@@ -51,6 +51,19 @@ def check_vllm(job: JobSpec) -> list[str]:
     return errors
 
 
+def check_output(job: JobSpec, store: Storage) -> list[str]:
+    try:
+        store.check_output(job.output.path)
+    except StorageError as e:
+        return [f"output.path: {e}"]
+    return []
+
+
 def check_job(job: JobSpec) -> list[str]:
     """Every problem at once."""
-    return check_inputs(job) + check_vllm(job)
+    try:
+        store = Storage(job.storage)
+        storage_errors = check_inputs(job, store) + check_output(job, store)
+    except StorageError as e:
+        storage_errors = [f"storage: {e}"]
+    return storage_errors + check_vllm(job)

@@ -17,6 +17,7 @@ _FORMAT = "%(levelname)s %(asctime)s [vllm] %(message)s"
 
 def prepare_vllm_env() -> None:
     os.environ["VLLM_CONFIGURE_LOGGING"] = "0"
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # batch jobs phone nowhere
     log = logging.getLogger("vllm")
     if not any(getattr(h, "_thinkbatch", False) for h in log.handlers):
         handler = logging.StreamHandler(sys.stderr)

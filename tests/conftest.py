@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ import pytest
 
 os.environ["VLLM_CONFIGURE_LOGGING"] = "0"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 MODEL_DIR_ENV = "THINKBATCH_TINY_MODEL"
 
@@ -104,3 +108,77 @@ def write_job(path: Path, job: dict[str, Any]) -> Path:
 
 
 CLI = [sys.executable, "-m", "thinkbatch.flows.cli"]
+SUBMITTED = re.compile(r"submitted row (\d+)")
+
+
+def kill_after_first_commit(job: Path, env: dict[str, str] | None = None) -> set[int]:
+    """Run `thinkbatch run JOB`, SIGKILL its process group right after its first
+    commit; returns the row indices it had submitted to the engine by then."""
+    env = {**os.environ, **(env or {}), "THINKBATCH_LOG_LEVEL": "DEBUG"}
+    proc = subprocess.Popen([*CLI, "run", str(job), "--no-progress"], env=env,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    submitted: set[int] = set()
+    try:
+        for line in proc.stderr:
+            if m := SUBMITTED.search(line):
+                submitted.add(int(m.group(1)))
+            if "committed" in line and "rows of shard" in line:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    submitted.update(int(m.group(1)) for m in SUBMITTED.finditer(proc.stderr.read()))
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    return submitted
+
+
+class S3Endpoint:
+    """moto's server mode on 127.0.0.1: a real HTTP S3 endpoint for boto3 and pyarrow."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        self.host, self.port = self._server.get_host_and_port()
+        self.url = f"http://{self.host}:{self.port}"
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url)
+
+    def bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def start_again(self) -> None:
+        """Same port, same objects: moto's state lives in this process, not the server."""
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)
+        self._server.start()
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                         Prefix=prefix)
+        return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
+
+
+@pytest.fixture(scope="session")
+def s3() -> S3Endpoint:
+    """Credentials and endpoint through the environment, as a user's shell would have
+    them; subprocesses inherit them. boto3 honours AWS_ENDPOINT_URL."""
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(env)
+    endpoint = S3Endpoint()
+    os.environ["AWS_ENDPOINT_URL"] = endpoint.url
+    yield endpoint
+    endpoint.stop()

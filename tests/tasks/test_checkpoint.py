@@ -9,10 +9,13 @@ import pytest
 from tests.conftest import prompt_rows, write_prompts
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.output import output_schema
-from thinkbatch.tasks import checkpoint, storage
+from thinkbatch.tasks import checkpoint
 from thinkbatch.tasks.checkpoint import OutputLayout, ResumeRefused
 from thinkbatch.tasks.commit import Committer
 from thinkbatch.tasks.plan import make_plan
+from thinkbatch.tasks.storage import Storage
+
+LOCAL = Storage()
 
 
 def _job(tmp_path: Path, **sampling):
@@ -23,15 +26,15 @@ def _job(tmp_path: Path, **sampling):
 
 def test_plan_written_first_and_resume_checks_fingerprint(tmp_path: Path) -> None:
     job = _job(tmp_path, temperature=0.6)
-    layout = OutputLayout(job.output.path)
-    plan, resumed = checkpoint.open_plan(layout, make_plan(job))
-    assert not resumed and storage.exists(layout.plan)
-    again, resumed = checkpoint.open_plan(layout, make_plan(job))
+    layout = OutputLayout(job.output.path, LOCAL)
+    plan, resumed = checkpoint.open_plan(layout, make_plan(job, LOCAL))
+    assert not resumed and LOCAL.exists(layout.plan)
+    again, resumed = checkpoint.open_plan(layout, make_plan(job, LOCAL))
     assert resumed and again == plan
     changed = _job(tmp_path, temperature=1.0)
     with pytest.raises(ResumeRefused, match=r"sampling\.temperature: 0\.6 -> 1\.0"):
-        checkpoint.open_plan(layout, make_plan(changed))
-    forced, resumed = checkpoint.open_plan(layout, make_plan(changed), force_resume=True)
+        checkpoint.open_plan(layout, make_plan(changed, LOCAL))
+    forced, resumed = checkpoint.open_plan(layout, make_plan(changed, LOCAL), force_resume=True)
     assert resumed and forced == plan
 
 
@@ -41,10 +44,11 @@ def _row(i: int, status: str = "ok") -> dict:
 
 
 def test_committer_parts_are_atomic_and_counted(tmp_path: Path) -> None:
-    layout = OutputLayout(str(tmp_path / "out"))
+    layout = OutputLayout(str(tmp_path / "out"), LOCAL)
     done: dict[int, dict] = {}
     c = Committer(layout, output_schema(), flush_rows=4, flush_seconds=60, compression="zstd",
-                  on_shard_done=lambda s, stats: done.__setitem__(s, stats))
+                  on_shard_done=lambda s, stats: done.__setitem__(s, stats),
+                  may_commit=lambda: True)
     for i in range(10):
         c.add(0, _row(i, "ok" if i % 3 else "invalid_input"))
         c.maybe_flush()
@@ -62,20 +66,12 @@ def test_committer_parts_are_atomic_and_counted(tmp_path: Path) -> None:
 
 def test_leftover_temporaries_are_invisible_and_removed_on_resume(tmp_path: Path) -> None:
     job = _job(tmp_path)
-    layout = OutputLayout(job.output.path)
-    checkpoint.open_plan(layout, make_plan(job))
+    layout = OutputLayout(job.output.path, LOCAL)
+    checkpoint.open_plan(layout, make_plan(job, LOCAL))
     Path(layout.data).mkdir(parents=True)
     junk = Path(layout.data) / ".shard-000000-abc.parquet.123.tmp"
     junk.write_bytes(b"half a part")
     assert layout.all_parts() == []
-    checkpoint.open_plan(layout, make_plan(job))
+    checkpoint.open_plan(layout, make_plan(job, LOCAL))
     assert not junk.exists()
 
-
-def test_if_absent_write_loses_cleanly(tmp_path: Path) -> None:
-    target = str(tmp_path / "x.json")
-    storage.write_atomic(target, b"first", if_absent=True)
-    with pytest.raises(storage.AlreadyExists):
-        storage.write_atomic(target, b"second", if_absent=True)
-    assert storage.read_bytes(target) == b"first"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from thinkbatch.tasks.lease import OutputInUse, RunLease
+from thinkbatch.tasks.storage import Storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def lease_path(request, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "_lease.json")
+    s3 = request.getfixturevalue("s3")
+    return f"s3://{s3.bucket(f'lease-{tmp_path.name.lower()[-20:]}')}/out/_lease.json"
+
+
+def test_second_run_is_refused_while_the_first_lives(lease_path: str) -> None:
+    store = Storage()
+    first = RunLease(store, lease_path).acquire()
+    with pytest.raises(OutputInUse, match=f"held by run {first.run_id}"):
+        RunLease(store, lease_path).acquire()
+    first.release()
+    assert not store.exists(lease_path)
+    RunLease(store, lease_path).acquire().release()
+
+
+def test_lease_of_a_dead_process_is_taken_over(lease_path: str) -> None:
+    store = Storage()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    store.write_atomic(lease_path, json.dumps({
+        "run_id": "dead", "host": socket.gethostname(), "pid": int(dead),
+        "renewed_at": time.time(), "ttl_s": 600}).encode())
+    lease = RunLease(store, lease_path).acquire()
+    assert lease.held
+    lease.release()
+
+
+def test_expired_lease_is_taken_over_and_the_stalled_holder_is_fenced(lease_path: str) -> None:
+    store = Storage()
+    stalled = RunLease(store, lease_path, ttl_s=0.3).acquire()  # never renews: stalled
+    time.sleep(0.4)
+    new = RunLease(store, lease_path).acquire()
+    assert stalled.held  # it does not know yet
+    assert not stalled.renew()  # it wakes up, tries to renew, and learns it lost
+    assert not stalled.held and new.held
+    stalled.release()
+    assert store.exists(lease_path)  # the loser does not delete the winner's lease
+    new.release()
