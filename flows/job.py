@@ -1,40 +1,39 @@
-"""The job as a Prefect flow: plan -> shards (one task each) -> finalize.
+"""The job as a Prefect flow: plan -> shards on one or K workers -> finalize.
 
-A shard, never a prompt, is a Prefect task. Shard tasks run a few at a time on
-threads and all feed the one engine of this process, so the engine always has the
-next shard's requests before the current shard's last ones finish.
+With `scale.workers: 1` (the default) the worker loop runs in this process: no server
+needed. With K > 1 the flow starts K `thinkbatch-worker` flow runs on a GPU work pool
+(`run_deployment`, idempotency keys from this run and the worker index, so a retried
+parent does not double them), waits for them, starts new ones while shards remain
+(up to `scale.worker_retries` rounds), then finalizes one dataset.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from thinkbatch.tasks.vllm_env import prepare_vllm_env
 
 prepare_vllm_env()
 
+from thinkbatch.flows.worker import SHARDS_IN_FLIGHT, work_shards  # noqa: E402
 from thinkbatch.schemas.job import JobSpec  # noqa: E402
-from thinkbatch.schemas.output import output_schema  # noqa: E402
+from thinkbatch.schemas.job_file import JobFileError, load_job  # noqa: E402
 from thinkbatch.schemas.plan import Plan  # noqa: E402
 from thinkbatch.tasks import checkpoint, report  # noqa: E402
 from thinkbatch.tasks.checkpoint import OutputLayout  # noqa: E402
-from thinkbatch.tasks.engine import get_engine  # noqa: E402
-from thinkbatch.tasks.lease import RunLease  # noqa: E402
-from thinkbatch.tasks.parse import OutputParser  # noqa: E402
-from thinkbatch.tasks.pipeline import Pipeline  # noqa: E402
+from thinkbatch.tasks.lease import acquire_run_lease  # noqa: E402
 from thinkbatch.tasks.plan import make_plan  # noqa: E402
-from thinkbatch.tasks.read import input_schema  # noqa: E402
-from thinkbatch.tasks.sampling import sampling_params  # noqa: E402
 from thinkbatch.tasks.storage import Storage  # noqa: E402
 from thinkbatch.tasks.validate import check_job  # noqa: E402
-from thinkbatch.schemas.job_file import JobFileError  # noqa: E402
 
-SHARDS_IN_FLIGHT = 4  # shard tasks registered with the engine at once
+WORKER_POLL_S = 5.0
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -42,80 +41,103 @@ def plan_job(job: JobSpec, layout: OutputLayout, force_resume: bool) -> tuple[Pl
     return checkpoint.open_plan(layout, make_plan(job, layout.store), force_resume=force_resume)
 
 
-@task(name="shard", cache_policy=NO_CACHE, task_run_name="shard-{shard_id}")
-def run_shard(pipeline: Pipeline, shard_id: int) -> dict[str, Any]:
-    return pipeline.submit_shard(shard_id).result()
-
-
 @task(name="finalize", cache_policy=NO_CACHE)
 def finalize(job: JobSpec, layout: OutputLayout, plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
-    manifest = report.build_manifest(job, plan, layout, run)
+    """Only when every shard is done: drop orphan parts, then write the manifest last."""
+    markers = {s.shard_id: checkpoint.done_stats(layout, s.shard_id) for s in plan.shards}
+    missing = [s for s, m in markers.items() if m is None]
+    if missing:
+        raise RuntimeError(f"{len(missing)} shards are unfinished (first: {missing[:5]})")
+    run["orphan_parts_removed"] = checkpoint.sweep_orphans(layout, markers)
+    manifest = report.build_manifest(job, plan, layout, markers, run)
     report.write_manifest(layout, manifest)
     return manifest
 
 
-def open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, lease: RunLease,
-                  pending_rows: int, done_rows: int,
-                  show_progress: bool) -> tuple[Pipeline, float]:
-    started = time.monotonic()
-    engine = get_engine(job.engine)
-    load_s = time.monotonic() - started
-    parser = OutputParser(job.parsers, engine.tokenizer, job.engine.model)
-    schema = output_schema(input_schema(layout.store, plan, job.input.passthrough_columns)
-                           if job.input.passthrough_columns else None)
-    progress = report.Progress(total=pending_rows + done_rows, already_done=done_rows,
-                               enabled=show_progress)
-    sampling = sampling_params(job) if job.engine.kind == "vllm" else None
-    pipeline = Pipeline(job, plan, layout, engine, parser, sampling, schema, progress,
-                        may_commit=lambda: lease.held)
-    return pipeline, load_s
+def _wait_round(run_ids: list[Any], layout: OutputLayout, plan: Plan,
+                grace_s: float) -> dict[str, str]:
+    """Until every worker run ends, or the job is done. A SIGKILLed worker never reports
+    an end, so once all shards are done its run gets `grace_s` (its claims' TTL) to end
+    by itself, then is marked Crashed: the state in the UI tells the truth."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    done_at: float | None = None
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = [client.read_flow_run(i) for i in run_ids]
+            live = [r for r in runs if r.state is None or not r.state.is_final()]
+            if not live:
+                return {r.name: r.state.type.value for r in runs}
+            if len(checkpoint.done_shards(layout)) == len(plan.shards):
+                done_at = done_at or time.monotonic()
+                if time.monotonic() - done_at > grace_s:
+                    for r in live:
+                        client.set_flow_run_state(r.id, Crashed(
+                            message="worker stopped renewing its shard claims: presumed dead"),
+                            force=True)
+            time.sleep(WORKER_POLL_S)
 
 
-def _generate(spec: JobSpec, layout: OutputLayout, plan: Plan, lease: RunLease,
-              show_progress: bool) -> dict[str, Any]:
-    """Run the unfinished shards through one engine; returns this run's figures."""
-    todo = [s for s in plan.shards if checkpoint.done_stats(layout, s.shard_id) is None]
-    run: dict[str, Any] = {"shards_to_do": len(todo), "rows_generated": 0,
-                           "output_tokens": 0, "engine_load_s": 0.0, "generation_s": 0.0}
-    if not todo:
-        return run
-    pending = sum(s.num_rows for s in todo)
-    pipeline, run["engine_load_s"] = open_pipeline(spec, layout, plan, lease, pending,
-                                                   plan.total_rows - pending, show_progress)
-    started = time.monotonic()
-    try:
-        run_shard.map(unmapped(pipeline), [s.shard_id for s in todo]).result()
-    finally:
-        pipeline.close()
-        pipeline.progress.close()
-    run.update(rows_generated=pipeline.progress.rows, output_tokens=pipeline.progress.tokens,
-               generation_s=time.monotonic() - started)
-    return run
+def run_workers(spec: JobSpec, layout: OutputLayout, plan: Plan) -> dict[str, Any]:
+    """K worker flow runs, in rounds while shards remain; Prefect shows each one's truth."""
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    job = spec.model_dump(mode="json", by_alias=True)
+    parent = flow_run.get_id()
+    rounds: list[dict[str, str]] = []
+    for round_no in range(spec.scale.worker_retries + 1):
+        runs = [run_deployment(spec.scale.worker_deployment, timeout=0,
+                               parameters={"job": job, "worker_index": i},
+                               idempotency_key=f"{parent}-round{round_no}-worker{i}")
+                for i in range(spec.scale.workers)]
+        rounds.append(_wait_round([r.id for r in runs], layout, plan, spec.scale.claim_ttl_s))
+        left = len(plan.shards) - len(checkpoint.done_shards(layout))
+        logger.info("round %d: workers %s; %d shards left", round_no, rounds[-1], left)
+        if not left:
+            break
+    return {"worker_rounds": rounds}
+
+
+def _job_spec(job: dict[str, Any] | str) -> JobSpec:
+    """A deployment run may pass the job inline or as the path of a job file."""
+    if isinstance(job, str):
+        return load_job(Path(job))
+    return JobSpec.model_validate(job)
 
 
 @flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT),
       log_prints=True)
-def generate_dataset(job: dict[str, Any], force_resume: bool = False,
+def generate_dataset(job: dict[str, Any] | str, force_resume: bool = False,
                      show_progress: bool = False) -> dict[str, Any]:
-    """Run a job end to end in this process (or resume it); returns the manifest.
+    """Run a job end to end (or resume it); returns the manifest.
 
-    Checks run before any model loads; the output's lease keeps a second run out."""
+    Checks run before any model loads; the output's run lease keeps a second run out."""
     started = time.monotonic()
-    spec = JobSpec.model_validate(job)
+    spec = _job_spec(job)
     errors = check_job(spec)
     if errors:
         raise JobFileError(errors)
     layout = OutputLayout(spec.output.path, Storage(spec.storage))
-    lease = RunLease(layout.store, layout.lease).acquire().keep_renewed()
+    lease = acquire_run_lease(layout.store, layout.lease)
     try:
         plan, resumed = plan_job(spec, layout, force_resume)
-        get_run_logger().info("%s: %d rows in %d shards%s", spec.name, plan.total_rows,
-                              len(plan.shards), " (resuming)" if resumed else "")
-        run = _generate(spec, layout, plan, lease, show_progress)
-        gen_s = run["generation_s"] or 1e-9
+        done_before = checkpoint.done_shards(layout)
+        get_run_logger().info("%s: %d rows in %d shards, %d done%s", spec.name,
+                              plan.total_rows, len(plan.shards), len(done_before),
+                              " (resuming)" if resumed else "")
+        if spec.scale.workers == 1:
+            run = work_shards(spec, layout, plan, owner=f"run-{lease.owner}",
+                              show_progress=show_progress)
+        else:
+            run = run_workers(spec, layout, plan)
+            new = [s for s in plan.shards if s.shard_id not in done_before]
+            run["rows_generated"] = sum(s.num_rows for s in new)
+        gen_s = run.get("generation_s") or time.monotonic() - started
         run.update(resumed=resumed, wall_s=time.monotonic() - started,
                    rows_per_s=run["rows_generated"] / gen_s,
-                   output_tokens_per_s=run["output_tokens"] / gen_s)
+                   output_tokens_per_s=run.get("output_tokens", 0) / gen_s)
         return finalize(spec, layout, plan, run)
     finally:
         lease.release()

@@ -159,6 +159,18 @@ class OutputSpec(_Strict):
     compression: str = "zstd"
 
 
+class ScaleSpec(_Strict):
+    """How many worker flow runs (one engine each, e.g. one GPU node each) share a job."""
+
+    workers: int = Field(default=1, ge=1, description="1: the engine runs in this process.")
+    worker_deployment: str = Field(default="thinkbatch-worker/gpu",
+                                   description="Deployment that runs the worker flow.")
+    worker_retries: int = Field(default=2, ge=0,
+                                description="Rounds of new workers while shards remain.")
+    claim_ttl_s: float = Field(default=120.0, gt=0,
+                               description="A shard claim not renewed for this long is free.")
+
+
 class JobSpec(_Strict):
     name: str = "thinkbatch"
     input: InputSpec
@@ -169,5 +181,6 @@ class JobSpec(_Strict):
     parsers: ParserSpec = Field(default_factory=ParserSpec)
     output: OutputSpec
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    scale: ScaleSpec = Field(default_factory=ScaleSpec)
     preset: str | None = Field(default=None, description="Name of a preset merged under this file.")
 

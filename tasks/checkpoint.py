@@ -49,6 +49,13 @@ class OutputLayout:
     def shards(self) -> str:
         return join(self.root, "_shards")
 
+    @property
+    def claims(self) -> str:
+        return join(self.root, "_claims")
+
+    def claim(self, shard_id: int) -> str:
+        return join(self.claims, f"{shard_id:06d}.json")
+
     @staticmethod
     def part_prefix(shard_id: int) -> str:
         return f"shard-{shard_id:06d}-"
@@ -75,7 +82,7 @@ def open_plan(layout: OutputLayout, plan: Plan, *, force_resume: bool = False) -
         store.write_atomic(layout.plan, plan.model_dump_json(indent=1).encode(), if_absent=True)
         return plan, False
     except AlreadyExists:
-        stored = Plan.model_validate_json(store.read_bytes(layout.plan))
+        stored = read_plan(layout)
     if stored.fingerprint != plan.fingerprint:
         changes = describe_changes(stored.fingerprint_parts, plan.fingerprint_parts)
         if not force_resume:
@@ -96,26 +103,47 @@ def committed_rows(layout: OutputLayout, shard_id: int) -> set[int]:
     return done
 
 
-def shard_stats(layout: OutputLayout, shard_id: int) -> dict[str, Any]:
-    """Counts by status and token totals of a shard's committed parts."""
+def compact(layout: OutputLayout, shard_id: int, compression: str) -> list[str]:
+    """The shard's parts, each row once. Fencing stops a writer that lost its claim, but
+    a part can slip in between its last check and its PUT; then the shard's rows are
+    rewritten once without duplicates (first copy wins) and the old parts removed."""
+    parts = layout.parts_of(shard_id)
+    indices = [layout.store.read_columns(p, ["row_index"]).column(0).to_pylist() for p in parts]
+    flat = [i for part in indices for i in part]
+    if len(flat) == len(set(flat)):
+        return parts
+    table = pa.concat_tables(layout.store.open_parquet(p).read() for p in parts)
+    seen: set[int] = set()
+    keep = [k for k, i in enumerate(flat) if not (i in seen or seen.add(i))]
+    target = layout.new_part(shard_id)
+    layout.store.write_parquet(target, table.take(keep), compression)
+    for p in parts:
+        layout.store.delete(p)
+    return [target]
+
+
+def shard_stats(layout: OutputLayout, parts: list[str]) -> dict[str, Any]:
+    """Counts by status and token totals of a shard's parts."""
     statuses: Counter[str] = Counter()
     prompt_tokens = completion_tokens = rows = 0
-    for part in layout.parts_of(shard_id):
+    for part in parts:
         t = layout.store.read_columns(part, ["status", "prompt_tokens", "completion_tokens"])
         rows += t.num_rows
         statuses.update(t.column("status").to_pylist())
         prompt_tokens += _sum(t.column("prompt_tokens"))
         completion_tokens += _sum(t.column("completion_tokens"))
     return {"rows": rows, "status": dict(statuses), "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens}
+            "completion_tokens": completion_tokens,
+            "parts": [p.rsplit("/", 1)[-1] for p in parts]}
 
 
 def _sum(col: pa.ChunkedArray) -> int:
     return int(pc.sum(col).as_py() or 0)
 
 
-def mark_done(layout: OutputLayout, shard_id: int) -> dict[str, Any]:
-    stats = shard_stats(layout, shard_id)
+def mark_done(layout: OutputLayout, shard_id: int, compression: str = "zstd") -> dict[str, Any]:
+    """The marker lists the parts that hold the shard; any other part of it is an orphan."""
+    stats = shard_stats(layout, compact(layout, shard_id, compression))
     layout.store.write_atomic(layout.done_marker(shard_id), json.dumps(stats).encode())
     return stats
 
@@ -126,3 +154,24 @@ def done_stats(layout: OutputLayout, shard_id: int) -> dict[str, Any] | None:
         return json.loads(layout.store.read_bytes(path))
     except FileNotFoundError:
         return None
+
+
+def done_shards(layout: OutputLayout) -> set[int]:
+    """One listing, not one read per shard: what claimers and planners need."""
+    return {int(n.split(".")[0]) for n in layout.store.list_files(layout.shards, ".json")}
+
+
+def sweep_orphans(layout: OutputLayout, markers: dict[int, dict[str, Any]]) -> int:
+    """Delete parts of done shards that their markers do not list (a fenced-out writer's)."""
+    removed = 0
+    for shard_id, marker in markers.items():
+        listed = set(marker["parts"])
+        for part in layout.parts_of(shard_id):
+            if part.rsplit("/", 1)[-1] not in listed:
+                layout.store.delete(part)
+                removed += 1
+    return removed
+
+
+def read_plan(layout: OutputLayout) -> Plan:
+    return Plan.model_validate_json(layout.store.read_bytes(layout.plan))

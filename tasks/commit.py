@@ -4,7 +4,6 @@ marker is written only after all of its parts."""
 
 from __future__ import annotations
 
-import io
 import queue
 import threading
 import time
@@ -13,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from thinkbatch.tasks import checkpoint
 from thinkbatch.tasks.checkpoint import OutputLayout
@@ -26,16 +24,10 @@ class FencedOut(RuntimeError):
     """This run no longer holds the output's lease: committing would duplicate rows."""
 
 
-def table_bytes(table: pa.Table, compression: str) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression=compression)
-    return sink.getvalue()
-
-
 class Committer:
     def __init__(self, layout: OutputLayout, schema: pa.Schema, *, flush_rows: int,
                  flush_seconds: float, compression: str, on_shard_done: OnShardDone,
-                 may_commit: Callable[[], bool], on_commit: OnCommit | None = None):
+                 may_commit: Callable[[int], bool], on_commit: OnCommit | None = None):
         self.layout = layout
         self.schema = schema
         self.flush_rows = flush_rows
@@ -72,7 +64,12 @@ class Committer:
     def finish_shard(self, shard_id: int) -> None:
         """All rows of the shard have been added: commit them, then mark it done."""
         self._flush_shard(shard_id)
-        self._put(lambda: self.on_shard_done(shard_id, checkpoint.mark_done(self.layout, shard_id)))
+        self._put(lambda: self._done(shard_id))
+
+    def _done(self, shard_id: int) -> None:
+        if not self.may_commit(shard_id):
+            raise FencedOut(f"lost the claim on shard {shard_id}; not marking it done")
+        self.on_shard_done(shard_id, checkpoint.mark_done(self.layout, shard_id, self.compression))
 
     def _flush_shard(self, shard_id: int) -> None:
         rows = self._buffer.pop(shard_id, None)
@@ -83,10 +80,9 @@ class Committer:
         self._put(lambda: self._commit(shard_id, table))
 
     def _commit(self, shard_id: int, table: pa.Table) -> None:
-        if not self.may_commit():
-            raise FencedOut(f"lost the lease of {self.layout.root}; not committing")
-        self.layout.store.write_atomic(self.layout.new_part(shard_id),
-                                       table_bytes(table, self.compression))
+        if not self.may_commit(shard_id):
+            raise FencedOut(f"lost the claim on shard {shard_id}; not committing")
+        self.layout.store.write_parquet(self.layout.new_part(shard_id), table, self.compression)
         if self.on_commit:
             self.on_commit(shard_id, table.num_rows)
 

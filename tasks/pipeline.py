@@ -42,7 +42,7 @@ class _ShardStart:
 class Pipeline:
     def __init__(self, job: JobSpec, plan: Plan, layout: OutputLayout, engine: Engine,
                  parser: OutputParser, sampling: Any, schema: Any, progress: Progress,
-                 may_commit: Callable[[], bool]):
+                 may_commit: Callable[[int], bool]):
         self.job = job
         self.plan = plan
         self.engine = engine

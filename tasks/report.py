@@ -12,7 +12,6 @@ from typing import Any
 
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.plan import Plan
-from thinkbatch.tasks import checkpoint
 from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.storage import Storage
 
@@ -59,11 +58,11 @@ def versions() -> dict[str, str | None]:
 
 
 def build_manifest(job: JobSpec, plan: Plan, layout: OutputLayout,
-                   run: dict[str, Any]) -> dict[str, Any]:
+                   markers: dict[int, dict[str, Any]], run: dict[str, Any]) -> dict[str, Any]:
+    """Sums of the shards' done markers: the data is never rescanned."""
     statuses: Counter[str] = Counter()
-    totals = Counter()
-    for shard in plan.shards:
-        stats = checkpoint.done_stats(layout, shard.shard_id) or {}
+    totals: Counter[str] = Counter()
+    for stats in markers.values():
         statuses.update(stats.get("status", {}))
         for key in ("rows", "prompt_tokens", "completion_tokens"):
             totals[key] += stats.get(key, 0)
@@ -94,8 +93,8 @@ def summary(manifest: dict[str, Any]) -> str:
         "  status: " + ", ".join(f"{k}={v:,}" for k, v in manifest["status_counts"].items()),
         f"  tokens: {manifest['prompt_tokens']:,} prompt, {manifest['completion_tokens']:,} completion",
         f"  this run: {run['rows_generated']:,} rows in {run['wall_s']:.1f}s "
-        f"({run['rows_per_s']:,.1f} rows/s, {run['output_tokens_per_s']:,.0f} out tok/s; "
-        f"engine load {run['engine_load_s']:.1f}s)",
+        f"({run['rows_per_s']:,.1f} rows/s, {run['output_tokens_per_s']:,.0f} out tok/s"
+        + (f"; engine load {run['engine_load_s']:.1f}s)" if "engine_load_s" in run else ")"),
     ]
     return "\n".join(lines)
 

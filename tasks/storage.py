@@ -20,6 +20,7 @@ import fcntl
 import fnmatch
 import glob
 import hashlib
+import io
 import os
 import uuid
 from dataclasses import dataclass
@@ -352,6 +353,12 @@ class Storage:
 
     def read_bytes(self, path: str) -> bytes:
         return self._for(path).read_versioned(path)[0]
+
+    def write_parquet(self, path: str, table: pa.Table, compression: str = "zstd") -> str:
+        """One atomic object: the whole table or nothing."""
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression=compression)
+        return self.write_atomic(path, sink.getvalue())
 
     def read_versioned(self, path: str) -> tuple[bytes, str]:
         """Content and its version (ETag), for a later write(if_match=version)."""

@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import (CLI, engine_section, job_dict, kill_after_first_commit, prompt_rows,
                             write_job)
 from thinkbatch.flows.job import generate_dataset
-from thinkbatch.tasks.lease import RunLease
+from thinkbatch.tasks.lease import acquire_run_lease
 from thinkbatch.tasks.storage import Storage
 
 SECRET = "s3cr3t-never-printed"
@@ -108,11 +108,11 @@ def test_second_run_on_the_same_output_is_refused(s3, tiny_model: str, tmp_path:
     job = write_job(tmp_path / "job.yaml", job_dict(
         f"s3://{bucket}/prompts/", f"s3://{bucket}/out",  # type: ignore[arg-type]
         engine_section(str(tmp_path / "never-loaded"))))
-    first = RunLease(Storage(), f"s3://{bucket}/out/_lease.json").acquire()
+    first = acquire_run_lease(Storage(), f"s3://{bucket}/out/_lease.json")
     r = _cli("run", str(job), "--no-progress")
     first.release()
     assert r.returncode == 2, r.stderr
-    assert f"held by run {first.run_id}" in r.stderr and "another run is writing" in r.stderr
+    assert f"held by run {first.owner}" in r.stderr and "another run is writing" in r.stderr
 
 
 def test_wrong_bucket_and_missing_credentials_stop_before_the_model(s3, tmp_path: Path) -> None:

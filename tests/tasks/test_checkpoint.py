@@ -48,7 +48,7 @@ def test_committer_parts_are_atomic_and_counted(tmp_path: Path) -> None:
     done: dict[int, dict] = {}
     c = Committer(layout, output_schema(), flush_rows=4, flush_seconds=60, compression="zstd",
                   on_shard_done=lambda s, stats: done.__setitem__(s, stats),
-                  may_commit=lambda: True)
+                  may_commit=lambda shard_id: True)
     for i in range(10):
         c.add(0, _row(i, "ok" if i % 3 else "invalid_input"))
         c.maybe_flush()
@@ -57,9 +57,10 @@ def test_committer_parts_are_atomic_and_counted(tmp_path: Path) -> None:
     c.close()
     assert checkpoint.committed_rows(layout, 0) == set(range(10))
     assert checkpoint.committed_rows(layout, 1) == set()  # buffered, never committed
+    assert checkpoint.done_stats(layout, 0) == done[0]
+    assert done[0].pop("parts") == [p.rsplit("/", 1)[-1] for p in layout.parts_of(0)]
     assert done == {0: {"rows": 10, "status": {"invalid_input": 4, "ok": 6},
                         "prompt_tokens": 30, "completion_tokens": 50}}
-    assert checkpoint.done_stats(layout, 0) == done[0]
     table = pa.concat_tables(pq.read_table(p) for p in layout.parts_of(0))
     assert table.schema.names == output_schema().names
 
@@ -75,3 +76,22 @@ def test_leftover_temporaries_are_invisible_and_removed_on_resume(tmp_path: Path
     checkpoint.open_plan(layout, make_plan(job, LOCAL))
     assert not junk.exists()
 
+
+
+def test_duplicate_rows_from_a_fenced_out_writer_are_compacted_and_orphans_swept(
+        tmp_path: Path) -> None:
+    layout = OutputLayout(str(tmp_path / "out"), LOCAL)
+    schema = output_schema()
+    write = lambda rows: LOCAL.write_parquet(layout.new_part(0),  # noqa: E731
+                                             pa.Table.from_pylist(rows, schema=schema))
+    write([_row(0), _row(1)])
+    write([_row(1, "invalid_input"), _row(2)])  # row 1 again: a zombie's part slipped in
+    stats = checkpoint.mark_done(layout, 0)
+    parts = layout.parts_of(0)
+    assert len(parts) == 1 and stats["parts"] == [parts[0].rsplit("/", 1)[-1]]
+    table = LOCAL.read_columns(parts[0], ["row_index", "status"])
+    assert table.column("row_index").to_pylist() == [0, 1, 2]
+    assert table.column("status").to_pylist() == ["ok", "ok", "ok"]  # first copy won
+    write([_row(2)])  # the zombie again, after the shard was done
+    assert checkpoint.sweep_orphans(layout, {0: stats}) == 1
+    assert layout.parts_of(0) == parts

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from thinkbatch.tasks.lease import OutputInUse, RunLease
+from thinkbatch.tasks.lease import Lease, OutputInUse, acquire_run_lease
 from thinkbatch.tasks.storage import Storage
 
 
@@ -23,12 +23,12 @@ def lease_path(request, tmp_path: Path) -> str:
 
 def test_second_run_is_refused_while_the_first_lives(lease_path: str) -> None:
     store = Storage()
-    first = RunLease(store, lease_path).acquire()
-    with pytest.raises(OutputInUse, match=f"held by run {first.run_id}"):
-        RunLease(store, lease_path).acquire()
+    first = acquire_run_lease(store, lease_path)
+    with pytest.raises(OutputInUse, match=f"held by run {first.owner}"):
+        acquire_run_lease(store, lease_path)
     first.release()
     assert not store.exists(lease_path)
-    RunLease(store, lease_path).acquire().release()
+    acquire_run_lease(store, lease_path).release()
 
 
 def test_lease_of_a_dead_process_is_taken_over(lease_path: str) -> None:
@@ -36,18 +36,20 @@ def test_lease_of_a_dead_process_is_taken_over(lease_path: str) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
     store.write_atomic(lease_path, json.dumps({
-        "run_id": "dead", "host": socket.gethostname(), "pid": int(dead),
+        "owner": "dead", "host": socket.gethostname(), "pid": int(dead),
         "renewed_at": time.time(), "ttl_s": 600}).encode())
-    lease = RunLease(store, lease_path).acquire()
-    assert lease.held
+    lease = Lease(store, lease_path)
+    assert lease.try_acquire() and lease.held
     lease.release()
 
 
 def test_expired_lease_is_taken_over_and_the_stalled_holder_is_fenced(lease_path: str) -> None:
     store = Storage()
-    stalled = RunLease(store, lease_path, ttl_s=0.3).acquire()  # never renews: stalled
+    stalled = Lease(store, lease_path, ttl_s=0.3)
+    assert stalled.try_acquire()  # and then never renews: it stalled
     time.sleep(0.4)
-    new = RunLease(store, lease_path).acquire()
+    new = Lease(store, lease_path)
+    assert new.try_acquire()
     assert stalled.held  # it does not know yet
     assert not stalled.renew()  # it wakes up, tries to renew, and learns it lost
     assert not stalled.held and new.held

@@ -1,0 +1,211 @@
+"""Scale-out as users run it: a real Prefect server on 127.0.0.1, a process work pool,
+two `prefect worker` processes, output on the local S3 endpoint, the miniature model."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import CLI, engine_section, job_dict, prompt_rows, write_job, write_prompts
+
+pytestmark = pytest.mark.engine
+
+REPO = Path(__file__).resolve().parents[2]
+PREFECT = [str(Path(sys.executable).parent / "prefect")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrefectServer:
+    def __init__(self, home: Path, s3_env: dict[str, str]):
+        port = _free_port()
+        self.env = {**os.environ, **s3_env, "PREFECT_HOME": str(home),
+                    "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
+                    "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+                    "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_LOGGING_LEVEL": "WARNING",
+                    "THINKBATCH_HOME": str(REPO)}
+        self.proc = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1",
+                                      "--port", str(port)], env=self.env, cwd=REPO,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("prefect server did not start")
+                time.sleep(1)
+        self.workers: dict[str, subprocess.Popen] = {}
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*PREFECT, *args], env=self.env, cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+
+    def start_worker(self, name: str) -> None:
+        self.workers[name] = subprocess.Popen(
+            [*PREFECT, "worker", "start", "--pool", "thinkbatch-gpu", "--name", name,
+             "--limit", "1"], env=self.env, cwd=REPO, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def kill_worker(self, name: str) -> None:
+        os.killpg(self.workers.pop(name).pid, signal.SIGKILL)
+
+    def client(self):
+        from prefect.client.orchestration import SyncPrefectClient
+
+        return SyncPrefectClient(self.env["PREFECT_API_URL"])
+
+    def stop(self) -> None:
+        for name in list(self.workers):
+            self.kill_worker(name)
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(s3, tmp_path_factory):
+    srv = PrefectServer(tmp_path_factory.mktemp("prefect-home"),
+                        {k: v for k, v in os.environ.items() if k.startswith("AWS_")})
+    for pool in ("thinkbatch-gpu", "thinkbatch-control"):
+        r = srv.cli("work-pool", "create", pool, "--type", "process")
+        assert r.returncode == 0, r.stderr
+    r = srv.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    assert r.returncode == 0, r.stdout + r.stderr
+    srv.start_worker("w1")
+    srv.start_worker("w2")
+    yield srv
+    srv.stop()
+
+
+def test_deploy_all_registers_every_deployment_and_the_schedule(server) -> None:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState
+
+    with server.client() as client:
+        names = {f"{client.read_flow(d.flow_id).name}/{d.name}"
+                 for d in client.read_deployments()}
+        assert names == {"generate-dataset/adhoc", "generate-dataset/nightly-example",
+                         "thinkbatch-worker/gpu"}
+        nightly = client.read_deployment_by_name("generate-dataset/nightly-example")
+        assert nightly.schedules and nightly.schedules[0].schedule.cron == "0 2 * * *"
+        deadline = time.monotonic() + 60
+        while True:
+            upcoming = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                deployment_id={"any_": [nightly.id]},
+                state=FlowRunFilterState(type={"any_": ["SCHEDULED"]})))
+            if upcoming or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert upcoming, "the scheduled deployment has no upcoming runs"
+
+
+def _job(tmp_path: Path, s3, bucket: str, tiny_model: str, rows: int) -> Path:
+    s3.bucket(bucket)
+    write_prompts(tmp_path / "in.parquet", prompt_rows(rows), row_group_size=50)
+    return write_job(tmp_path / "job.yaml", job_dict(
+        tmp_path / "in.parquet", f"s3://{bucket}/out", engine_section(tiny_model),  # type: ignore[arg-type]
+        shards={"rows_per_shard": 50}, output={"flush_rows": 25},
+        scale={"workers": 2, "claim_ttl_s": 15, "worker_deployment": "thinkbatch-worker/gpu"}))
+
+
+def _ids(s3, bucket: str) -> list[str]:
+    fs = pafs.S3FileSystem(endpoint_override=f"{s3.host}:{s3.port}", scheme="http",
+                           access_key="testing", secret_key="testing", region="us-east-1")
+    return pq.read_table(f"{bucket}/out/data", filesystem=fs, columns=["id"]).column(0).to_pylist()
+
+
+def _worker_shards(server) -> dict[str, list[str]]:
+    """Shard task runs per worker flow run, as Prefect recorded them."""
+    from prefect.client.schemas.filters import FlowRunFilter, TaskRunFilter
+
+    with server.client() as client:
+        dep = client.read_deployment_by_name("thinkbatch-worker/gpu")
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id={"any_": [dep.id]}))
+        return {r.name: sorted(t.name for t in client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id={"any_": [r.id]}),
+                    task_run_filter=TaskRunFilter(name={"like_": "shard-"})))
+                for r in runs}, {r.name: r.state.type.value for r in runs}
+
+
+def _run_parent(server, job: Path) -> subprocess.Popen:
+    return subprocess.Popen([*CLI, "run", str(job), "--no-progress"], env=server.env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_workers_share_a_job_and_write_each_id_once(server, s3, tiny_model, tmp_path) -> None:
+    job = _job(tmp_path, s3, "two-workers", tiny_model, 400)
+    parent = _run_parent(server, job)
+    out, err = parent.communicate(timeout=900)
+    assert parent.returncode == 0, err[-3000:]
+    assert sorted(_ids(s3, "two-workers")) == sorted(r["id"] for r in prompt_rows(400))
+    shards, states = _worker_shards(server)
+    assert len(shards) == 2 and all(shards.values()), shards  # both workers took shards
+    assert set(states.values()) == {"COMPLETED"}
+
+
+def _running_worker_run(server) -> tuple[str, int] | None:
+    """A worker flow run that is inside a shard now, and its process id."""
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState,
+                                                TaskRunFilter, TaskRunFilterState)
+
+    with server.client() as client:
+        dep = client.read_deployment_by_name("thinkbatch-worker/gpu")
+        for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                deployment_id={"any_": [dep.id]},
+                state=FlowRunFilterState(type={"any_": ["RUNNING"]}))):
+            running = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id={"any_": [r.id]}),
+                task_run_filter=TaskRunFilter(name={"like_": "shard-"},
+                                              state=TaskRunFilterState(type={"any_": ["RUNNING"]}, name=None)))
+            if running and r.infrastructure_pid:
+                return r.name, int(r.infrastructure_pid.rsplit(":", 1)[-1])
+    return None
+
+
+def _worker_of(server, pid: int) -> str:
+    """The `prefect worker` that started process `pid` (its parent or its group)."""
+    ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    for name, proc in server.workers.items():
+        if proc.pid in (ppid, os.getpgid(pid)):
+            return name
+    raise AssertionError(f"no worker started pid {pid}")
+
+
+def test_a_worker_killed_mid_shard_loses_nothing(server, s3, tiny_model, tmp_path) -> None:
+    job = _job(tmp_path, s3, "killed-worker", tiny_model, 400)
+    parent = _run_parent(server, job)
+    deadline = time.monotonic() + 600
+    while (found := _running_worker_run(server)) is None or not any(
+            "/data/" in k for k in s3.keys("killed-worker", "out/")):
+        assert time.monotonic() < deadline and parent.poll() is None, "no shard ever ran"
+        time.sleep(0.5)
+    victim_run, pid = found
+    server.kill_worker(_worker_of(server, pid))  # SIGKILL: the worker and its flow run
+    out, err = parent.communicate(timeout=900)
+    assert parent.returncode == 0, err[-3000:]
+    assert sorted(_ids(s3, "killed-worker")) == sorted(r["id"] for r in prompt_rows(400))
+    shards, states = _worker_shards(server)
+    assert states[victim_run] == "CRASHED"
+    survivors = [n for n in shards if n != victim_run and states[n] == "COMPLETED"]
+    assert survivors
+    cut_short = set(shards[victim_run]) & {s for n in survivors for s in shards[n]}
+    assert cut_short, "the killed worker's shard was not finished by another worker"
