@@ -39,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--show-rows", type=int, default=3, help="rows to print at the end")
     check = sub.add_parser("validate", help="check a job file and its inputs; load no model")
     _job_args(check)
+    reparse = sub.add_parser("reparse", help="re-parse a finished output's raw text with "
+                                             "other parsers (no model)")
+    reparse.add_argument("output", help="a finished output folder (local or s3://)")
+    reparse.add_argument("--to", required=True, help="the new output folder")
+    reparse.add_argument("--reasoning-parser", help="a vLLM reasoning parser name, or none")
+    reparse.add_argument("--tool-call-parser", help="a vLLM tool-call parser name, or none")
+    reparse.add_argument("--no-progress", action="store_true", help="no progress bar")
+    reparse.add_argument("--show-rows", type=int, default=3, help="rows to print at the end")
+    reparse.set_defaults(force_resume=False)
     tiny = sub.add_parser("tiny-model", help="write the miniature Kimi-K2 model for tests/demo")
     tiny.add_argument("out_dir")
     return parser
@@ -89,7 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     from thinkbatch.tasks.lease import OutputInUse
 
     try:
-        job = load_job(args.job, sets=args.sets, preset=args.preset)
+        if args.command == "reparse":
+            from thinkbatch.tasks.reparse import reparse_job
+
+            job = reparse_job(args.output, args.to, args.reasoning_parser,
+                              args.tool_call_parser)
+        else:
+            job = load_job(args.job, sets=args.sets, preset=args.preset)
         if args.command == "validate":
             return _validate(args.job, job)
         manifest = _run(job, args)

@@ -31,7 +31,6 @@ from thinkbatch.tasks.engine import get_engine  # noqa: E402
 from thinkbatch.tasks.parse import OutputParser  # noqa: E402
 from thinkbatch.tasks.pipeline import Pipeline  # noqa: E402
 from thinkbatch.tasks.read import input_schema  # noqa: E402
-from thinkbatch.tasks.sampling import sampling_params  # noqa: E402
 from thinkbatch.tasks.storage import Storage  # noqa: E402
 
 SHARDS_IN_FLIGHT = 4  # shard tasks registered with the engine at once
@@ -55,8 +54,7 @@ def open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: ShardC
     done_rows = sum(s.num_rows for s in plan.shards if s.shard_id in done)
     progress = report.Progress(total=plan.total_rows, already_done=done_rows,
                                enabled=show_progress)
-    sampling = sampling_params(job) if job.engine.kind == "vllm" else None
-    pipeline = Pipeline(job, plan, layout, engine, parser, sampling, schema, progress,
+    pipeline = Pipeline(job, plan, layout, engine, parser, schema, progress,
                         may_commit=claims.still_ours)
     return pipeline, load_s
 

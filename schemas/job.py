@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo,
+                      field_validator, model_validator)
 
 
 class _Strict(BaseModel):
@@ -23,17 +24,31 @@ class InputSpec(_Strict):
         description="Column of chat messages: list<struct<role, content>> or a JSON string.",
     )
     prompt_column: str | None = Field(
-        default=None, description="Column holding the user prompt (when no messages column)."
+        default="prompt", description="Column holding the user prompt (when no messages column)."
     )
+    prompt_template: str | None = Field(
+        default=None, description="Jinja over the row's columns: renders the user message.")
     system_prompt: str | None = None
+    sampling_column: str | None = Field(
+        default=None, description="Per-row SamplingParams overrides: a struct or JSON object.")
+    tools_column: str | None = Field(
+        default=None, description="Per-row tools: a list of OpenAI function schemas (or JSON).")
+    chat_template_kwargs_column: str | None = Field(
+        default=None, description="Per-row chat template kwargs, e.g. {\"thinking\": false}.")
+    sample_index_column: str | None = Field(
+        default=None, description="replay: keep each row's sample_index (re-parsing outputs).")
     passthrough_columns: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _one_source(self) -> InputSpec:
-        if self.messages_column and self.prompt_column:
-            raise ValueError("set messages_column or prompt_column, not both")
-        if not self.messages_column and not self.prompt_column:
-            self.prompt_column = "prompt"
+        if "prompt_column" not in self.model_fields_set and (
+                self.messages_column or self.prompt_template):
+            self.prompt_column = None
+        sources = [s for s in ("messages_column", "prompt_column", "prompt_template")
+                   if getattr(self, s)]
+        if len(sources) > 1:
+            raise ValueError(f"set one of messages_column, prompt_column, prompt_template; "
+                             f"got {sources}")
         return self
 
 
@@ -128,6 +143,8 @@ class SamplingSpec(_Strict):
     frequency_penalty: float = 0.0
     repetition_penalty: float = Field(default=1.0, gt=0)
     ignore_eos: bool = False
+    n: int = Field(default=1, ge=1, validation_alias=AliasChoices("n", "samples_per_prompt"),
+                   description="Samples per prompt: one output row each, with sample_index.")
     structured_outputs: StructuredOutputSpec | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
 
@@ -178,9 +195,22 @@ class JobSpec(_Strict):
     engine: EngineSpec
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description="OpenAI-style function schemas offered to every row.")
     parsers: ParserSpec = Field(default_factory=ParserSpec)
     output: OutputSpec
     storage: StorageSpec = Field(default_factory=StorageSpec)
     scale: ScaleSpec = Field(default_factory=ScaleSpec)
     preset: str | None = Field(default=None, description="Name of a preset merged under this file.")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> JobSpec:
+        inp = self.input
+        if self.engine.kind == "vllm" and not (
+                inp.messages_column or inp.prompt_column or inp.prompt_template):
+            raise ValueError("input: a vllm job needs messages_column, prompt_column or "
+                             "prompt_template")
+        if self.engine.kind == "replay" and self.sampling.n > 1:
+            raise ValueError("sampling.n: a replay job has one completion per row")
+        return self
 

@@ -95,12 +95,18 @@ def open_plan(layout: OutputLayout, plan: Plan, *, force_resume: bool = False) -
     return stored, True
 
 
-def committed_rows(layout: OutputLayout, shard_id: int) -> set[int]:
-    """Row indices already committed for one shard: memory follows shard size."""
-    done: set[int] = set()
-    for part in layout.parts_of(shard_id):
-        done.update(layout.store.read_columns(part, ["row_index"]).column(0).to_pylist())
-    return done
+KEY = ["row_index", "sample_index"]
+
+
+def _keys(layout: OutputLayout, part: str) -> list[tuple[int, int]]:
+    t = layout.store.read_columns(part, KEY)
+    return list(zip(t.column(0).to_pylist(), t.column(1).to_pylist()))
+
+
+def committed_keys(layout: OutputLayout, shard_id: int) -> set[tuple[int, int]]:
+    """(row_index, sample_index) already committed for one shard: only those two columns
+    are read, so memory follows shard size."""
+    return {k for part in layout.parts_of(shard_id) for k in _keys(layout, part)}
 
 
 def compact(layout: OutputLayout, shard_id: int, compression: str) -> list[str]:
@@ -108,12 +114,11 @@ def compact(layout: OutputLayout, shard_id: int, compression: str) -> list[str]:
     a part can slip in between its last check and its PUT; then the shard's rows are
     rewritten once without duplicates (first copy wins) and the old parts removed."""
     parts = layout.parts_of(shard_id)
-    indices = [layout.store.read_columns(p, ["row_index"]).column(0).to_pylist() for p in parts]
-    flat = [i for part in indices for i in part]
+    flat = [k for p in parts for k in _keys(layout, p)]
     if len(flat) == len(set(flat)):
         return parts
     table = pa.concat_tables(layout.store.open_parquet(p).read() for p in parts)
-    seen: set[int] = set()
+    seen: set[tuple[int, int]] = set()
     keep = [k for k, i in enumerate(flat) if not (i in seen or seen.add(i))]
     target = layout.new_part(shard_id)
     layout.store.write_parquet(target, table.take(keep), compression)

@@ -25,7 +25,7 @@ prepare_vllm_env()
 
 @dataclass(slots=True)
 class Generation:
-    row_index: int
+    key: str  # the caller's request key
     text: str
     token_ids: Sequence[int]
     finish_reason: str | None
@@ -48,8 +48,7 @@ class Engine(Protocol):
     @property
     def in_flight(self) -> int: ...
 
-    def submit(self, req: RowRequest, params: Any, tools: list[dict] | None,
-               chat_template_kwargs: dict[str, Any]) -> None: ...
+    def submit(self, key: str, req: RowRequest, params: Any) -> None: ...
 
     def poll(self) -> list[Generation]: ...
 
@@ -79,9 +78,9 @@ def llm_kwargs(spec: EngineSpec) -> dict[str, Any]:
     return kwargs
 
 
-def _classify(err: Exception) -> RequestRejected:
+def _rejected(err: Exception) -> RequestRejected:
     msg = str(err) or type(err).__name__
-    if "maximum context length" in msg or "max_model_len" in msg:
+    if "maximum context length" in msg:
         return RequestRejected(Status.PROMPT_TOO_LONG, msg)
     return RequestRejected(Status.INVALID_INPUT, f"{type(err).__name__}: {msg}")
 
@@ -89,39 +88,52 @@ def _classify(err: Exception) -> RequestRejected:
 class VllmEngine:
     def __init__(self, spec: EngineSpec):
         from vllm import LLM
+        from vllm.sampling_params import RequestOutputKind
 
         self.llm = LLM(**llm_kwargs(spec))
         self.tokenizer = self.llm.get_tokenizer()
-        self._rows: dict[str, int] = {}  # vLLM's external request id -> row index
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self._final_only = RequestOutputKind.FINAL_ONLY
+        self._pending: set[str] = set()
 
     @property
     def in_flight(self) -> int:
-        return len(self._rows)
+        return len(self._pending)
 
-    def submit(self, req: RowRequest, params: Any, tools: list[dict] | None,
-               chat_template_kwargs: dict[str, Any]) -> None:
+    def submit(self, key: str, req: RowRequest, params: Any) -> None:
+        """Render with the model's own chat template and tokenizer, check the length on
+        the host (no accelerator time for a prompt that cannot fit), then enqueue."""
         try:
-            (internal_id,) = self.llm.enqueue_chat(
-                [req.messages], params, use_tqdm=False, tools=tools,
-                chat_template_kwargs=chat_template_kwargs or None,
-            )
-        except Exception as e:  # rendering or validation of this one request failed
-            raise _classify(e) from e
-        # vLLM appends a random suffix internally; outputs carry the external id.
-        self._rows[internal_id.rsplit("-", 1)[0]] = req.row_index
+            prompt = self.llm._preprocess_chat_one(
+                req.messages, tools=req.tools,
+                chat_template_kwargs=req.chat_template_kwargs or None)
+        except Exception as e:  # this one row's template rendering failed
+            raise _rejected(e) from e
+        prompt_len = len(prompt["prompt_token_ids"])
+        if prompt_len + params.max_tokens > self.max_model_len:
+            raise RequestRejected(
+                Status.PROMPT_TOO_LONG,
+                f"prompt of {prompt_len} tokens + max_tokens {params.max_tokens} exceeds "
+                f"max_model_len {self.max_model_len}")
+        params.output_kind = self._final_only
+        try:
+            self.llm.llm_engine.add_request(key, prompt, params)
+        except Exception as e:
+            raise _rejected(e) from e
+        self._pending.add(key)
 
     def poll(self) -> list[Generation]:
-        if not self._rows:
+        if not self._pending:
             return []
         done = []
         for out in self.llm.llm_engine.step():
             if not out.finished:
                 continue
-            row = self._rows.pop(out.request_id)
+            self._pending.discard(out.request_id)
             comp = out.outputs[0]
             m = out.metrics
             done.append(Generation(
-                row_index=row,
+                key=out.request_id,
                 text=comp.text,
                 token_ids=comp.token_ids,
                 finish_reason=comp.finish_reason,
@@ -152,10 +164,9 @@ class ReplayEngine:
     def in_flight(self) -> int:
         return len(self._done)
 
-    def submit(self, req: RowRequest, params: Any, tools: list[dict] | None,
-               chat_template_kwargs: dict[str, Any]) -> None:
+    def submit(self, key: str, req: RowRequest, params: Any) -> None:
         self._done.append(Generation(
-            row_index=req.row_index, text=req.replay_text or "", token_ids=(),
+            key=key, text=req.replay_text or "", token_ids=(),
             finish_reason="stop", prompt_token_ids=None, ttft_s=None, latency_s=None,
         ))
 

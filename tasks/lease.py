@@ -52,6 +52,9 @@ class Lease:
         self._version: str | None = None
         self._stop = threading.Event()
         self._lost = threading.Event()
+        # Renewals come from the background thread and from the committer (fencing):
+        # two at once would race on the same version and one would look like a takeover.
+        self._renewing = threading.Lock()
         self._thread: threading.Thread | None = None
 
     @property
@@ -95,18 +98,19 @@ class Lease:
 
     def renew(self) -> bool:
         """Extend the lease; False once another holder has taken it over."""
-        if not self.held:
-            return False
-        try:
-            self._version = self.store.write_atomic(self.path, self._body(),
-                                                    if_match=self._version)
-        except VersionMismatch:
-            log.error("%s was taken over by another holder: stopping writes", self.path)
-            self._lost.set()
-            return False
-        except Exception as e:  # transient: still ours until the TTL says otherwise
-            log.warning("renewing %s failed (%s); retrying", self.path, e)
-        return True
+        with self._renewing:
+            if not self.held:
+                return False
+            try:
+                self._version = self.store.write_atomic(self.path, self._body(),
+                                                        if_match=self._version)
+            except VersionMismatch:
+                log.error("%s was taken over by another holder: stopping writes", self.path)
+                self._lost.set()
+                return False
+            except Exception as e:  # transient: still ours until the TTL says otherwise
+                log.warning("renewing %s failed (%s); retrying", self.path, e)
+            return True
 
     def keep_renewed(self) -> Lease:
         """Renew in the background (every TTL/4) until release()."""

@@ -3,6 +3,7 @@ parsers, chosen by the names `vllm serve` takes (`--reasoning-parser kimi_k2`)."
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ class Parsed:
     answer: str | None = None
     tool_calls: list[dict[str, str | None]] | None = None
     error: str | None = None
+    reasoning_tokens: int | None = None
 
 
 def parser_class(spec: ParserSpec, tokenizer: Any, model_name: str | None) -> Any:
@@ -48,17 +50,33 @@ class OutputParser:
         self.tokenizer = tokenizer
         self.cls = parser_class(spec, tokenizer, model_name)
         self.markers = marker_strings(tokenizer) if self.cls else []
+        self._requests: dict[str, Any] = {}
 
-    def _request(self, messages: list[dict[str, Any]], tools: list[dict] | None) -> Any:
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    def _request(self, tools: list[dict] | None) -> Any:
+        """The request a parser consults: only its tools matter here, so one is built per
+        distinct tool set (building one per row cost a third of the host path)."""
+        key = json.dumps(tools, sort_keys=True) if tools else ""
+        if key not in self._requests:
+            from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-        return ChatCompletionRequest.model_construct(
-            model="thinkbatch", messages=messages, tools=tools, tool_choice="auto" if tools else None,
-            include_reasoning=True,
-        )
+            self._requests[key] = ChatCompletionRequest.model_construct(
+                model="thinkbatch", messages=[], tools=tools,
+                tool_choice="auto" if tools else None, include_reasoning=True)
+        return self._requests[key]
 
-    def parse(self, gen: Generation, messages: list[dict[str, Any]], tools: list[dict] | None,
-              chat_template_kwargs: dict[str, Any]) -> Parsed:
+    def parse(self, gen: Generation, tools: list[dict] | None,
+              chat_template_kwargs: dict[str, Any], json_schema: dict | None = None) -> Parsed:
+        """`chat_template_kwargs` tells the parser whether thinking was on, so a
+        non-thinking answer is not misfiled as reasoning."""
+        parsed = self._split(gen, tools, chat_template_kwargs)
+        if json_schema is not None and parsed.status is Status.OK:
+            problem = schema_problem(parsed.answer, json_schema)
+            if problem:
+                parsed.status, parsed.error = Status.SCHEMA_ERROR, problem
+        return parsed
+
+    def _split(self, gen: Generation, tools: list[dict] | None,
+               chat_template_kwargs: dict[str, Any]) -> Parsed:
         truncated = gen.finish_reason == "length"
         if self.cls is None:
             if truncated:
@@ -69,23 +87,25 @@ class OutputParser:
             if gen.prompt_token_ids is not None:
                 parser.set_prompt_token_ids(gen.prompt_token_ids)
             reasoning, answer, calls = parser.parse(
-                gen.text, self._request(messages, tools),
+                gen.text, self._request(tools),
                 enable_auto_tools=self.spec.tool_call is not None,
                 model_output_token_ids=gen.token_ids,
             )
+            reasoning_tokens = parser.count_reasoning_tokens(gen.token_ids) if gen.token_ids else None
         except Exception as e:  # a parser bug or unparseable text: keep the row, say why
             return Parsed(Status.PARSE_ERROR, error=f"{type(e).__name__}: {e}")
         tool_calls = [{"id": c.id, "name": c.name, "arguments": c.arguments}
                       for c in calls or []] or None
         if truncated:
             return Parsed(Status.TRUNCATED, reasoning=reasoning or None,
-                          error="hit max_tokens before the answer was complete")
+                          error="hit max_tokens before the answer was complete",
+                          reasoning_tokens=reasoning_tokens)
         leak = self._leak(reasoning, answer, tool_calls)
         if leak:
             return Parsed(Status.PARSE_ERROR, reasoning=reasoning, answer=answer,
-                          tool_calls=tool_calls, error=leak)
+                          tool_calls=tool_calls, error=leak, reasoning_tokens=reasoning_tokens)
         return Parsed(Status.OK, reasoning=reasoning or None, answer=answer or None,
-                      tool_calls=tool_calls)
+                      tool_calls=tool_calls, reasoning_tokens=reasoning_tokens)
 
     def _leak(self, reasoning: str | None, answer: str | None,
               tool_calls: list[dict[str, str | None]] | None) -> str | None:
@@ -98,3 +118,17 @@ class OutputParser:
                 if text and m in text:
                     return f"marker {m!r} left in {name}: the output is not well formed"
         return None
+
+
+def schema_problem(answer: str | None, schema: dict[str, Any]) -> str | None:
+    """Why the answer is not a JSON document matching the schema, or None."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(answer or ""), schema)
+    except json.JSONDecodeError as e:
+        return f"answer is not JSON: {e.msg} at char {e.pos}"
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(root)"
+        return f"answer does not match the JSON schema at {where}: {e.message}"
+    return None

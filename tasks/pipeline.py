@@ -25,9 +25,9 @@ from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.commit import Committer
 from thinkbatch.tasks.engine import Engine, Generation, RequestRejected
 from thinkbatch.tasks.parse import OutputParser, Parsed
-from thinkbatch.tasks.read import needed_columns, shard_batches
-from thinkbatch.tasks.render import RowRequest, render_batch
-from thinkbatch.tasks.sampling import for_row
+from thinkbatch.tasks.read import shard_batches
+from thinkbatch.tasks.render import Renderer, RowRequest, needed_columns
+from thinkbatch.tasks.sampling import SamplingBuilder
 from thinkbatch.tasks.report import Progress
 
 log = logging.getLogger("thinkbatch.pipeline")
@@ -39,18 +39,30 @@ class _ShardStart:
     pending: int
 
 
+@dataclass(slots=True)
+class _Work:
+    """One sample of one row: the unit of exactly-once, keyed (row_index, sample)."""
+
+    shard_id: int
+    req: RowRequest
+    sample: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.req.row_index}:{self.sample}"
+
+
 class Pipeline:
     def __init__(self, job: JobSpec, plan: Plan, layout: OutputLayout, engine: Engine,
-                 parser: OutputParser, sampling: Any, schema: Any, progress: Progress,
+                 parser: OutputParser, schema: Any, progress: Progress,
                  may_commit: Callable[[int], bool]):
         self.job = job
         self.plan = plan
         self.engine = engine
         self.parser = parser
-        self.sampling = sampling
+        self.sampling = SamplingBuilder(job) if job.engine.kind == "vllm" else None
+        self.renderer = Renderer(job)
         self.progress = progress
-        self.tools = None
-        self.ctk = dict(job.chat_template_kwargs)
         self.passthrough = job.input.passthrough_columns
         self.keep_raw = job.output.keep_raw_text
         self.committer = Committer(
@@ -63,7 +75,7 @@ class Pipeline:
         self._futures: dict[int, Future[dict[str, Any]]] = {}
         self._items: queue.Queue[Any] = queue.Queue(maxsize=4)  # rendered batches, bounded
         self._remaining: dict[int, int] = {}
-        self._inflight: dict[int, tuple[int, RowRequest]] = {}
+        self._inflight: dict[str, _Work] = {}
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self.submitted = 0
@@ -96,15 +108,20 @@ class Pipeline:
 
     def _feed(self) -> None:
         columns = needed_columns(self.job)
+        n = self.job.sampling.n
         try:
             while (shard := self._shards.get()) is not None:
-                done = checkpoint.committed_rows(self.layout, shard.shard_id)
-                self._put_item(_ShardStart(shard.shard_id, shard.num_rows - len(done)))
+                done = checkpoint.committed_keys(self.layout, shard.shard_id)
+                self._put_item(_ShardStart(shard.shard_id, shard.num_rows * n - len(done)))
                 for batch in shard_batches(self.layout.store, self.plan, shard, columns,
                                            self.job.input.id_column):
-                    reqs = [r for r in render_batch(self.job, batch) if r.row_index not in done]
-                    if reqs:
-                        self._put_item((shard.shard_id, reqs))
+                    work = [_Work(shard.shard_id, r, s)
+                            for r in self.renderer.render_batch(batch)
+                            for s in ((r.sample_index,) if r.sample_index is not None
+                                      else range(n))
+                            if (r.row_index, s) not in done]
+                    if work:
+                        self._put_item(work)
         except BaseException as e:
             self._fail(e)
 
@@ -119,20 +136,19 @@ class Pipeline:
     # -- driver thread -------------------------------------------------------------
 
     def _drive(self) -> None:
-        backlog: list[tuple[int, RowRequest]] = []
+        backlog: list[_Work] = []
         try:
             while not self._stop.is_set() or self._inflight:
                 if self._error is not None:
                     return
                 backlog = self._fill(backlog)
                 for gen in self.engine.poll():
-                    shard_id, req = self._inflight.pop(gen.row_index)
-                    self._finish(shard_id, req, gen)
+                    self._finish(self._inflight.pop(gen.key), gen)
                 self.committer.maybe_flush()
         except BaseException as e:
             self._fail(e)
 
-    def _fill(self, backlog: list[tuple[int, RowRequest]]) -> list[tuple[int, RowRequest]]:
+    def _fill(self, backlog: list[_Work]) -> list[_Work]:
         """Top the engine up to max_in_flight from the backlog and the feeder's queue;
         wait briefly for the feeder only when the engine has nothing to do."""
         while self.engine.in_flight < self.job.engine.max_in_flight:
@@ -143,10 +159,8 @@ class Pipeline:
                 if isinstance(item, _ShardStart):
                     self._start_shard(item)
                     continue
-                shard_id, reqs = item
-                backlog = [(shard_id, r) for r in reversed(reqs)]
-            shard_id, req = backlog.pop()
-            self._submit(shard_id, req)
+                backlog = item[::-1]
+            self._submit(backlog.pop())
         return backlog
 
     def _next_item(self, block: bool) -> Any:
@@ -160,32 +174,42 @@ class Pipeline:
         if start.pending == 0:
             self.committer.finish_shard(start.shard_id)
 
-    def _submit(self, shard_id: int, req: RowRequest) -> None:
+    def _submit(self, work: _Work) -> None:
+        req = work.req
         if req.error is not None:
-            self._emit(shard_id, req, Parsed(Status.INVALID_INPUT, error=req.error), None)
+            self._emit(work, Parsed(Status.INVALID_INPUT, error=req.error), None)
             return
+        params = (self.sampling.for_sample(req.sampling, req.row_index, work.sample)
+                  if self.sampling else None)
         try:
-            self.engine.submit(req, for_row(self.sampling, req.row_index), self.tools, self.ctk)
+            self.engine.submit(work.key, req, params)
         except RequestRejected as e:
-            self._emit(shard_id, req, Parsed(e.status, error=str(e)), None)
+            self._emit(work, Parsed(e.status, error=str(e)), None)
             return
-        self._inflight[req.row_index] = (shard_id, req)
+        self._inflight[work.key] = work
         self.submitted += 1
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("submitted row %d", req.row_index)
+            log.debug("submitted row %d sample %d", req.row_index, work.sample)
 
-    def _finish(self, shard_id: int, req: RowRequest, gen: Generation) -> None:
+    def _finish(self, work: _Work, gen: Generation) -> None:
+        req = work.req
         if gen.finish_reason in ("abort", "error"):
-            parsed = Parsed(Status.ENGINE_ERROR, error=f"engine finished the request with {gen.finish_reason}")
+            parsed = Parsed(Status.ENGINE_ERROR,
+                            error=f"engine finished the request with {gen.finish_reason}")
         else:
-            parsed = self.parser.parse(gen, req.messages or [], self.tools, self.ctk)
-        self._emit(shard_id, req, parsed, gen)
+            so = (req.sampling or self.job.sampling).structured_outputs
+            parsed = self.parser.parse(gen, req.tools, req.chat_template_kwargs,
+                                       so.json_schema if so else None)
+        self._emit(work, parsed, gen)
 
-    def _emit(self, shard_id: int, req: RowRequest, parsed: Parsed, gen: Generation | None) -> None:
-        keep_raw = gen is not None and (self.keep_raw or parsed.status is Status.PARSE_ERROR)
+    def _emit(self, work: _Work, parsed: Parsed, gen: Generation | None) -> None:
+        req, shard_id = work.req, work.shard_id
+        keep_raw = gen is not None and (
+            self.keep_raw or parsed.status in (Status.PARSE_ERROR, Status.SCHEMA_ERROR))
         row = {
             "id": req.row_id,
             "row_index": req.row_index,
+            "sample_index": work.sample,
             **dict(zip(self.passthrough, req.passthrough)),
             "reasoning": parsed.reasoning,
             "answer": parsed.answer,
@@ -195,6 +219,7 @@ class Pipeline:
             "error": parsed.error,
             "prompt_tokens": len(gen.prompt_token_ids) if gen and gen.prompt_token_ids is not None else None,
             "completion_tokens": len(gen.token_ids) if gen and gen.token_ids else None,
+            "reasoning_tokens": parsed.reasoning_tokens,
             "ttft_s": gen.ttft_s if gen else None,
             "latency_s": gen.latency_s if gen else None,
             "raw_text": gen.text if keep_raw else None,

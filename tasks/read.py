@@ -6,20 +6,11 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.plan import InputFile, Plan, Shard
 from thinkbatch.tasks.storage import Storage
 
 ROW_INDEX = "__row_index"
 ROW_ID = "__row_id"
-
-
-def needed_columns(job: JobSpec) -> list[str]:
-    inp = job.input
-    cols = [inp.id_column, inp.messages_column, inp.prompt_column, *inp.passthrough_columns]
-    if job.engine.kind == "replay":
-        cols.append(job.engine.replay_column)
-    return list(dict.fromkeys(c for c in cols if c))
 
 
 def input_schema(store: Storage, plan: Plan, columns: list[str]) -> pa.Schema:

@@ -10,6 +10,9 @@ from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.plan import Plan
 from thinkbatch.tasks.checkpoint import OutputLayout
@@ -100,12 +103,15 @@ def summary(manifest: dict[str, Any]) -> str:
 
 
 def sample_rows(job: JobSpec, n: int, width: int = 100) -> list[dict[str, Any]]:
-    """The first rows of the first part, long texts clipped: what a newcomer looks at."""
+    """A few rows of the first part, ok ones first, long texts clipped: what a newcomer
+    looks at to see reasoning, answers and tool calls side by side."""
     layout = OutputLayout(job.output.path, Storage(job.storage))
     parts = layout.all_parts()
     if n <= 0 or not parts:
         return []
     cols = ["id", "status", "reasoning", "answer", "tool_calls"]
-    rows = layout.store.read_columns(parts[0], cols).slice(0, n).to_pylist()
+    table = layout.store.read_columns(parts[0], cols)
+    ok = table.filter(pc.equal(table.column("status"), "ok"))  # show the good rows first
+    rows = pa.concat_tables([ok, table]).slice(0, n).to_pylist()
     return [{k: (v[:width] + "…" if isinstance(v, str) and len(v) > width else v)
              for k, v in r.items()} for r in rows]

@@ -7,7 +7,7 @@ import dataclasses
 
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.tasks.storage import Storage, StorageError
-from thinkbatch.tasks.read import needed_columns
+from thinkbatch.tasks.render import needed_columns
 
 
 def check_inputs(job: JobSpec, store: Storage) -> list[str]:

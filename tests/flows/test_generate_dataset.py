@@ -66,6 +66,9 @@ def test_every_row_once_with_kimi_columns_separated(e2e) -> None:
         assert r["ttft_s"] is not None and 0 <= r["ttft_s"] <= r["latency_s"]
         assert r["raw_text"] is None
     assert calls and answers  # the regex allows both; random weights take both paths
+    # vLLM's parser counts thinking tokens by the </think> token id
+    assert all(0 <= r["reasoning_tokens"] <= r["completion_tokens"] for r in got)
+    assert sum(r["reasoning_tokens"] for r in got) > 0
 
 
 def test_manifest_is_written_last_with_counts(e2e) -> None:

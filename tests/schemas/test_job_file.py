@@ -31,7 +31,7 @@ def test_every_error_is_reported_at_once() -> None:
     with pytest.raises(JobFileError) as e:
         load_job(inline=bad)
     text = "\n".join(e.value.errors)
-    for needle in ("messages_column or prompt_column", "divisible by",
+    for needle in ("set one of messages_column, prompt_column", "divisible by",
                    "max_in_flight", "temperature", "unknown_knob", "output.path"):
         assert needle in text, needle
     assert len(e.value.errors) >= 6

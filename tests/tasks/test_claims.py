@@ -37,7 +37,7 @@ print(claims.claim_next(), flush=True)
 sys.stdin.readline()  # stalled here (SIGSTOP) until the test lets it go on
 ours = claims.still_ours(0)
 if ours:
-    rows = [{"id": "zombie", "row_index": 0, "status": "ok"}]
+    rows = [{"id": "zombie", "row_index": 0, "sample_index": 0, "status": "ok"}]
     layout.store.write_parquet(layout.new_part(0), pa.Table.from_pylist(rows, schema=output_schema()))
 print(json.dumps({"still_ours": ours}), flush=True)
 """
@@ -75,7 +75,7 @@ def test_stalled_worker_loses_its_shard_and_cannot_commit(tmp_path: Path) -> Non
         STORE.write_atomic(layout.done_marker(done), json.dumps({"parts": []}).encode())
     other = ShardClaims(layout, plan, "other", ttl_s=60)
     assert other.claim_next() == 0  # taken over: the shard is redone elsewhere
-    rows = [{"id": f"r{i}", "row_index": i, "status": "ok"} for i in range(10)]
+    rows = [{"id": f"r{i}", "row_index": i, "sample_index": 0, "status": "ok"} for i in range(10)]
     STORE.write_parquet(layout.new_part(0), pa.Table.from_pylist(rows, schema=output_schema()))
     assert other.still_ours(0)
     proc.send_signal(signal.SIGCONT)

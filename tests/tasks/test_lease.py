@@ -56,3 +56,20 @@ def test_expired_lease_is_taken_over_and_the_stalled_holder_is_fenced(lease_path
     stalled.release()
     assert store.exists(lease_path)  # the loser does not delete the winner's lease
     new.release()
+
+
+def test_concurrent_renewals_by_the_holder_never_look_like_a_takeover(lease_path: str) -> None:
+    """The background renewal and the committer's fencing renewal run at the same time."""
+    import threading
+
+    lease = Lease(Storage(), lease_path)
+    assert lease.try_acquire()
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda: results.extend(lease.renew() for _ in range(15)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results) and len(results) == 60 and lease.held
+    lease.release()

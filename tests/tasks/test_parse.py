@@ -20,13 +20,13 @@ def tokenizer(tiny_model: str):
 
 
 def _gen(text: str, finish: str = "stop") -> Generation:
-    return Generation(row_index=0, text=text, token_ids=(), finish_reason=finish,
+    return Generation(key="0:0", text=text, token_ids=(), finish_reason=finish,
                       prompt_token_ids=None, ttft_s=None, latency_s=None)
 
 
 def _parse(tokenizer, text: str, finish: str = "stop", spec: ParserSpec = KIMI, **ctk):
     return OutputParser(spec, tokenizer, "tiny").parse(
-        _gen(text, finish), [{"role": "user", "content": "q"}], None, ctk)
+        _gen(text, finish), None, ctk)
 
 
 def test_reasoning_and_answer_are_separated(tokenizer) -> None:

@@ -1,0 +1,42 @@
+"""Re-parsing a stored output with other parsers: a replay job over its raw text."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from thinkbatch.schemas.job import JobSpec
+from thinkbatch.schemas.job_file import JobFileError
+from thinkbatch.tasks.checkpoint import OutputLayout
+from thinkbatch.tasks.storage import Storage
+
+
+def reparse_job(source: str, target: str, reasoning: str | None,
+                tool_call: str | None) -> JobSpec:
+    """The same ids, samples and passthrough columns; the completion text from `raw_text`;
+    the tokenizer and template kwargs of the original job; checkpointed like any run."""
+    layout = OutputLayout(source, Storage())
+    try:
+        original = json.loads(layout.store.read_bytes(layout.manifest))["config"]
+    except FileNotFoundError:
+        raise JobFileError([f"{source} has no _manifest.json: only a finished output can "
+                            "be re-parsed"]) from None
+    if not original["output"]["keep_raw_text"]:
+        raise JobFileError([f"{source} was written without raw text; re-parsing needs a "
+                            "job run with output.keep_raw_text: true"])
+    engine = original["engine"]
+    job: dict[str, Any] = {
+        "name": f"reparse of {original['name']}",
+        "input": {"path": layout.data, "id_column": "id", "prompt_column": None,
+                  "sample_index_column": "sample_index",
+                  "passthrough_columns": original["input"]["passthrough_columns"]},
+        "engine": {"kind": "replay", "tokenizer": engine["tokenizer"] or engine["model"],
+                   "trust_remote_code": engine["trust_remote_code"],
+                   "revision": engine["revision"], "replay_column": "raw_text"},
+        "chat_template_kwargs": original["chat_template_kwargs"],
+        "tools": original["tools"],
+        "parsers": {"reasoning": reasoning, "tool_call": tool_call},
+        "output": {**original["output"], "path": target},
+        "storage": original["storage"],
+    }
+    return JobSpec.model_validate(job)
