@@ -124,7 +124,15 @@ _WORDS = (
     "please thank thanks help assistant user system tool function call arguments "
     "result return name value true false null number string object array type "
     "properties required description reasoning think step let me check get search "
-    "Paris London Tokyo Berlin Rome Madrid degrees celsius fahrenheit json output"
+    "Paris London Tokyo Berlin Rome Madrid degrees celsius fahrenheit json output "
+    # The synthetic tasks of tasks/tiny_tasks.py, which the trained miniature learns.
+    "Sam Ana Li Omar Mia Ravi Zoe Ken Ada Tom apples books coins pens cards eggs shells "
+    "stamps has had buys found more many now does box adds gets Monday Tuesday total "
+    "gives away left sold remain takes still Add Take Ones Tens carry borrow So "
+    "Lima Oslo Cairo Delhi Quito Perth Seoul Dublin Vienna Nairobi Boston Sydney Toronto "
+    "Lisbon Prague Athens Dakar Hanoi Denver Havana Riga Manila Cusco Zurich rain warm "
+    "night local Tell Could Convert Check convert units km miles kg pounds meters feet "
+    "liters gallons wants asks I call get_weather get_time convert_units value from"
 )
 _SNIPPETS = (
     '{"city": "Paris"}',
@@ -151,7 +159,11 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
     text surrounds it; vLLM's kimi_k2 parsers find them by vocabulary lookup.
     """
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits split one by one (as in LLaMA), so numbers tokenize the same way everywhere
+    # and the trained miniature can do column arithmetic digit by digit.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.ByteLevel(add_prefix_space=False), pre_tokenizers.Digits(individual_digits=True)]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(SPECIAL_TOKENS),

@@ -1,0 +1,77 @@
+"""The trained miniature Kimi-K2 (real weights) through the in-process flow: checks what
+the output says, not only its shape. Greedy decoding on held-out prompts; the bounds sit
+below the figures measured on 200 prompts (benchmarks/results/tiny_model_eval.json), so
+they fail when the model, the chat template, the engine (e.g. vLLM's CPU rotary kernel,
+see tiny_tasks.VLLM_CPU_EXTRA_ARGS) or the kimi_k2 parsers break."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from tests.conftest import engine_section, job_dict, write_prompts
+from thinkbatch.flows.job import generate_dataset
+from thinkbatch.tasks.tiny_tasks import VLLM_CPU_EXTRA_ARGS, heldout_rows, score, summarize
+
+pytestmark = pytest.mark.engine
+
+WORKING = re.compile(r"So (?P<a>\d+) [+-] (?P<b>\d+) = (?P<result>\d+)\.")
+NUMBER = re.compile(r"\d+")
+MODEL = Path(__file__).resolve().parents[2] / "assets" / "tiny-kimi-thinking"
+ROWS = 40
+
+
+@pytest.fixture(scope="module")
+def rows(prefect_harness, tmp_path_factory) -> list[dict]:
+    root = tmp_path_factory.mktemp("trained")
+    write_prompts(root / "in.parquet", heldout_rows(ROWS))
+    job = job_dict(
+        root / "in.parquet", root / "out", engine_section(str(MODEL), load_format="auto",
+                                                        extra_args=VLLM_CPU_EXTRA_ARGS),
+        input={"passthrough_columns": ["kind", "expected"]},
+        sampling={"temperature": 0.0, "max_tokens": 160, "structured_outputs": None},
+    )
+    generate_dataset(job)
+    return ds.dataset(root / "out" / "data", format="parquet").to_table().to_pylist()
+
+
+def test_every_row_is_well_formed_kimi_output(rows: list[dict]) -> None:
+    assert len(rows) == ROWS
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    figures = summarize([(r["kind"], score(r, r["kind"], r["expected"])) for r in rows])
+    assert figures["formatted_rate"] >= 0.95, figures
+    for r in rows:
+        if r["kind"] == "tool" and r["tool_calls"]:
+            assert r["answer"] is None, r
+            (call,) = r["tool_calls"]
+            assert call["id"] == f"functions.{call['name']}:0", r
+
+
+def test_tool_calls_name_the_right_function_with_the_arguments(rows: list[dict]) -> None:
+    tools = [r for r in rows if r["kind"] == "tool"]
+    figures = summarize([("tool", score(r, "tool", r["expected"])) for r in tools])
+    assert figures["tool_call_accuracy"] >= 0.85, [
+        (r["id"], r["expected"], r["tool_calls"]) for r in tools
+        if not score(r, "tool", r["expected"])["correct"]]
+    assert all(json.loads(r["expected"])["name"] in r["reasoning"] for r in tools
+               if score(r, "tool", r["expected"])["correct"])
+
+
+def test_arithmetic_is_worked_from_the_question_and_answered(rows: list[dict]) -> None:
+    """The working copies the question's numbers and the answer states its result.
+
+    The sums themselves are not asserted: the miniature gets few right (see the eval).
+    """
+    prompts = {r["id"]: r["prompt"] for r in heldout_rows(ROWS)}
+    math = [r for r in rows if r["kind"] == "math"]
+    worked = answered = 0
+    for r in math:
+        a, b = NUMBER.findall(prompts[r["id"]])
+        found = WORKING.search(r["reasoning"] or "")
+        worked += bool(found) and (found["a"], found["b"]) == (a, b)
+        answered += bool(found) and NUMBER.findall(r["answer"] or "")[-1:] == [found["result"]]
+    assert worked >= 0.9 * len(math) and answered >= 0.9 * len(math), (worked, answered, math)
