@@ -1,7 +1,7 @@
 """Engines behind one small interface: submit a request, poll finished generations.
 
 `VllmEngine` wraps one offline `vllm.LLM`, loaded once per process and fed request by
-request (`enqueue_chat` + `llm_engine.step`), so new work enters as old work leaves:
+request (`llm_engine.add_request` + `llm_engine.step`), so new work enters as old work leaves:
 there is no batch barrier. `ReplayEngine` returns stored completion text instead of
 generating, for re-parsing outputs and for measuring the host path without a model.
 """

@@ -3,7 +3,6 @@ two `prefect worker` processes, output on the local S3 endpoint, the miniature m
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import socket
@@ -13,7 +12,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
