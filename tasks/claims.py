@@ -31,12 +31,12 @@ class ShardClaims:
     def claim_next(self) -> int | None:
         """A shard now held by this worker, or None if every unfinished shard is held
         by a live worker. Free shards are tried before stale claims are examined."""
-        todo = [s for s in self.unfinished() if s not in self._held]
         n = len(self.plan.shards)
-        todo.sort(key=lambda s: (s - self.start_at) % n)
         claimed = {int(name.split(".")[0])
                    for name in self.layout.store.list_files(self.layout.claims, ".json")}
-        for shard_id in sorted(todo, key=lambda s: s in claimed):
+        todo = sorted((s for s in self.unfinished() if s not in self._held),
+                      key=lambda s: (s in claimed, (s - self.start_at) % n))
+        for shard_id in todo:
             lease = Lease(self.layout.store, self.layout.claim(shard_id), self.ttl_s, self.owner)
             if not lease.try_acquire():
                 continue
