@@ -103,15 +103,23 @@ def summary(manifest: dict[str, Any]) -> str:
 
 
 def sample_rows(job: JobSpec, n: int, width: int = 100) -> list[dict[str, Any]]:
-    """A few rows of the first part, ok ones first, long texts clipped: what a newcomer
-    looks at to see reasoning, answers and tool calls side by side."""
+    """A few rows of the first part, clipped: what a newcomer looks at to see reasoning,
+    answers and tool calls side by side. One row of each output shape (an answer, tool
+    calls, neither) comes before any repeats, whatever order rows finished in; ok rows
+    come before others within each pass."""
     layout = OutputLayout(job.output.path, Storage(job.storage))
     parts = layout.all_parts()
     if n <= 0 or not parts:
         return []
     cols = ["id", "status", "reasoning", "answer", "tool_calls"]
     table = layout.store.read_columns(parts[0], cols)
-    ok = table.filter(pc.equal(table.column("status"), "ok"))  # show the good rows first
-    rows = pa.concat_tables([ok, table]).slice(0, n).to_pylist()
+    is_ok = pc.equal(table.column("status"), "ok")
+    rows = pa.concat_tables([table.filter(is_ok), table.filter(pc.invert(is_ok))]).to_pylist()
+    shapes: set[tuple[bool, bool]] = set()
+    first, rest = [], []
+    for r in rows:
+        shape = (r["answer"] is not None, bool(r["tool_calls"]))
+        (rest if shape in shapes else first).append(r)
+        shapes.add(shape)
     return [{k: (v[:width] + "…" if isinstance(v, str) and len(v) > width else v)
-             for k, v in r.items()} for r in rows]
+             for k, v in r.items()} for r in (first + rest)[:n]]

@@ -128,7 +128,7 @@ _WORDS = (
     # The synthetic tasks of tasks/tiny_tasks.py, which the trained miniature learns.
     "Sam Ana Li Omar Mia Ravi Zoe Ken Ada Tom apples books coins pens cards eggs shells "
     "stamps has had buys found more many now does box adds gets Monday Tuesday total "
-    "gives away left sold remain takes still Add Take Ones Tens carry borrow So "
+    "gives away left sold remain takes still write carry borrow Answer "
     "Lima Oslo Cairo Delhi Quito Perth Seoul Dublin Vienna Nairobi Boston Sydney Toronto "
     "Lisbon Prague Athens Dakar Hanoi Denver Havana Riga Manila Cusco Zurich rain warm "
     "night local Tell Could Convert Check convert units km miles kg pounds meters feet "

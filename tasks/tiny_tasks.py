@@ -2,8 +2,9 @@
 
 Two kinds of prompt, each with the completion Kimi-K2-Thinking would give:
 
-- ``math``: a two-number word problem (add or take away); the thinking works it digit
-  by digit, so a 2-layer model can learn it, then the answer states the number;
+- ``math``: a word problem on two 2-digit numbers (add or take away); the thinking
+  names what is counted and works the sum column by column, so a 2-layer model can
+  learn it, then the answer states the number and the item;
 - ``tool``: a weather, local-time or unit-conversion question; the thinking names the
   tool, then one Kimi tool call carries the arguments copied from the question.
 
@@ -123,28 +124,30 @@ def _digits(n: int) -> tuple[int, int]:
 
 
 def _add_working(a: int, b: int) -> str:
-    """Column addition: the ones, the carry, the tens; each step a one-digit sum."""
+    """Column addition, ones first. Both numbers have two digits, so every digit of the
+    working sits at a fixed distance from ``<think>``: each step is a one-digit sum of
+    the two digits just written, which a 2-layer model learns as a table."""
     (a10, a1), (b10, b1) = _digits(a), _digits(b)
     ones = a1 + b1
     carry = ones // 10
     tens = a10 + b10 + carry
-    return (f"Add. Ones {a1} + {b1} = {ones}, carry {carry}. "
-            f"Tens {a10} + {b10} + {carry} = {tens}. So {a} + {b} = {a + b}.")
+    return (f"{a}+{b}. {a1}+{b1}={ones}, write {ones % 10} carry {carry}. "
+            f"{a10}+{b10}+{carry}={tens}. Answer {a + b}.")
 
 
 def _sub_working(a: int, b: int) -> str:
-    """Column subtraction: the ones with a borrow when needed, then the tens."""
+    """Column subtraction, ones first, borrowing ten when the top digit is smaller."""
     (a10, a1), (b10, b1) = _digits(a), _digits(b)
     borrow = int(a1 < b1)
-    ones = 10 * borrow + a1
+    top = 10 * borrow + a1
     tens = a10 - b10 - borrow
-    return (f"Take away. Ones {ones} - {b1} = {ones - b1}, borrow {borrow}. "
-            f"Tens {a10} - {b10} - {borrow} = {tens}. So {a} - {b} = {a - b}.")
+    return (f"{a}-{b}. {top}-{b1}={top - b1}, borrow {borrow}. "
+            f"{a10}-{b10}-{borrow}={tens}. Answer {a - b}.")
 
 
 def _math_task(rng: random.Random) -> Task:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(2, 99), rng.randint(2, 99)
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
     if rng.random() < 0.5:
         t = rng.randrange(len(ADD_TEMPLATES))
         prompt = ADD_TEMPLATES[t].format(name=name, item=item, a=a, b=b)
@@ -154,7 +157,10 @@ def _math_task(rng: random.Random) -> Task:
         t = rng.randrange(len(SUB_TEMPLATES))
         prompt = SUB_TEMPLATES[t].format(name=name, item=item, a=a, b=b)
         reasoning, result, op = _sub_working(a, b), a - b, "sub"
-    return Task(key=f"math:{op}:{a}:{b}", kind="math", prompt=prompt, reasoning=reasoning,
+    # Naming the item first, where the query is always the same, teaches the model to
+    # find it in the question; asked only after the digits, a 2-layer model guesses it.
+    return Task(key=f"math:{op}:{a}:{b}", kind="math", prompt=prompt,
+                reasoning=f"Count {item}: {reasoning}",
                 answer=f"{result} {item}.")
 
 

@@ -68,7 +68,9 @@ def test_per_row_sampling_thinking_and_structured_outputs(tiny_model: str, prefe
     assert choice["status"] == "ok" and choice["reasoning"] is None  # thinking off per row
     assert choice["answer"] in ("answer yes", "answer no")
     assert normal["status"] == "ok" and normal["reasoning"]
-    assert 0 <= normal["reasoning_tokens"] < normal["completion_tokens"]
+    # The regex may make the grammar spell the think markers as plain text, which vLLM's
+    # id-based count does not see; exact counts are asserted on the trained model.
+    assert 0 <= normal["reasoning_tokens"] <= normal["completion_tokens"]
     assert long["status"] == "prompt_too_long"
     assert "+ max_tokens 256 exceeds max_model_len 1024" in long["error"]
     assert long["completion_tokens"] is None
