@@ -59,6 +59,31 @@ def check_output(job: JobSpec, store: Storage) -> list[str]:
     return []
 
 
+def check_scale(job: JobSpec) -> list[str]:
+    """K workers are runs of a deployment, so they need a Prefect server that has it;
+    without this check the job would fail only after planning, at the first start."""
+    if job.scale.workers == 1:
+        return []
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    name, url = job.scale.worker_deployment, PREFECT_API_URL.value()
+    if not url:
+        return [f"scale.workers: {job.scale.workers} workers are runs of the deployment "
+                f"{name!r} and need a Prefect server: set PREFECT_API_URL to one where "
+                "deployments/prefect.yaml is deployed, or use scale.workers: 1"]
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        return [f"scale.worker_deployment: {name!r} is not deployed on {url} "
+                "(`prefect deploy --all` in deployments/ deploys it)"]
+    except Exception as e:
+        return [f"scale.workers: cannot reach the Prefect server at {url}: {type(e).__name__}: {e}"]
+    return []
+
+
 def check_job(job: JobSpec) -> list[str]:
     """Every problem at once."""
     try:
@@ -66,4 +91,4 @@ def check_job(job: JobSpec) -> list[str]:
         storage_errors = check_inputs(job, store) + check_output(job, store)
     except StorageError as e:
         storage_errors = [f"storage: {e}"]
-    return storage_errors + check_vllm(job)
+    return storage_errors + check_vllm(job) + check_scale(job)

@@ -61,3 +61,14 @@ def test_validate_loads_no_model(tmp_path: Path, tiny_model: str) -> None:
     r = _run("validate", str(_replay_job(tmp_path, tiny_model)))
     assert r.returncode == 0 and "is valid" in r.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_workers_without_a_prefect_server_are_refused_before_planning(tmp_path: Path,
+                                                                      tiny_model: str) -> None:
+    job = _replay_job(tmp_path, tiny_model)
+    r = _run("run", str(job), "--no-progress", "--set", "scale.workers=2",
+             env={"PREFECT_API_URL": ""})
+    assert r.returncode == 2
+    assert "scale.workers: 2 workers are runs of the deployment" in r.stderr
+    assert "PREFECT_API_URL" in r.stderr
+    assert not (tmp_path / "out").exists()

@@ -144,6 +144,18 @@ def _worker_shards(server) -> dict[str, list[str]]:
                 for r in runs}, {r.name: r.state.type.value for r in runs}
 
 
+def test_workers_need_their_deployment_on_the_server(server, s3, tiny_model, tmp_path) -> None:
+    job = _job(tmp_path, s3, "check-scale", tiny_model, 50)
+    r = subprocess.run([*CLI, "validate", str(job)], env=server.env, cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*CLI, "validate", str(job), "--set",
+                        "scale.worker_deployment=thinkbatch-worker/missing"],
+                       env=server.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "'thinkbatch-worker/missing' is not deployed on http://127.0.0.1:" in r.stderr
+
+
 def _run_parent(server, job: Path) -> subprocess.Popen:
     return subprocess.Popen([*CLI, "run", str(job), "--no-progress"], env=server.env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
