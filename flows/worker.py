@@ -34,7 +34,7 @@ from thinkbatch.tasks.read import input_schema  # noqa: E402
 from thinkbatch.tasks.storage import Storage  # noqa: E402
 
 SHARDS_IN_FLIGHT = 4  # shard tasks registered with the engine at once
-IDLE_POLL_S = 2.0  # how often a worker with nothing to do looks for freed shards
+IDLE_POLL_S = 2.0  # how often a worker with nothing to claim looks for freed shards
 
 
 @task(name="shard", cache_policy=NO_CACHE, task_run_name="shard-{shard_id}")
@@ -69,21 +69,27 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
     pipeline: Pipeline | None = None
     active: dict[int, PrefectFuture] = {}
     started = 0.0
+    next_look = 0.0  # when to list the store for claimable shards again
     try:
         while True:
-            while len(active) < SHARDS_IN_FLIGHT and (shard_id := claims.claim_next()) is not None:
-                if pipeline is None:
-                    pipeline, run["engine_load_s"] = open_pipeline(job, layout, plan, claims,
-                                                                   show_progress)
-                    started = time.monotonic()
-                active[shard_id] = run_shard.submit(pipeline, shard_id)
             for shard_id in [s for s, f in active.items() if f.state.is_final()]:
                 active.pop(shard_id).result()  # raises if the shard failed
                 claims.release(shard_id)
                 run["shards"].append(shard_id)
-            if not active and not claims.unfinished():
-                break
-            time.sleep(0.2 if active else IDLE_POLL_S)  # idle: others hold the rest
+                next_look = 0.0  # a slot is free: look at once
+            if len(active) < SHARDS_IN_FLIGHT and time.monotonic() >= next_look:
+                while len(active) < SHARDS_IN_FLIGHT and (shard_id := claims.claim_next()) is not None:
+                    if pipeline is None:
+                        pipeline, run["engine_load_s"] = open_pipeline(job, layout, plan, claims,
+                                                                       show_progress)
+                        started = time.monotonic()
+                    active[shard_id] = run_shard.submit(pipeline, shard_id)
+                if not active and not claims.unfinished():
+                    break
+                # Listings cost requests on S3: until a slot frees up, look for shards
+                # that other workers give up only every IDLE_POLL_S.
+                next_look = time.monotonic() + IDLE_POLL_S
+            time.sleep(0.2)
     finally:
         claims.release_all()
         if pipeline is not None:
