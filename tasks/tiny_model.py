@@ -322,19 +322,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--max-position-embeddings", type=int, default=4096)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    args = parser.parse_args()
-    print(
-        write_tiny_model(
-            args.out_dir,
-            layers=args.layers,
-            hidden_size=args.hidden_size,
-            heads=args.heads,
-            routed_experts=args.routed_experts,
-            vocab_size=args.vocab_size,
-            max_position_embeddings=args.max_position_embeddings,
-            dtype=args.dtype,
-        )
-    )
+    print(write_tiny_model(**vars(parser.parse_args())))
 
 
 if __name__ == "__main__":

@@ -111,12 +111,8 @@ class Task:
     def expected(self) -> str:
         """The expected answer number or tool call, as text (a Parquet-friendly column)."""
         if self.tool_name is None:
-            return str(self.answer_number)
+            return _NUMBER.findall(self.answer or "")[-1]
         return json.dumps({"name": self.tool_name, "arguments": self.tool_args})
-
-    @property
-    def answer_number(self) -> int:
-        return int(_NUMBER.findall(self.answer or "")[-1])
 
 
 def _digits(n: int) -> tuple[int, int]:
