@@ -20,12 +20,6 @@ LONG_EVERY = 20  # 5% of rows
 FACTOR = 16
 
 
-def sampling_column_supported() -> bool:
-    from thinkbatch.schemas.job import InputSpec
-
-    return "sampling_column" in InputSpec.model_fields
-
-
 def run(ctx: Context) -> dict[str, Any]:
     n = ctx.size(1024, 320) if ctx.mini else ctx.size(512, 256)
     short = ctx.size(16, 8) if ctx.mini else 64
@@ -34,11 +28,9 @@ def run(ctx: Context) -> dict[str, Any]:
     d = ctx.work / "heavy_tail"
     inputs = prompts(d / "prompts.parquet", n, max_tokens=lengths)
     sampling = {"temperature": 0.0, "max_tokens": long, "ignore_eos": True}
-    supported = sampling_column_supported()
-    extra = {"sampling_column": "sampling"} if supported else None
     job = write_job(d / "job.json", job_dict(ctx, inputs, d / "out", sampling=sampling,
                                              rows_per_shard=256, flush_rows=128,
-                                             input_extra=extra))
+                                             input_extra={"sampling_column": "sampling"}))
     bare = run_bare(ctx, job, d / "bare.json", ["one_call", f"chunks:{CHUNK}"])
     a, b = bare["one_call"], bare[f"chunks:{CHUNK}"]
     figures: dict[str, Any] = {
@@ -49,28 +41,19 @@ def run(ctx: Context) -> dict[str, Any]:
         row(f"(b) LLM.chat per {CHUNK} rows, output tok/s",
             f"{b['output_tokens_per_s']:,.0f} ({figures['chunks_over_one_call']:.2f} of a)"),
     ]
-    notes = []
-    if supported:
-        tb = thinkbatch_figures(d / "out", run_cli(ctx, job))
-        c_a = tb["output_tokens_per_s"] / a["output_tokens_per_s"]
-        c_b = tb["output_tokens_per_s"] / b["output_tokens_per_s"]
-        figures.update(thinkbatch=tb, thinkbatch_over_one_call=c_a, thinkbatch_over_chunks=c_b)
-        summary += [
-            row("(c) thinkbatch, output tok/s", f"{tb['output_tokens_per_s']:,.0f}"),
-            row("c/a", f"{c_a:.3f}", Goal(">= 0.9", c_a >= 0.9)),
-            row("c/b", f"{c_b:.2f}", Goal("clearly > 1 (>= 1.2)", c_b >= 1.2)),
-            row("TTFT mean / median (c)",
-                f"{tb['ttft_mean_s']:.2f} s / {tb['ttft_median_s']:.2f} s"
-                if tb["ttft_mean_s"] is not None else "n/a"),
-        ]
-    else:
-        figures["thinkbatch"] = None
-        notes.append("(c) not runnable: this thinkbatch has no per-row sampling overrides "
-                     "(no `input.sampling_column` in schemas/job.py); the job is built to use "
-                     "one as soon as it exists.")
-        summary += [row("(c) thinkbatch", "not runnable (no input.sampling_column yet)",
-                        Goal(">= 0.9 of (a)", None))]
+    tb = thinkbatch_figures(d / "out", run_cli(ctx, job))
+    c_a = tb["output_tokens_per_s"] / a["output_tokens_per_s"]
+    c_b = tb["output_tokens_per_s"] / b["output_tokens_per_s"]
+    figures.update(thinkbatch=tb, thinkbatch_over_one_call=c_a, thinkbatch_over_chunks=c_b)
+    summary += [
+        row("(c) thinkbatch, output tok/s", f"{tb['output_tokens_per_s']:,.0f}"),
+        row("c/a", f"{c_a:.3f}", Goal(">= 0.9", c_a >= 0.9)),
+        row("c/b", f"{c_b:.2f}", Goal("clearly > 1 (>= 1.2)", c_b >= 1.2)),
+        row("TTFT mean / median (c)",
+            f"{tb['ttft_mean_s']:.2f} s / {tb['ttft_median_s']:.2f} s"
+            if tb["ttft_mean_s"] is not None else "n/a"),
+    ]
     return {"settings": {"rows": n, "short_max_tokens": short, "long_max_tokens": long,
                          "long_share": 1 / LONG_EVERY, "chunk": CHUNK, "sampling": sampling,
                          "max_in_flight": ctx.engine.get("max_in_flight", 512)},
-            "figures": figures, "summary": summary, "notes": notes}
+            "figures": figures, "summary": summary}
