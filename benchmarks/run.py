@@ -30,7 +30,10 @@ BENCHMARKS = {  # name: (module, title)
     "host_path": ("host_path", "host path without a model (replay engine)"),
     "resume_cost": ("resume_cost", "rows regenerated after a kill"),
     "startup": ("startup", "start-up overhead to the first request"),
+    "scale_costs": ("scale_costs", "bookkeeping at 1k-100k shards (no model)"),
 }
+OPT_IN = {"scale_costs"}  # minutes of synthetic outputs: run with --only scale_costs
+NO_MODEL = {"scale_costs"}
 
 
 def _args() -> argparse.Namespace:
@@ -70,12 +73,15 @@ def main() -> int:
     from context import make_context
     from summary import write_result, write_table
 
+    names = args.only or [n for n in BENCHMARKS if n not in OPT_IN]
     work = Path(tempfile.mkdtemp(prefix="thinkbatch-bench-"))
-    ctx = make_context(args.model, args.engine_arg, args.quick, work)
+    ctx = (make_context(args.model, args.engine_arg, args.quick, work)
+           if set(names) - NO_MODEL else Context(model="", engine={}, mini=False,
+                                                 quick=args.quick, work=work))
     preload, host, versions = machine.preloaded(), machine.machine(), machine.versions()
     failed = 0
     try:
-        for name in args.only or list(BENCHMARKS):
+        for name in names:
             result = _run_one(name, ctx, preload, host, versions)
             failed += "error" in result
             write_result(name, result)

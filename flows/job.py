@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from thinkbatch.tasks.vllm_env import prepare_vllm_env
@@ -24,14 +25,15 @@ prepare_vllm_env()
 
 from thinkbatch.flows.worker import SHARDS_IN_FLIGHT, work_shards  # noqa: E402
 from thinkbatch.schemas.job import JobSpec  # noqa: E402
-from thinkbatch.schemas.job_file import JobFileError, load_job  # noqa: E402
+from thinkbatch.schemas.job_file import load_job, validate_job  # noqa: E402
 from thinkbatch.schemas.plan import Plan  # noqa: E402
-from thinkbatch.tasks import checkpoint, report  # noqa: E402
+from thinkbatch.tasks import checkpoint, guardian, report  # noqa: E402
 from thinkbatch.tasks.checkpoint import OutputLayout  # noqa: E402
 from thinkbatch.tasks.lease import acquire_run_lease  # noqa: E402
 from thinkbatch.tasks.plan import make_plan  # noqa: E402
+from thinkbatch.tasks.stop import Stopped  # noqa: E402
 from thinkbatch.tasks.storage import Storage  # noqa: E402
-from thinkbatch.tasks.validate import check_job  # noqa: E402
+from thinkbatch.tasks.validate import checked_job  # noqa: E402
 
 WORKER_POLL_S = 5.0
 
@@ -44,7 +46,7 @@ def plan_job(job: JobSpec, layout: OutputLayout, force_resume: bool) -> tuple[Pl
 @task(name="finalize", cache_policy=NO_CACHE)
 def finalize(job: JobSpec, layout: OutputLayout, plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
     """Only when every shard is done: drop orphan parts, then write the manifest last."""
-    markers = {s.shard_id: checkpoint.done_stats(layout, s.shard_id) for s in plan.shards}
+    markers = checkpoint.read_markers(layout, [s.shard_id for s in plan.shards])
     missing = [s for s, m in markers.items() if m is None]
     if missing:
         raise RuntimeError(f"{len(missing)} shards are unfinished (first: {missing[:5]})")
@@ -104,21 +106,20 @@ def _job_spec(job: dict[str, Any] | str) -> JobSpec:
     """A deployment run may pass the job inline or as the path of a job file."""
     if isinstance(job, str):
         return load_job(Path(job))
-    return JobSpec.model_validate(job)
+    return validate_job(job)
 
 
 @flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT),
       log_prints=True)
 def generate_dataset(job: dict[str, Any] | str, force_resume: bool = False,
-                     show_progress: bool = False) -> dict[str, Any]:
-    """Run a job end to end (or resume it); returns the manifest.
+                     show_progress: bool = False) -> dict[str, Any] | State:
+    """Run a job end to end (or resume it); returns the manifest, or a Cancelled state
+    after a clean stop on a signal (the caller gets prefect's CancelledRun).
 
     Checks run before any model loads; the output's run lease keeps a second run out."""
     started = time.monotonic()
-    spec = _job_spec(job)
-    errors = check_job(spec)
-    if errors:
-        raise JobFileError(errors)
+    # Checks deployment runs; a CLI run was checked already (footers come from the cache).
+    spec = checked_job(lambda: _job_spec(job))
     layout = OutputLayout(spec.output.path, Storage(spec.storage))
     lease = acquire_run_lease(layout.store, layout.lease)
     try:
@@ -128,6 +129,7 @@ def generate_dataset(job: dict[str, Any] | str, force_resume: bool = False,
                               plan.total_rows, len(plan.shards), len(done_before),
                               " (resuming)" if resumed else "")
         if spec.scale.workers == 1:
+            guardian.start()  # the engine's processes die with this one (a deployment run)
             run = work_shards(spec, layout, plan, owner=f"run-{lease.owner}",
                               show_progress=show_progress)
         else:
@@ -139,5 +141,7 @@ def generate_dataset(job: dict[str, Any] | str, force_resume: bool = False,
                    rows_per_s=run["rows_generated"] / gen_s,
                    output_tokens_per_s=run.get("output_tokens", 0) / gen_s)
         return finalize(spec, layout, plan, run)
+    except Stopped as e:  # a clean stop: the run shows Cancelled, a rerun resumes
+        return Cancelled(message=str(e))
     finally:
         lease.release()

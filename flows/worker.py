@@ -4,17 +4,22 @@ A shard, never a prompt, is a Prefect task. Shard tasks run a few at a time on
 threads and all feed the one engine of this process, so the engine always has the
 next shard's requests before the current shard's last ones finish. The same loop runs
 in-process for a one-worker job and as the `thinkbatch-worker` flow on each GPU node.
+
+The loop learns that a shard is done from the pipeline's future, never by asking Prefect:
+the API hears of a shard when its task starts and ends, not while it generates.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
+from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from thinkbatch.tasks.vllm_env import prepare_vllm_env
@@ -24,22 +29,29 @@ prepare_vllm_env()
 from thinkbatch.schemas.job import JobSpec  # noqa: E402
 from thinkbatch.schemas.output import output_schema  # noqa: E402
 from thinkbatch.schemas.plan import Plan  # noqa: E402
-from thinkbatch.tasks import checkpoint, report  # noqa: E402
+from thinkbatch.tasks import checkpoint, guardian, report  # noqa: E402
 from thinkbatch.tasks.checkpoint import OutputLayout  # noqa: E402
 from thinkbatch.tasks.claims import ShardClaims  # noqa: E402
-from thinkbatch.tasks.engine import get_engine  # noqa: E402
+from thinkbatch.tasks.engine import close_engines, get_engine, restart_engine  # noqa: E402
 from thinkbatch.tasks.parse import OutputParser  # noqa: E402
 from thinkbatch.tasks.pipeline import Pipeline  # noqa: E402
 from thinkbatch.tasks.read import input_schema  # noqa: E402
+from thinkbatch.tasks.stop import Stopped, StopSignals  # noqa: E402
 from thinkbatch.tasks.storage import Storage  # noqa: E402
 
 SHARDS_IN_FLIGHT = 4  # shard tasks registered with the engine at once
 IDLE_POLL_S = 2.0  # how often a worker with nothing to claim looks for freed shards
+STOP_CHECK_S = 0.5  # how soon a recorded stop signal is acted on
 
 
 @task(name="shard", cache_policy=NO_CACHE, task_run_name="shard-{shard_id}")
-def run_shard(pipeline: Pipeline, shard_id: int) -> dict[str, Any]:
-    return pipeline.submit_shard(shard_id).result()
+def run_shard(done: Future[dict[str, Any]], shard_id: int) -> dict[str, Any] | State:
+    """The shard as Prefect shows it: ends with the pipeline's future, Cancelled when a
+    stop left the shard unfinished (its committed rows stay, a rerun resumes it)."""
+    try:
+        return done.result()
+    except CancelledError:
+        return Cancelled(message="stopped before the shard was done; a rerun resumes it")
 
 
 def open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: ShardClaims,
@@ -55,58 +67,92 @@ def open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: ShardC
     progress = report.Progress(total=plan.total_rows, already_done=done_rows,
                                enabled=show_progress)
     pipeline = Pipeline(job, plan, layout, engine, parser, schema, progress,
-                        may_commit=claims.still_ours)
+                        may_commit=claims.still_ours,
+                        restart_engine=lambda dead: restart_engine(job.engine, dead))
     return pipeline, load_s
 
 
 def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                 start_at: int = 0, show_progress: bool = False) -> dict[str, Any]:
     """Claim, run and release shards until every shard is done; returns this worker's
-    figures. The engine is loaded only once a shard is claimed."""
+    figures. The engine is loaded only once a shard is claimed.
+
+    SIGTERM or SIGINT (main thread) stops it cleanly: no new requests, the rows already
+    generated committed, then the claims released (after the last commit, so no other
+    worker starts on a shard while our parts are still being written); raises Stopped."""
     claims = ShardClaims(layout, plan, owner, job.scale.claim_ttl_s, start_at)
     run: dict[str, Any] = {"shards": [], "rows_generated": 0, "output_tokens": 0,
                            "engine_load_s": 0.0, "generation_s": 0.0}
     pipeline: Pipeline | None = None
-    active: dict[int, PrefectFuture] = {}
+    active: dict[int, tuple[Future[dict[str, Any]], PrefectFuture]] = {}
     started = 0.0
     next_look = 0.0  # when to list the store for claimable shards again
-    try:
-        while True:
-            for shard_id in [s for s, f in active.items() if f.state.is_final()]:
-                active.pop(shard_id).result()  # raises if the shard failed
-                claims.release(shard_id)
-                run["shards"].append(shard_id)
-                next_look = 0.0  # a slot is free: look at once
-            if len(active) < SHARDS_IN_FLIGHT and time.monotonic() >= next_look:
-                while len(active) < SHARDS_IN_FLIGHT and (shard_id := claims.claim_next()) is not None:
-                    if pipeline is None:
-                        pipeline, run["engine_load_s"] = open_pipeline(job, layout, plan, claims,
-                                                                       show_progress)
-                        started = time.monotonic()
-                    active[shard_id] = run_shard.submit(pipeline, shard_id)
-                if not active and not claims.unfinished():
+    with StopSignals() as stopping:
+        try:
+            while not stopping.requested:
+                if len(active) < SHARDS_IN_FLIGHT and time.monotonic() >= next_look:
+                    while len(active) < SHARDS_IN_FLIGHT and (shard_id := claims.claim_next()) is not None:
+                        if pipeline is None:
+                            with stopping.interruptible():
+                                pipeline, run["engine_load_s"] = open_pipeline(
+                                    job, layout, plan, claims, show_progress)
+                            started = time.monotonic()
+                        done = pipeline.submit_shard(shard_id)
+                        active[shard_id] = done, run_shard.submit(done, shard_id)
+                    if not active and not claims.unfinished():
+                        break
+                    # Listings cost requests on S3: until a slot frees up, look for shards
+                    # that other workers give up only every IDLE_POLL_S.
+                    next_look = time.monotonic() + IDLE_POLL_S
+                if active:
+                    wait([done for done, _ in active.values()], STOP_CHECK_S, FIRST_COMPLETED)
+                else:
+                    time.sleep(STOP_CHECK_S)
+                if stopping.requested:
                     break
-                # Listings cost requests on S3: until a slot frees up, look for shards
-                # that other workers give up only every IDLE_POLL_S.
-                next_look = time.monotonic() + IDLE_POLL_S
-            time.sleep(0.2)
-    finally:
-        claims.release_all()
-        if pipeline is not None:
-            pipeline.close()
-            pipeline.progress.close()
-            run.update(rows_generated=pipeline.progress.rows,
-                       output_tokens=pipeline.progress.tokens,
-                       generation_s=time.monotonic() - started)
+                for shard_id in [s for s, (done, _) in active.items() if done.done()]:
+                    done, shard_task = active.pop(shard_id)
+                    done.result()  # raises if the shard failed
+                    shard_task.wait()
+                    claims.release(shard_id)
+                    run["shards"].append(shard_id)
+                    next_look = 0.0  # a slot is free: look at once
+        finally:
+            try:
+                if pipeline is not None:
+                    if stopping.requested:
+                        pipeline.stop()
+                    else:
+                        pipeline.close()
+                    for _, shard_task in active.values():
+                        shard_task.wait()
+                    pipeline.progress.close()
+                    run.update(engine_restarts=pipeline.restarts,
+                               rows_generated=pipeline.progress.rows,
+                               output_tokens=pipeline.progress.tokens,
+                               generation_s=time.monotonic() - started)
+            finally:
+                claims.release_all()
+    if stopping.signum is not None:
+        raise Stopped(stopping.signum, pipeline.committed if pipeline else 0)
     return run
 
 
 @flow(name="thinkbatch-worker", task_runner=ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT))
-def shard_worker(job: dict[str, Any], worker_index: int = 0) -> dict[str, Any]:
-    """One GPU node's share of a job started by `generate-dataset` with workers > 1."""
+def shard_worker(job: dict[str, Any], worker_index: int = 0) -> dict[str, Any] | State:
+    """One GPU node's share of a job started by `generate-dataset` with workers > 1.
+
+    Its engine's processes end with this flow-run process however it ends (the guardian
+    covers a SIGKILL); Prefect's cancellation (SIGTERM) stops it cleanly, shown Cancelled."""
+    guardian.start()
     spec = JobSpec.model_validate(job)
     layout = OutputLayout(spec.output.path, Storage(spec.storage))
     plan = checkpoint.read_plan(layout)
     owner = f"worker-{worker_index}-{flow_run.get_id() or 'local'}"
     start_at = worker_index * len(plan.shards) // max(spec.scale.workers, 1)
-    return work_shards(spec, layout, plan, owner, start_at)
+    try:
+        return work_shards(spec, layout, plan, owner, start_at)
+    except Stopped as e:
+        return Cancelled(message=f"{e}; its shards are free for other workers")
+    finally:
+        close_engines()

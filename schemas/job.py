@@ -1,4 +1,9 @@
-"""The job spec: what a user writes in job.yaml, validated before anything heavy runs."""
+"""The job spec: what a user writes in job.yaml, validated before anything heavy runs.
+
+A field that never changes the rows written (only speed, robustness, or where data lives)
+is declared with `json_schema_extra={"speed_only": True}`; the resume fingerprint
+(tasks/fingerprint.py) counts every other field, so a new field counts unless marked.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo,
                       field_validator, model_validator)
+
+from thinkbatch.schemas.output import Status
 
 
 class _Strict(BaseModel):
@@ -15,7 +22,8 @@ class _Strict(BaseModel):
 
 
 class InputSpec(_Strict):
-    path: str = Field(description="A Parquet file, a directory of them, or a glob.")
+    path: str = Field(description="A Parquet file, a directory of them, or a glob.",
+                      json_schema_extra={"speed_only": True})  # the files' stats count
     id_column: str | None = Field(
         default=None, description="Column holding the row id; else file:row_index."
     )
@@ -37,7 +45,20 @@ class InputSpec(_Strict):
         default=None, description="Per-row chat template kwargs, e.g. {\"thinking\": false}.")
     sample_index_column: str | None = Field(
         default=None, description="replay: keep each row's sample_index (re-parsing outputs).")
+    status_column: str | None = Field(
+        default=None, description="replay: stored statuses; a row stored without a completion "
+                                  "(invalid_input, prompt_too_long, engine_error) keeps its "
+                                  "status and its error (error_column).")
+    error_column: str | None = Field(
+        default=None, description="replay: the stored errors kept with status_column.")
     passthrough_columns: list[str] = Field(default_factory=list)
+    allow_special_tokens: bool = Field(
+        default=False,
+        description="Trust the inputs: text in messages, prompts, tools and template values "
+                    "(system_prompt and prompt_template included) that spells the model's "
+                    "control tokens (<|im_end|>, <think>, tool-call markers) becomes those "
+                    "tokens. Off: it is tokenized as plain text, and only the chat "
+                    "template's own markers are control tokens.")
 
     @model_validator(mode="after")
     def _one_source(self) -> InputSpec:
@@ -56,29 +77,54 @@ class ShardSpec(_Strict):
     rows_per_shard: int = Field(default=1000, gt=0)
 
 
+# vLLM engine arguments that change speed or memory, never the tokens generated (in
+# intent: like batch composition, some change floating-point reduction order, which vLLM
+# does not promise to keep bitwise stable anyway). Every other `extra_args` key counts in
+# the resume fingerprint, e.g. `compilation_config`, `block_size`, `kv_cache_dtype`.
+SPEED_ONLY_ENGINE_ARGS = frozenset({
+    "enforce_eager", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
+    "kv_cache_memory_bytes", "enable_prefix_caching", "enable_chunked_prefill",
+    "cpu_offload_gb", "disable_log_stats", "distributed_executor_backend",
+})
+
+
 class EngineSpec(_Strict):
+    """Parallelism (`tensor_`, `decode_context_`, `pipeline_parallel_size`) is speed-only:
+    it splits the same math over more devices. It does change floating-point reduction
+    order, as batch size (`max_in_flight`) does, and vLLM promises bitwise batch
+    invariance for neither; counting it would refuse resuming a TP8 run with DCP8 (the
+    reason the two Kimi presets exist) for a difference two runs of one job already have."""
+
     kind: Literal["vllm", "replay"] = "vllm"
     model: str | None = Field(default=None, validate_default=True)
     tokenizer: str | None = None
     revision: str | None = None
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    decode_context_parallel_size: int = Field(default=1, ge=1)
-    pipeline_parallel_size: int = Field(default=1, ge=1)
+    tensor_parallel_size: int = Field(default=1, ge=1, json_schema_extra={"speed_only": True})
+    decode_context_parallel_size: int = Field(default=1, ge=1,
+                                              json_schema_extra={"speed_only": True})
+    pipeline_parallel_size: int = Field(default=1, ge=1, json_schema_extra={"speed_only": True})
     max_model_len: int | None = Field(default=None, gt=0)
     trust_remote_code: bool = False
     dtype: str = "auto"
     quantization: str | None = None
     load_format: str = "auto"
-    kv_cache_memory_bytes: int | None = Field(default=None, gt=0)
+    kv_cache_memory_bytes: int | None = Field(default=None, gt=0,
+                                              json_schema_extra={"speed_only": True})
     seed: int = 0
     max_in_flight: int = Field(
-        default=512, gt=0, description="Requests kept inside the engine at once."
+        default=512, gt=0, description="Requests kept inside the engine at once.",
+        json_schema_extra={"speed_only": True},
     )
+    max_restarts: int = Field(
+        default=2, ge=0, json_schema_extra={"speed_only": True},
+        description="Times a worker loads a new engine when its engine's processes die "
+                    "mid-run (its in-flight rows are resubmitted, not failed).")
     replay_column: str = Field(
         default="raw_text", description="kind=replay: column holding the completion text."
     )
     extra_args: dict[str, Any] = Field(
-        default_factory=dict, description="Any other vllm.LLM / EngineArgs argument."
+        default_factory=dict, description="Any other vllm.LLM / EngineArgs argument.",
+        json_schema_extra={"speed_only_keys": sorted(SPEED_ONLY_ENGINE_ARGS)},
     )
 
     # Field validators (not model validators) so these errors are reported together
@@ -99,15 +145,6 @@ class EngineSpec(_Strict):
                 "tensor_parallel_size must be divisible by decode_context_parallel_size "
                 f"(vLLM requires it): got TP={tp}, DCP={dcp}")
         return dcp
-
-    def output_affecting(self) -> dict[str, Any]:
-        """Engine settings that change what is generated (not how fast)."""
-        keys = ("kind", "model", "tokenizer", "revision", "max_model_len", "dtype",
-                "quantization", "load_format", "seed")
-        out = {k: getattr(self, k) for k in keys}
-        if self.kind == "replay":
-            out["replay_column"] = self.replay_column
-        return out
 
 
 class StructuredOutputSpec(_Strict):
@@ -158,7 +195,8 @@ class ParserSpec(_Strict):
 
 class StorageSpec(_Strict):
     """How to reach s3:// paths. Credentials come from boto3's standard chain (or a
-    prefect-aws AwsCredentials block): never from the job file."""
+    prefect-aws AwsCredentials block): never from the job file. Speed-only as a whole
+    (JobSpec.storage): it selects where data lives, not what it is."""
 
     endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, R2...).")
     region: str | None = None
@@ -169,11 +207,11 @@ class StorageSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    path: str
-    flush_rows: int = Field(default=1000, gt=0)
-    flush_seconds: float = Field(default=60.0, gt=0)
+    path: str = Field(json_schema_extra={"speed_only": True})
+    flush_rows: int = Field(default=1000, gt=0, json_schema_extra={"speed_only": True})
+    flush_seconds: float = Field(default=60.0, gt=0, json_schema_extra={"speed_only": True})
     keep_raw_text: bool = False
-    compression: str = "zstd"
+    compression: str = Field(default="zstd", json_schema_extra={"speed_only": True})
 
 
 class ScaleSpec(_Strict):
@@ -188,8 +226,16 @@ class ScaleSpec(_Strict):
                                description="A shard claim not renewed for this long is free.")
 
 
+class RetrySpec(_Strict):
+    """Set by `thinkbatch retry`: regenerate only the rows of a finished output whose
+    status is listed; its other rows are copied as they are. Counts in the fingerprint."""
+
+    source: str = Field(description="A finished output folder (it has a _manifest.json).")
+    statuses: list[Status] = Field(min_length=1, description="Statuses of the rows to redo.")
+
+
 class JobSpec(_Strict):
-    name: str = "thinkbatch"
+    name: str = Field(default="thinkbatch", json_schema_extra={"speed_only": True})
     input: InputSpec
     shards: ShardSpec = Field(default_factory=ShardSpec)
     engine: EngineSpec
@@ -199,9 +245,13 @@ class JobSpec(_Strict):
         default=None, description="OpenAI-style function schemas offered to every row.")
     parsers: ParserSpec = Field(default_factory=ParserSpec)
     output: OutputSpec
-    storage: StorageSpec = Field(default_factory=StorageSpec)
-    scale: ScaleSpec = Field(default_factory=ScaleSpec)
-    preset: str | None = Field(default=None, description="Name of a preset merged under this file.")
+    storage: StorageSpec = Field(default_factory=StorageSpec,
+                                 json_schema_extra={"speed_only": True})
+    scale: ScaleSpec = Field(default_factory=ScaleSpec, json_schema_extra={"speed_only": True})
+    preset: str | None = Field(  # the merged values count, not the name
+        default=None, description="Name of a preset merged under this file.",
+        json_schema_extra={"speed_only": True})
+    retry: RetrySpec | None = None
 
     @model_validator(mode="after")
     def _coherent(self) -> JobSpec:

@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 import copy
+from importlib.resources import files
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from thinkbatch.schemas.job import JobSpec
 
-PRESET_DIRS = (Path(__file__).resolve().parent.parent / "deployments" / "presets",)
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+# Package data of thinkbatch.deployments (deployments/ in a checkout), so a wheel
+# installed with `pip install .` finds presets by name as a source checkout does.
+PRESETS = files("thinkbatch.deployments") / "presets"
 
 
 class JobFileError(ValueError):
-    """Every problem of a job file at once, so a user fixes them in one go."""
+    """Every problem of a job file at once, so a user fixes them in one go.
 
-    def __init__(self, errors: list[str]):
+    When the file parsed but some sections failed validation, `partial` is the job with
+    each failed section (named in `failed`) at its defaults, so the checks that need only
+    the other sections still run and report in the same round."""
+
+    def __init__(self, errors: list[str], partial: JobSpec | None = None,
+                 failed: frozenset[str] = frozenset()):
         self.errors = errors
+        self.partial = partial
+        self.failed = failed
         super().__init__("invalid job:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
@@ -41,19 +54,19 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def find_preset(name: str) -> Path:
+def find_preset(name: str) -> Path | Traversable:
     as_path = Path(name)
     if as_path.suffix in (".yaml", ".yml") and as_path.exists():
         return as_path
-    for folder in PRESET_DIRS:
-        candidate = folder / f"{name}.yaml"
-        if candidate.exists():
-            return candidate
-    known = sorted(p.stem for d in PRESET_DIRS if d.exists() for p in d.glob("*.yaml"))
+    candidate = PRESETS / f"{name}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.name.removesuffix(".yaml") for p in PRESETS.iterdir()
+                   if p.name.endswith(".yaml"))
     raise JobFileError([f"preset {name!r} not found; known presets: {', '.join(known)}"])
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path | Traversable) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -111,8 +124,29 @@ def load_job(
 ) -> JobSpec:
     """Read, merge and validate; raises JobFileError listing every problem."""
     raw = inline if inline is not None else _read_yaml(Path(path))
-    data = resolve_raw(raw, sets, preset)
+    return validate_job(resolve_raw(raw, sets, preset))
+
+
+def validate_job(data: dict[str, Any]) -> JobSpec:
+    """A merged job mapping -> JobSpec; raises JobFileError with every pydantic error and
+    the sections that did validate (see JobFileError.partial)."""
     try:
         return JobSpec.model_validate(data)
     except ValidationError as e:
-        raise JobFileError(format_validation_error(e)) from None
+        failed = frozenset(str(err["loc"][0]) for err in e.errors() if err["loc"])
+        raise JobFileError(format_validation_error(e), _partial(data, failed),
+                           failed) from None
+
+
+def _partial(data: dict[str, Any], failed: frozenset[str]) -> JobSpec:
+    """Each section validated on its own; a failed one is its model's defaults, unvalidated
+    (so a check reading it sees neutral values) and must not be checked itself."""
+    sections: dict[str, Any] = {}
+    for name, field in JobSpec.model_fields.items():
+        kind = field.annotation
+        if name in failed:
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                sections[name] = kind.model_construct()
+        elif name in data:
+            sections[name] = TypeAdapter(kind).validate_python(data[name])
+    return JobSpec.model_construct(**sections)

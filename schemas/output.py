@@ -11,10 +11,15 @@ class Status(str, Enum):
     OK = "ok"
     TRUNCATED = "truncated"  # hit max_tokens: reasoning kept, answer null
     PARSE_ERROR = "parse_error"  # raw text kept, error says why
+    NO_ANSWER = "no_answer"  # finished without an answer or a tool call: reasoning kept
     SCHEMA_ERROR = "schema_error"  # the answer does not match the row's JSON schema
     INVALID_INPUT = "invalid_input"  # the row could not become a request
     PROMPT_TOO_LONG = "prompt_too_long"  # prompt + max_tokens exceed max_model_len
     ENGINE_ERROR = "engine_error"  # the engine failed this request
+
+
+# Rows that never had a completion: nothing to re-parse, so a replay keeps them as stored.
+NO_COMPLETION = frozenset({Status.INVALID_INPUT, Status.PROMPT_TOO_LONG, Status.ENGINE_ERROR})
 
 
 TOOL_CALL = pa.struct(
@@ -38,6 +43,9 @@ BASE_FIELDS: list[pa.Field] = [
     pa.field("reasoning_tokens", pa.int32()),
     pa.field("ttft_s", pa.float64()),
     pa.field("latency_s", pa.float64()),
+    # The row's effective template kwargs as JSON when it overrode the job's: the parser
+    # needs them (thinking on/off) and `reparse` reads them back.
+    pa.field("chat_template_kwargs", pa.string()),
     pa.field("raw_text", pa.string()),
 ]
 BASE_NAMES = frozenset(f.name for f in BASE_FIELDS)

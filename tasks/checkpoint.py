@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,9 @@ import pyarrow.compute as pc
 from thinkbatch.schemas.plan import Plan
 from thinkbatch.tasks.storage import AlreadyExists, Storage, join
 from thinkbatch.tasks.fingerprint import describe_changes
+
+
+MARKER_READERS = 16  # done markers are tiny reads: latency-bound on object stores
 
 
 class ResumeRefused(RuntimeError):
@@ -60,13 +64,19 @@ class OutputLayout:
     def part_prefix(shard_id: int) -> str:
         return f"shard-{shard_id:06d}-"
 
+    @staticmethod
+    def shard_of(part_name: str) -> int | None:
+        """The shard of a part named `shard-NNNNNN-<uuid>.parquet`; None for other names."""
+        head, _, rest = part_name.partition("-")
+        return int(rest[:6]) if head == "shard" and rest[:6].isdigit() else None
+
     def new_part(self, shard_id: int) -> str:
         return join(self.data, f"{self.part_prefix(shard_id)}{uuid.uuid4().hex[:12]}.parquet")
 
     def parts_of(self, shard_id: int) -> list[str]:
-        prefix = self.part_prefix(shard_id)
-        return [join(self.data, n) for n in self.store.list_files(self.data, ".parquet")
-                if n.startswith(prefix)]
+        """One prefix listing: on S3 one request whatever the output's size."""
+        return [join(self.data, n) for n in self.store.list_files(
+            self.data, ".parquet", prefix=self.part_prefix(shard_id))]
 
     def all_parts(self) -> list[str]:
         return [join(self.data, n) for n in self.store.list_files(self.data, ".parquet")]
@@ -83,16 +93,20 @@ def open_plan(layout: OutputLayout, plan: Plan, *, force_resume: bool = False) -
         return plan, False
     except AlreadyExists:
         stored = read_plan(layout)
-    if stored.fingerprint != plan.fingerprint:
-        changes = describe_changes(stored.fingerprint_parts, plan.fingerprint_parts)
-        if not force_resume:
-            raise ResumeRefused(
-                f"{layout.root} holds a run of a different job; changed since it started:\n"
-                + "\n".join(f"  - {c}" for c in changes)
-                + "\nUse another output path, or --force-resume to continue with the old plan."
-            )
+    if not force_resume:
+        refuse_changed(layout, stored, plan)
     store.remove_temporaries(layout.data)
     return stored, True
+
+
+def refuse_changed(layout: OutputLayout, stored: Plan, plan: Plan) -> None:
+    """ResumeRefused, naming every changed field, if `plan` is not the stored plan's job."""
+    if stored.fingerprint != plan.fingerprint:
+        changes = describe_changes(stored.fingerprint_parts, plan.fingerprint_parts)
+        raise ResumeRefused(
+            f"{layout.root} holds a run of a different job; changed since it started:\n"
+            + "\n".join(f"  - {c}" for c in changes)
+            + "\nUse another output path, or --force-resume to continue with the old plan.")
 
 
 KEY = ["row_index", "sample_index"]
@@ -166,16 +180,22 @@ def done_shards(layout: OutputLayout) -> set[int]:
     return {int(n.split(".")[0]) for n in layout.store.list_files(layout.shards, ".json")}
 
 
+def read_markers(layout: OutputLayout, shard_ids: list[int]) -> dict[int, dict[str, Any] | None]:
+    """Every shard's done marker (None where missing), read a few at a time: on S3 each
+    is a request, and one after another they would add up to minutes at 100k shards."""
+    with ThreadPoolExecutor(MARKER_READERS) as pool:
+        return dict(zip(shard_ids, pool.map(lambda s: done_stats(layout, s), shard_ids)))
+
+
 def sweep_orphans(layout: OutputLayout, markers: dict[int, dict[str, Any]]) -> int:
-    """Delete parts of done shards that their markers do not list (a fenced-out writer's)."""
-    removed = 0
-    for shard_id, marker in markers.items():
-        listed = set(marker["parts"])
-        for part in layout.parts_of(shard_id):
-            if part.rsplit("/", 1)[-1] not in listed:
-                layout.store.delete(part)
-                removed += 1
-    return removed
+    """Delete parts of done shards that their markers do not list (a fenced-out writer's).
+    One listing of data/ for the whole job, not one per shard."""
+    listed = {name for marker in markers.values() for name in marker["parts"]}
+    orphans = [n for n in layout.store.list_files(layout.data, ".parquet")
+               if n not in listed and layout.shard_of(n) in markers]
+    for name in orphans:
+        layout.store.delete(join(layout.data, name))
+    return len(orphans)
 
 
 def read_plan(layout: OutputLayout) -> Plan:

@@ -61,10 +61,20 @@ class Committer:
                 self._flush_shard(shard_id)
             self._last_flush = time.monotonic()
 
+    def flush(self) -> None:
+        """Commit every buffered row now: a clean stop keeps what was generated."""
+        for shard_id in list(self._buffer):
+            self._flush_shard(shard_id)
+
     def finish_shard(self, shard_id: int) -> None:
         """All rows of the shard have been added: commit them, then mark it done."""
         self._flush_shard(shard_id)
         self._put(lambda: self._done(shard_id))
+
+    def add_part(self, shard_id: int, table: pa.Table) -> None:
+        """Commit a ready table as one part (a retry's carried rows), in order with the
+        shard's other parts and fenced like them; any thread may call it."""
+        self._put(lambda: self._commit(shard_id, table))
 
     def _done(self, shard_id: int) -> None:
         if not self.may_commit(shard_id):

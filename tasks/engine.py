@@ -9,18 +9,27 @@ generating, for re-parsing outputs and for measuring the host path without a mod
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
+import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing import connection, resource_tracker
 from typing import Any, Protocol
 
 from thinkbatch.schemas.job import EngineSpec
 from thinkbatch.schemas.output import Status
+from thinkbatch.tasks.prompt_tokens import ControlTokens, chat_prompt
 from thinkbatch.tasks.render import RowRequest
 from thinkbatch.tasks.vllm_env import prepare_vllm_env
 
 prepare_vllm_env()
+
+log = logging.getLogger("thinkbatch.engine")
 
 
 @dataclass(slots=True)
@@ -32,6 +41,11 @@ class Generation:
     prompt_token_ids: Sequence[int] | None
     ttft_s: float | None
     latency_s: float | None
+
+
+class EngineDied(RuntimeError):
+    """The engine's processes are gone (the OOM killer, a GPU fault, a kernel assertion):
+    no request in it will finish, and its rows did nothing wrong."""
 
 
 class RequestRejected(Exception):
@@ -85,28 +99,91 @@ def _rejected(err: Exception) -> RequestRejected:
     return RequestRejected(Status.INVALID_INPUT, f"{type(err).__name__}: {msg}")
 
 
+def cpu_groups(cpus: list[int], groups: int) -> str:
+    """`cpus` split into `groups` contiguous shares in VLLM_CPU_OMP_THREADS_BIND's syntax
+    ("0|1", "0,1|2,3"); with fewer CPUs than groups, groups share CPUs in turn."""
+    if len(cpus) < groups:
+        return "|".join(str(cpus[i % len(cpus)]) for i in range(groups))
+    size, extra = divmod(len(cpus), groups)
+    shares, at = [], 0
+    for i in range(groups):
+        shares.append(cpus[at:at + size + (i < extra)])
+        at += len(shares[-1])
+    return "|".join(",".join(map(str, share)) for share in shares)
+
+
+def bind_cpu_threads(spec: EngineSpec) -> None:
+    """vLLM's CPU build binds each rank's OpenMP threads to a NUMA node of its own and
+    refuses to start TP/PP ranks beyond the NUMA nodes it may use ("Not enough allowed
+    NUMA nodes"). Then, unless VLLM_CPU_OMP_THREADS_BIND is set, the CPUs this process
+    may run on are split into one group per rank, so TP=2 runs on a 2-core machine."""
+    ranks = spec.tensor_parallel_size * spec.pipeline_parallel_size
+    if ranks == 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.utils.cpu_resource_utils import get_visible_memory_node
+
+    if len(get_visible_memory_node()) < ranks:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_groups(sorted(os.sched_getaffinity(0)),
+                                                              ranks)
+
+
+@contextmanager
+def sigint_blocked() -> Iterator[None]:
+    """Ctrl-C signals the whole process group, and vLLM's processes exit on SIGINT: the
+    engine would die under a clean stop and its last rows fail as engine errors. Processes
+    started while this thread blocks SIGINT inherit the blocked mask, so SIGINT reaches
+    thinkbatch alone (its handler runs whichever thread the signal lands on), which then
+    shuts the engine down itself (`close_engines`; the guardian covers a SIGKILL).
+    multiprocessing's resource tracker is started first: starting it unblocks SIGINT."""
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class VllmEngine:
     def __init__(self, spec: EngineSpec):
         from vllm import LLM
         from vllm.sampling_params import RequestOutputKind
 
-        self.llm = LLM(**llm_kwargs(spec))
+        bind_cpu_threads(spec)
+        with sigint_blocked():
+            self.llm = LLM(**llm_kwargs(spec))
         self.tokenizer = self.llm.get_tokenizer()
+        self._control = ControlTokens(self.tokenizer)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._final_only = RequestOutputKind.FINAL_ONLY
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        self._dead = EngineDeadError
+        self._closing = False
+        threading.Thread(target=self._wake_on_death, name="thinkbatch-engine-watch",
+                         daemon=True).start()
         self._pending: set[str] = set()
 
     @property
     def in_flight(self) -> int:
         return len(self._pending)
 
+    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                kwargs: dict[str, Any]) -> dict[str, Any]:
+        return self.llm._preprocess_chat_one(messages, tools=tools,
+                                             chat_template_kwargs=kwargs or None)
+
     def submit(self, key: str, req: RowRequest, params: Any) -> None:
-        """Render with the model's own chat template and tokenizer, check the length on
-        the host (no accelerator time for a prompt that cannot fit), then enqueue."""
+        """Render with the model's own chat template and tokenizer (data that spells control
+        tokens tokenized as text, tasks/prompt_tokens.py), check the length on the host (no
+        accelerator time for a prompt that cannot fit), then enqueue."""
         try:
-            prompt = self.llm._preprocess_chat_one(
-                req.messages, tools=req.tools,
-                chat_template_kwargs=req.chat_template_kwargs or None)
+            prompt = chat_prompt(self._render, self._control, req.messages, req.tools,
+                                 req.chat_template_kwargs,
+                                 allow_special_tokens=req.allow_special_tokens)
         except Exception as e:  # this one row's template rendering failed
             raise _rejected(e) from e
         prompt_len = len(prompt["prompt_token_ids"])
@@ -118,6 +195,8 @@ class VllmEngine:
         params.output_kind = self._final_only
         try:
             self.llm.llm_engine.add_request(key, prompt, params)
+        except self._dead as e:
+            raise EngineDied(str(e)) from e
         except Exception as e:
             raise _rejected(e) from e
         self._pending.add(key)
@@ -125,8 +204,12 @@ class VllmEngine:
     def poll(self) -> list[Generation]:
         if not self._pending:
             return []
+        try:
+            outputs = self.llm.llm_engine.step()
+        except self._dead as e:
+            raise EngineDied(str(e)) from e
         done = []
-        for out in self.llm.llm_engine.step():
+        for out in outputs:
             if not out.finished:
                 continue
             self._pending.discard(out.request_id)
@@ -143,7 +226,21 @@ class VllmEngine:
             ))
         return done
 
+    def _wake_on_death(self) -> None:
+        """vLLM notices that its engine core died and shuts its client down, but a step()
+        already waiting for outputs is never woken (0.32's SyncMPClient): hand it the
+        error it should have seen, so the pipeline can replace the engine."""
+        core = self.llm.llm_engine.engine_core
+        manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+        outputs = getattr(core, "outputs_queue", None)
+        if manager is None or outputs is None:  # the engine core runs in this process
+            return
+        connection.wait(manager.sentinels())
+        if not self._closing:
+            outputs.put_nowait(self._dead())
+
     def close(self) -> None:
+        self._closing = True
         self.llm.llm_engine.engine_core.shutdown()
 
 
@@ -167,7 +264,8 @@ class ReplayEngine:
     def submit(self, key: str, req: RowRequest, params: Any) -> None:
         self._done.append(Generation(
             key=key, text=req.replay_text or "", token_ids=(),
-            finish_reason="stop", prompt_token_ids=None, ttft_s=None, latency_s=None,
+            finish_reason=req.replay_finish_reason, prompt_token_ids=None, ttft_s=None,
+            latency_s=None,
         ))
 
     def poll(self) -> list[Generation]:
@@ -183,12 +281,27 @@ _ENGINES: dict[str, Engine] = {}
 
 
 def get_engine(spec: EngineSpec) -> Engine:
-    """One engine per process and spec: loaded once, reused by every shard and flow run."""
-    key = json.dumps(spec.model_dump(exclude={"max_in_flight", "replay_column"}),
-                     sort_keys=True, default=str)
+    """One engine per process and spec: loaded once, reused by every shard and flow run.
+
+    Keyed by what the engine is built from (the `vllm.LLM` arguments), not by the
+    fingerprint's speed-only marks: those answer another question (`replay_column`
+    changes rows but not the engine; `gpu_memory_utilization` the engine but not rows)."""
+    key = json.dumps({"kind": spec.kind, **llm_kwargs(spec)}, sort_keys=True, default=str)
     if key not in _ENGINES:
         _ENGINES[key] = VllmEngine(spec) if spec.kind == "vllm" else ReplayEngine(spec)
     return _ENGINES[key]
+
+
+def restart_engine(spec: EngineSpec, dead: Engine) -> Engine:
+    """A fresh engine in place of one whose processes died (what is left of it is shut
+    down first, so two engines never hold the accelerators at once)."""
+    for key in [k for k, e in _ENGINES.items() if e is dead]:
+        del _ENGINES[key]
+    try:
+        dead.close()
+    except Exception as e:  # its processes are gone already: nothing left to stop
+        log.info("closing the dead engine: %s: %s", type(e).__name__, e)
+    return get_engine(spec)
 
 
 def close_engines() -> None:

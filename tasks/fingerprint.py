@@ -1,11 +1,18 @@
 """A fingerprint of everything that changes a job's outputs, kept part by part so a
-refused resume can name exactly what changed."""
+refused resume can name exactly what changed.
+
+It is derived from the job schema: every field counts unless schemas/job.py marks it
+`speed_only` (and `speed_only_keys` drops those keys of a mapping, e.g. engine.extra_args),
+so a field added later counts without anyone remembering to list it here.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from typing import Any
+
+from pydantic import BaseModel
 
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.tasks.storage import FileStat
@@ -16,26 +23,36 @@ def _canon(value: Any) -> str:
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
-    if isinstance(value, dict) and value:
+    """A mapping becomes one part per leaf, so a change names its key; an empty one adds
+    none (`{}` and unset mean the same to vLLM and to the chat template)."""
+    if isinstance(value, dict):
         for k, v in value.items():
             _flatten(f"{prefix}.{k}", v, out)
     else:
         out[prefix] = _canon(value)
 
 
+def _walk(prefix: str, model: BaseModel, out: dict[str, str]) -> None:
+    """Each field under the name a job file uses (its alias, e.g. `structured_outputs.json`)."""
+    for name, info in type(model).model_fields.items():
+        marks = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if marks.get("speed_only"):
+            continue
+        [(key, value)] = model.model_dump(mode="json", by_alias=True, include={name}).items()
+        if isinstance(getattr(model, name), BaseModel):
+            _walk(f"{prefix}{key}.", getattr(model, name), out)
+            continue
+        if "speed_only_keys" in marks:
+            value = {k: v for k, v in value.items() if k not in marks["speed_only_keys"]}
+        _flatten(f"{prefix}{key}", value, out)
+
+
 def fingerprint_parts(job: JobSpec, files: list[FileStat]) -> dict[str, str]:
-    """Flat `section.field -> canonical JSON value`; input files hashed into one part."""
+    """Flat `section.field -> canonical JSON value` of every field not marked speed-only;
+    the input files (path, size, mtime or ETag) hashed into one part."""
     listing = _canon([(f.path, f.size, f.version) for f in files])
     parts = {"input.files": hashlib.sha256(listing.encode()).hexdigest()[:16]}
-    inp = job.input.model_dump(include={"id_column", "messages_column", "prompt_column",
-                                        "system_prompt", "passthrough_columns"})
-    _flatten("input", inp, parts)
-    _flatten("shards", job.shards.model_dump(), parts)
-    _flatten("engine", job.engine.output_affecting(), parts)
-    _flatten("sampling", job.sampling.model_dump(mode="json", by_alias=True), parts)
-    _flatten("chat_template_kwargs", job.chat_template_kwargs, parts)
-    _flatten("parsers", job.parsers.model_dump(), parts)
-    parts["output.keep_raw_text"] = _canon(job.output.keep_raw_text)
+    _walk("", job, parts)
     return parts
 
 
@@ -53,5 +70,10 @@ def describe_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
         if key == "input.files":
             lines.append("input files changed (size, mtime or ETag)")
         else:
-            lines.append(f"{key}: {before} -> {after}")
+            lines.append(f"{key}: {_short(before)} -> {_short(after)}")
     return lines
+
+
+def _short(value: str, keep: int = 60) -> str:
+    """A long template or tool list is shown by its ends, enough to tell the two apart."""
+    return value if len(value) <= 2 * keep + 5 else f"{value[:keep]} ... {value[-keep:]}"

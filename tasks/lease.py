@@ -136,11 +136,25 @@ def acquire_run_lease(store: Storage, path: str, ttl_s: float = 60.0) -> Lease:
     """The output folder's run lease, renewed until released; OutputInUse if taken."""
     lease = Lease(store, path, ttl_s)
     if not lease.try_acquire():
-        h = lease.holder or {}
-        age = time.time() - h.get("renewed_at", time.time())
-        raise OutputInUse(
-            f"{path} is held by run {h.get('owner')} on host {h.get('host')} "
-            f"(pid {h.get('pid')}), renewed {age:.0f}s ago: another run is writing this "
-            f"output. Wait for it, or for its lease to expire ({h.get('ttl_s', ttl_s):.0f}s "
-            "after its last renewal) if it died.")
+        raise _in_use(path, lease.holder or {}, ttl_s)
     return lease.keep_renewed()
+
+
+def refuse_if_held(store: Storage, path: str, ttl_s: float = 60.0) -> None:
+    """OutputInUse now if a live run holds the lease: a look, not a claim (the run still
+    takes the lease itself), so a command can refuse before it starts anything."""
+    try:
+        holder = json.loads(store.read_bytes(path))
+    except FileNotFoundError:
+        return
+    if not Lease._stale(holder):
+        raise _in_use(path, holder, ttl_s)
+
+
+def _in_use(path: str, h: dict[str, Any], ttl_s: float) -> OutputInUse:
+    age = time.time() - h.get("renewed_at", time.time())
+    return OutputInUse(
+        f"{path} is held by run {h.get('owner')} on host {h.get('host')} "
+        f"(pid {h.get('pid')}), renewed {age:.0f}s ago: another run is writing this "
+        f"output. Wait for it, or for its lease to expire ({h.get('ttl_s', ttl_s):.0f}s "
+        "after its last renewal) if it died.")

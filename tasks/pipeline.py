@@ -9,6 +9,7 @@ previous shard still generate.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -23,14 +24,17 @@ from thinkbatch.schemas.plan import Plan, Shard
 from thinkbatch.tasks import checkpoint
 from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.commit import Committer
-from thinkbatch.tasks.engine import Engine, Generation, RequestRejected
+from thinkbatch.tasks.engine import Engine, EngineDied, Generation, RequestRejected
 from thinkbatch.tasks.parse import OutputParser, Parsed
 from thinkbatch.tasks.read import shard_batches
 from thinkbatch.tasks.render import Renderer, RowRequest, needed_columns
-from thinkbatch.tasks.sampling import SamplingBuilder
+from thinkbatch.tasks.sampling import SamplingBuilder, SamplingRejected
 from thinkbatch.tasks.report import Progress
+from thinkbatch.tasks.retry import Carry
 
 log = logging.getLogger("thinkbatch.pipeline")
+
+STOP_GRACE_S = 2.0  # how long an error waits for a stop before failing the shards
 
 
 @dataclass(slots=True)
@@ -55,10 +59,13 @@ class _Work:
 class Pipeline:
     def __init__(self, job: JobSpec, plan: Plan, layout: OutputLayout, engine: Engine,
                  parser: OutputParser, schema: Any, progress: Progress,
-                 may_commit: Callable[[int], bool]):
+                 may_commit: Callable[[int], bool],
+                 restart_engine: Callable[[Engine], Engine] | None = None):
         self.job = job
         self.plan = plan
         self.engine = engine
+        self._restart_engine = restart_engine
+        self.restarts = 0  # engines that died under this pipeline and were replaced
         self.parser = parser
         self.sampling = SamplingBuilder(job) if job.engine.kind == "vllm" else None
         self.renderer = Renderer(job)
@@ -71,12 +78,14 @@ class Pipeline:
             on_shard_done=self._shard_done, on_commit=self._committed, may_commit=may_commit,
         )
         self.layout = layout
+        self.carry = Carry(job, schema) if job.retry else None
         self._shards: queue.Queue[Shard | None] = queue.Queue()
         self._futures: dict[int, Future[dict[str, Any]]] = {}
         self._items: queue.Queue[Any] = queue.Queue(maxsize=4)  # rendered batches, bounded
         self._remaining: dict[int, int] = {}
         self._inflight: dict[str, _Work] = {}
         self._stop = threading.Event()
+        self._halt = threading.Event()  # stop() on a signal: leave in-flight requests
         self._error: BaseException | None = None
         self.submitted = 0
         self.committed = 0
@@ -98,11 +107,38 @@ class Pipeline:
         return fut
 
     def close(self) -> None:
+        """Finish the requests in flight and their commits; a shard left unfinished (the
+        worker gave up on an error) has its future cancelled, so nothing waits on it."""
         self._stop.set()
         self._shards.put(None)
         self._driver.join()
         self._feeder.join(timeout=5)
-        self.committer.close()
+        try:
+            self.committer.close()
+        finally:
+            self._cancel_unfinished()
+
+    def stop(self) -> None:
+        """Stop now (a signal): no new requests, those in flight left to a rerun, every
+        finished row committed, unfinished shards' futures cancelled. An engine error is
+        no reason to fail here (Ctrl-C reaches the engine's processes too); a failed
+        commit is."""
+        self._halt.set()
+        self._stop.set()
+        self._shards.put(None)
+        self._driver.join()
+        self._feeder.join(timeout=5)
+        try:
+            try:
+                self.committer.flush()
+            finally:
+                self.committer.close()
+        finally:
+            self._cancel_unfinished()
+
+    def _cancel_unfinished(self) -> None:
+        for fut in list(self._futures.values()):
+            fut.cancel()
 
     # -- feeder thread --------------------------------------------------------------
 
@@ -112,6 +148,8 @@ class Pipeline:
         try:
             while (shard := self._shards.get()) is not None:
                 done = checkpoint.committed_keys(self.layout, shard.shard_id)
+                if self.carry is not None:  # a retry: the source's other rows, as they are
+                    done |= self.carry.keep(shard.shard_id, done, self.committer, self.progress)
                 self._put_item(_ShardStart(shard.shard_id, shard.num_rows * n - len(done)))
                 for batch in shard_batches(self.layout.store, self.plan, shard, columns,
                                            self.job.input.id_column):
@@ -138,15 +176,41 @@ class Pipeline:
     def _drive(self) -> None:
         backlog: list[_Work] = []
         try:
-            while not self._stop.is_set() or self._inflight:
+            while not self._halt.is_set() and (not self._stop.is_set() or self._inflight):
                 if self._error is not None:
                     return
-                backlog = self._fill(backlog)
-                for gen in self.engine.poll():
-                    self._finish(self._inflight.pop(gen.key), gen)
+                try:
+                    backlog = self._fill(backlog)
+                    for gen in self.engine.poll():
+                        self._finish(self._inflight.pop(gen.key), gen)
+                except EngineDied as e:
+                    self._replace_engine(e)
                 self.committer.maybe_flush()
         except BaseException as e:
-            self._fail(e)
+            # A stop signal sent to a process group or cgroup (systemd, Slurm) kills the
+            # engine's processes too; the worker then calls stop() within STOP_GRACE_S.
+            if not self._halt.wait(STOP_GRACE_S):
+                self._fail(e)
+
+    def _replace_engine(self, err: EngineDied) -> None:
+        """The engine died under rows that did nothing wrong: they are not engine errors.
+        Load a new engine and resubmit them, up to engine.max_restarts times; past that,
+        fail without writing them, so a rerun redoes only them. A stop signal to the
+        process group kills the engine first: then there is nothing to restart."""
+        if self._halt.wait(STOP_GRACE_S):
+            raise err
+        if self._restart_engine is None or self.restarts >= self.job.engine.max_restarts:
+            raise EngineDied(f"the engine died {self.restarts + 1} times ({err}); "
+                             f"{len(self._inflight)} rows in flight were not written, a "
+                             "rerun of the same job resumes them") from err
+        self.restarts += 1
+        log.warning("the engine died (%s); loading a new one (restart %d of %d) and "
+                    "resubmitting %d rows", err, self.restarts, self.job.engine.max_restarts,
+                    len(self._inflight))
+        self.engine = self._restart_engine(self.engine)
+        lost, self._inflight = list(self._inflight.values()), {}
+        for work in lost:
+            self._submit(work)
 
     def _fill(self, backlog: list[_Work]) -> list[_Work]:
         """Top the engine up to max_in_flight from the backlog and the feeder's queue;
@@ -177,12 +241,19 @@ class Pipeline:
     def _submit(self, work: _Work) -> None:
         req = work.req
         if req.error is not None:
-            self._emit(work, Parsed(Status.INVALID_INPUT, error=req.error), None)
+            self._emit(work, Parsed(req.status, error=req.error), None)
             return
-        params = (self.sampling.for_sample(req.sampling, req.row_index, work.sample)
-                  if self.sampling else None)
+        try:
+            params = (self.sampling.for_sample(req.sampling, req.row_index, work.sample)
+                      if self.sampling else None)
+        except SamplingRejected as e:  # a row's override that vLLM refuses: this row only
+            self._emit(work, Parsed(Status.INVALID_INPUT, error=str(e)), None)
+            return
         try:
             self.engine.submit(work.key, req, params)
+        except EngineDied:
+            self._inflight[work.key] = work  # resubmitted with the others by a new engine
+            raise
         except RequestRejected as e:
             self._emit(work, Parsed(e.status, error=str(e)), None)
             return
@@ -206,6 +277,8 @@ class Pipeline:
         req, shard_id = work.req, work.shard_id
         keep_raw = gen is not None and (
             self.keep_raw or parsed.status in (Status.PARSE_ERROR, Status.SCHEMA_ERROR))
+        # A row's own template kwargs (thinking off...) are kept: re-parsing needs them.
+        own_kwargs = gen is not None and req.chat_template_kwargs != self.job.chat_template_kwargs
         row = {
             "id": req.row_id,
             "row_index": req.row_index,
@@ -222,6 +295,7 @@ class Pipeline:
             "reasoning_tokens": parsed.reasoning_tokens,
             "ttft_s": gen.ttft_s if gen else None,
             "latency_s": gen.latency_s if gen else None,
+            "chat_template_kwargs": json.dumps(req.chat_template_kwargs) if own_kwargs else None,
             "raw_text": gen.text if keep_raw else None,
         }
         self.committer.add(shard_id, row)

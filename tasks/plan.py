@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pyarrow as pa
 
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.plan import InputFile, Plan, Segment, Shard
@@ -11,20 +14,54 @@ from thinkbatch.tasks.fingerprint import digest, fingerprint_parts
 
 
 FOOTER_READERS = 16  # footers are tiny ranged reads: latency-bound on object stores
+FOOTERS_KEPT = 65536  # per process; more files than this are read again by planning
 
 
-def read_footers(store: Storage, files: list[FileStat]) -> list[InputFile]:
-    def row_groups(f: FileStat) -> list[int]:
-        meta = store.open_parquet(f.path).metadata
-        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+@dataclass(frozen=True)
+class Footer:
+    """What validation and planning need of a Parquet file's footer."""
 
+    schema: pa.Schema
+    row_group_rows: tuple[int, ...]
+
+
+# Keyed by the file's stat (path, size, mtime or ETag): a changed file is read again.
+# Validation, the flow's own check and planning of one run thus read each footer once.
+_footers: dict[FileStat, Footer] = {}
+_schemas: dict[pa.Schema, pa.Schema] = {}  # one object for the many files sharing one
+
+
+def _footer(store: Storage, f: FileStat) -> Footer | Exception:
+    if (known := _footers.get(f)) is not None:
+        return known
+    try:
+        pf = store.open_parquet(f.path)
+        meta, schema = pf.metadata, pf.schema_arrow.remove_metadata()
+    except (OSError, pa.ArrowException) as e:
+        return e
+    if len(_footers) >= FOOTERS_KEPT:
+        _footers.clear()
+        _schemas.clear()
+    footer = Footer(_schemas.setdefault(schema, schema),
+                    tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)))
+    _footers[f] = footer
+    return footer
+
+
+def read_footers(store: Storage, files: list[FileStat]) -> list[Footer | Exception]:
+    """Every file's footer, or the error that makes it unreadable Parquet: validation
+    names every bad file at once."""
     with ThreadPoolExecutor(FOOTER_READERS) as pool:
-        groups = list(pool.map(row_groups, files))
+        return list(pool.map(lambda f: _footer(store, f), files))
+
+
+def input_files(files: list[FileStat], footers: list[Footer]) -> list[InputFile]:
     out, first = [], 0
-    for f, g in zip(files, groups):
+    for f, footer in zip(files, footers):
+        rows = list(footer.row_group_rows)
         out.append(InputFile(path=f.path, size=f.size, version=f.version,
-                             num_rows=sum(g), row_group_rows=g, first_row=first))
-        first += sum(g)
+                             num_rows=sum(rows), row_group_rows=rows, first_row=first))
+        first += sum(rows)
     return out
 
 
@@ -54,7 +91,11 @@ def cut_shards(files: list[InputFile], rows_per_shard: int) -> list[Shard]:
 
 def make_plan(job: JobSpec, store: Storage) -> Plan:
     stats = store.list_inputs(job.input.path)
-    files = read_footers(store, stats)
+    footers = read_footers(store, stats)
+    for f, footer in zip(stats, footers):
+        if isinstance(footer, Exception):
+            raise ValueError(f"input {f.path} is not readable Parquet: {footer}")
+    files = input_files(stats, footers)
     parts = fingerprint_parts(job, stats)
     return Plan(
         files=files,

@@ -14,7 +14,9 @@ from thinkbatch.tasks.storage import Storage
 def reparse_job(source: str, target: str, reasoning: str | None,
                 tool_call: str | None) -> JobSpec:
     """The same ids, samples and passthrough columns; the completion text from `raw_text`;
-    the tokenizer and template kwargs of the original job; checkpointed like any run."""
+    the tokenizer, template kwargs (the job's, and a row's own from its
+    `chat_template_kwargs` column) and JSON schema of the original job; rows that never
+    had a completion keep their status and error; checkpointed like any run."""
     layout = OutputLayout(source, Storage())
     try:
         original = json.loads(layout.store.read_bytes(layout.manifest))["config"]
@@ -29,11 +31,14 @@ def reparse_job(source: str, target: str, reasoning: str | None,
         "name": f"reparse of {original['name']}",
         "input": {"path": layout.data, "id_column": "id", "prompt_column": None,
                   "sample_index_column": "sample_index",
+                  "chat_template_kwargs_column": "chat_template_kwargs",
+                  "status_column": "status", "error_column": "error",
                   "passthrough_columns": original["input"]["passthrough_columns"]},
         "engine": {"kind": "replay", "tokenizer": engine["tokenizer"] or engine["model"],
                    "trust_remote_code": engine["trust_remote_code"],
                    "revision": engine["revision"], "replay_column": "raw_text"},
         "chat_template_kwargs": original["chat_template_kwargs"],
+        "sampling": {"structured_outputs": original["sampling"]["structured_outputs"]},
         "tools": original["tools"],
         "parsers": {"reasoning": reasoning, "tool_call": tool_call},
         "output": {**original["output"], "path": target},

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.plan import Plan
 from thinkbatch.tasks.checkpoint import OutputLayout
+from thinkbatch.tasks.retry import manifest_section
 from thinkbatch.tasks.storage import Storage
 
 
@@ -41,6 +42,11 @@ class Progress:
             if self.rows % 16 == 0:
                 self._bar.set_postfix_str(f"{self.tokens / self.elapsed():,.0f} out tok/s",
                                           refresh=False)
+
+    def carried(self, rows: int) -> None:
+        """Rows a retry copies from its source: on the bar, not in the run's figures."""
+        if self._bar is not None:
+            self._bar.update(rows)
 
     def elapsed(self) -> float:
         return max(time.monotonic() - self.started, 1e-9)
@@ -69,7 +75,7 @@ def build_manifest(job: JobSpec, plan: Plan, layout: OutputLayout,
         statuses.update(stats.get("status", {}))
         for key in ("rows", "prompt_tokens", "completion_tokens"):
             totals[key] += stats.get(key, 0)
-    return {
+    manifest: dict[str, Any] = {
         "job": job.name,
         "rows": totals["rows"],
         "input_rows": plan.total_rows,
@@ -83,6 +89,9 @@ def build_manifest(job: JobSpec, plan: Plan, layout: OutputLayout,
         "versions": versions(),
         "data": layout.data,
     }
+    if job.retry is not None:
+        manifest["retry"] = manifest_section(job, plan)
+    return manifest
 
 
 def write_manifest(layout: OutputLayout, manifest: dict[str, Any]) -> None:
@@ -99,6 +108,9 @@ def summary(manifest: dict[str, Any]) -> str:
         f"({run['rows_per_s']:,.1f} rows/s, {run['output_tokens_per_s']:,.0f} out tok/s"
         + (f"; engine load {run['engine_load_s']:.1f}s)" if "engine_load_s" in run else ")"),
     ]
+    if retry := manifest.get("retry"):
+        lines.append(f"  retry of {retry['source']}: {retry['rows_retried']:,} rows "
+                     f"({', '.join(retry['statuses'])}) regenerated, the others copied")
     return "\n".join(lines)
 
 

@@ -22,7 +22,10 @@ import glob
 import hashlib
 import io
 import os
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -35,6 +38,9 @@ import pyarrow.parquet as pq
 from thinkbatch.schemas.job import StorageSpec
 
 TMP_SUFFIX = ".tmp"
+CAS_LOCK = ".thinkbatch-cas.lock"
+LOCK_TIMEOUT_S = 10.0  # the guarded step is a read and a rename: longer means a stalled holder
+PAGE_SIZE = 1000  # keys per S3 listing request (the most S3 returns)
 _GLOB_CHARS = "*?["
 
 
@@ -48,6 +54,10 @@ class VersionMismatch(RuntimeError):
 
 class StorageError(RuntimeError):
     """A permanent storage problem (no such bucket, access denied, no credentials)."""
+
+
+class LockTimeout(StorageError):
+    """A local compare-and-swap lock stayed held past its bound: its holder stalled."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,59 @@ def _etag(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
+def _process_state(pid: int) -> str:
+    """'gone', 'stopped' (where /proc tells) or 'running'."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "gone"
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "running"
+    return "stopped" if state in ("T", "t") else "running"
+
+
+@contextmanager
+def _cas_lock(folder: str, timeout_s: float) -> Iterator[None]:
+    """The folder's compare-and-swap lock, waited for at most `timeout_s`: a holder that
+    stalls (SIGSTOP, a hung mount) must cost later writers a bounded wait and a clear
+    error, never a hang. The holder writes its pid into the lock file so the error can
+    name it."""
+    path = os.path.join(folder, CAS_LOCK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(_lock_held_message(path, fd, timeout_s)) from None
+                time.sleep(0.01)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _lock_held_message(path: str, fd: int, timeout_s: float) -> str:
+    raw = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    holder = (f"pid {raw} ({_process_state(int(raw))})" if raw.isdigit()
+              else "a process that did not record its pid")
+    return (f"{path} stayed locked for {timeout_s:g}s by {holder}: a stalled writer holds "
+            "this folder's compare-and-swap lock. Resume or kill that process, then retry.")
+
+
 class _Local:
+    def __init__(self, lock_timeout_s: float = LOCK_TIMEOUT_S):
+        self.lock_timeout_s = lock_timeout_s
+
     def list_inputs(self, spec: str) -> list[FileStat]:
         if any(c in spec for c in _GLOB_CHARS):
             paths = glob.glob(spec, recursive=True)
@@ -89,9 +151,10 @@ class _Local:
             stats.append(FileStat(p, st.st_size, str(st.st_mtime_ns)))
         return stats
 
-    def list_names(self, folder: str) -> list[str]:
+    def list_names(self, folder: str, prefix: str = "") -> list[str]:
         try:
-            return os.listdir(folder)
+            with os.scandir(folder) as entries:
+                return [e.name for e in entries if e.name.startswith(prefix)]
         except FileNotFoundError:
             return []
 
@@ -118,8 +181,7 @@ class _Local:
                 except FileExistsError:
                     raise AlreadyExists(path) from None
             elif if_match is not None:
-                with open(os.path.join(folder, ".thinkbatch-cas.lock"), "a") as guard:
-                    fcntl.flock(guard, fcntl.LOCK_EX)
+                with _cas_lock(folder, self.lock_timeout_s):
                     current = self.read_versioned(path)[1] if os.path.exists(path) else None
                     if current != if_match:
                         raise VersionMismatch(path)
@@ -150,6 +212,8 @@ class _Local:
         parent = Path(path).resolve()
         while not parent.exists():
             parent = parent.parent
+        if not parent.is_dir():
+            raise StorageError(f"{str(parent)!r} is an existing file; the output is a folder")
         if not os.access(parent, os.W_OK):
             raise StorageError(f"cannot write under {str(parent)!r}: permission denied")
 
@@ -166,10 +230,11 @@ def _split(url: str) -> tuple[str, str]:
 
 
 class _S3:
-    def __init__(self, options: StorageSpec):
+    def __init__(self, options: StorageSpec, page_size: int = PAGE_SIZE):
         from botocore.config import Config
 
         self.options = options
+        self.page_size = page_size
         self._session_obj = self._session(options)
         self.client = self._session_obj.client(
             "s3", endpoint_url=options.endpoint_url, region_name=options.region,
@@ -233,7 +298,8 @@ class _S3:
         out = []
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(
-                    Bucket=bucket, Prefix=prefix):
+                    Bucket=bucket, Prefix=prefix,
+                    PaginationConfig={"PageSize": self.page_size}):
                 out += page.get("Contents", [])
         except Exception as e:
             raise self._fail(e, bucket, f"listing {prefix!r}") from None
@@ -246,17 +312,18 @@ class _S3:
             objects = [o for o in self._list(bucket, key[:cut]) if fnmatch.fnmatchcase(o["Key"], key)]
         else:
             folder = key.rstrip("/") + "/" if key else ""
-            objects = [o for o in self._list(bucket, key) if o["Key"] == key]
-            if not objects or not key.endswith(".parquet"):
+            objects = ([o for o in self._list(bucket, key) if o["Key"] == key]
+                       if key.endswith(".parquet") else [])  # else a folder: listed once
+            if not objects:
                 objects = [o for o in self._list(bucket, folder) if o["Key"].endswith(".parquet")]
         return sorted((FileStat(f"s3://{bucket}/{o['Key']}", o["Size"], o["ETag"].strip('"'))
                        for o in objects if not _hidden(o["Key"])), key=lambda f: f.path)
 
-    def list_names(self, folder: str) -> list[str]:
+    def list_names(self, folder: str, prefix: str = "") -> list[str]:
         bucket, key = _split(folder)
-        prefix = key.rstrip("/") + "/"
-        return [o["Key"][len(prefix):] for o in self._list(bucket, prefix)
-                if "/" not in o["Key"][len(prefix):]]
+        under = key.rstrip("/") + "/"
+        return [o["Key"][len(under):] for o in self._list(bucket, under + prefix)
+                if "/" not in o["Key"][len(under):]]
 
     def open_input(self, path: str) -> Any:
         return self.arrow_fs.open_input_file(path.removeprefix("s3://"))
@@ -321,13 +388,15 @@ class _S3:
 class Storage:
     """Local paths and s3:// URLs, chosen per path."""
 
-    def __init__(self, options: StorageSpec | None = None):
+    def __init__(self, options: StorageSpec | None = None, *, page_size: int = PAGE_SIZE,
+                 lock_timeout_s: float = LOCK_TIMEOUT_S):
         self.options = options or StorageSpec()
-        self._local = _Local()
+        self.page_size = page_size  # keys per S3 listing request
+        self._local = _Local(lock_timeout_s)
 
     @cached_property
     def _s3(self) -> _S3:
-        return _S3(self.options)
+        return _S3(self.options, self.page_size)
 
     def _for(self, path: str) -> _Local | _S3:
         return self._s3 if is_s3(path) else self._local
@@ -339,10 +408,12 @@ class Storage:
             raise FileNotFoundError(f"input {spec!r} matches no Parquet files")
         return files
 
-    def list_files(self, folder: str, suffix: str = "") -> list[str]:
-        """Names (not paths) of the files directly in a folder; hidden ones (temporaries,
-        the local compare-and-swap guard) excluded."""
-        return sorted(n for n in self._for(folder).list_names(folder)
+    def list_files(self, folder: str, suffix: str = "", prefix: str = "") -> list[str]:
+        """Names (not paths) of the files directly in a folder that start with `prefix`;
+        hidden ones (temporaries, the local compare-and-swap guard) excluded. On S3 the
+        prefix is the listing's own, so finding one shard's parts costs one request
+        however many objects the folder holds; locally it filters one directory scan."""
+        return sorted(n for n in self._for(folder).list_names(folder, prefix)
                       if n.endswith(suffix) and not n.startswith("."))
 
     def open_parquet(self, path: str) -> pq.ParquetFile:

@@ -1,30 +1,112 @@
-"""Checks that need the inputs or vLLM's registries: run before any model loads, so a
-job that vLLM would refuse after minutes of loading is refused in seconds."""
+"""Checks beyond the job's own schema (every input file, the output path, vLLM's
+registries): run before any model loads, so a job that would fail after minutes of
+loading, or mid-run, is refused in seconds with every problem at once."""
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import io
+import os
+from collections.abc import Callable
+from pathlib import PurePath
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from thinkbatch.schemas.job import JobSpec
-from thinkbatch.tasks.storage import Storage, StorageError
+from thinkbatch.schemas.job_file import JobFileError
+from thinkbatch.schemas.output import BASE_NAMES
+from thinkbatch.schemas.tools import tool_errors
+from thinkbatch.tasks.checkpoint import OutputLayout
+from thinkbatch.tasks.plan import read_footers
+from thinkbatch.tasks.storage import Storage, StorageError, is_s3
 from thinkbatch.tasks.render import needed_columns
+from thinkbatch.tasks.sampling import job_sampling_errors
+from thinkbatch.tasks.retry import check_retry
+
+
+# A prompt may be binary (decoded as UTF-8); a replayed completion is text.
+PROMPT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())
+TEXT_TYPES = (pa.string(), pa.large_string())
+FILES_NAMED = 3  # files named in one error; the rest are counted
+_GLOB_CHARS = "*?["
+
+
+def _files(paths: list[str]) -> str:
+    more = len(paths) - FILES_NAMED
+    return ", ".join(paths[:FILES_NAMED]) + (f" and {more} more files" if more > 0 else "")
 
 
 def check_inputs(job: JobSpec, store: Storage) -> list[str]:
+    """Every input file (every footer, read in parallel once per run) readable Parquet
+    with every needed column, each of one type in all files: a bad later file would
+    otherwise fail the job mid-run."""
     try:
         files = store.list_inputs(job.input.path)
     except (FileNotFoundError, PermissionError, StorageError) as e:
         return [f"input.path: {e}"]
-    try:
-        names = set(store.open_parquet(files[0].path).schema_arrow.names)
-    except Exception as e:
-        return [f"input.path: {files[0].path} is not readable Parquet: {e}"]
-    return [f"input: column {c!r} not in {files[0].path} (has: {sorted(names)})"
-            for c in needed_columns(job) if c not in names]
+    footers = read_footers(store, files)
+    errors = [f"input.path: {f.path} is not readable Parquet: {footer}"
+              for f, footer in zip(files, footers) if isinstance(footer, Exception)]
+    schemas = {f.path: footer.schema for f, footer in zip(files, footers)
+               if not isinstance(footer, Exception)}
+    for column in needed_columns(job):
+        errors += _column_errors(job, column, schemas)
+    return errors
+
+
+def _column_errors(job: JobSpec, column: str, schemas: dict[str, pa.Schema]) -> list[str]:
+    missing = [path for path, schema in schemas.items() if schema.get_field_index(column) < 0]
+    errors = []
+    if missing:
+        errors.append(f"input: column {column!r} is missing from {_files(missing)} "
+                      f"(it has: {schemas[missing[0]].names})")
+    lacking = set(missing)
+    typed = [(path, schema.field(column).type) for path, schema in schemas.items()
+             if path not in lacking]
+    text = _text_types(job, column)
+    return errors + (_not_text(column, typed, *text) if text else _mixed(job, column, typed))
+
+
+def _text_types(job: JobSpec, column: str) -> tuple[tuple[pa.DataType, ...], str] | None:
+    if column == job.input.prompt_column:
+        return PROMPT_TYPES, "a prompt column"
+    if job.engine.kind == "replay" and column == job.engine.replay_column:
+        return TEXT_TYPES, "a replay column"
+    return None
+
+
+def _not_text(column: str, typed: list[tuple[str, pa.DataType]],
+              allowed: tuple[pa.DataType, ...], what: str) -> list[str]:
+    by_type: dict[pa.DataType, list[str]] = {}
+    for path, kind in typed:
+        if kind not in allowed and not pa.types.is_null(kind):
+            by_type.setdefault(kind, []).append(path)
+    names = "/".join(str(t) for t in allowed)
+    return [f"input: column {column!r} is {kind} in {_files(paths)}; {what} must be {names}"
+            for kind, paths in by_type.items()]
+
+
+def _mixed(job: JobSpec, column: str, typed: list[tuple[str, pa.DataType]]) -> list[str]:
+    """A passthrough column is written with the first file's type; an all-null (null
+    typed) column of a later file fits any type."""
+    if not typed:
+        return []
+    passthrough = column in job.input.passthrough_columns
+    first_path, first = next(((p, t) for p, t in typed
+                              if passthrough or not pa.types.is_null(t)), typed[0])
+    by_type: dict[pa.DataType, list[str]] = {}
+    for path, kind in typed:
+        if kind != first and not pa.types.is_null(kind):
+            by_type.setdefault(kind, []).append(path)
+    why = ("a passthrough column keeps the first file's type" if passthrough
+           else "a column has one type in all files")
+    return [f"input: column {column!r} is {kind} in {_files(paths)} but {first} in "
+            f"{first_path}; {why}" for kind, paths in by_type.items()]
 
 
 def check_vllm(job: JobSpec) -> list[str]:
-    from vllm import SamplingParams
     from vllm.engine.arg_utils import EngineArgs
     from vllm.reasoning import ReasoningParserManager
     from vllm.tool_parsers import ToolParserManager
@@ -41,9 +123,7 @@ def check_vllm(job: JobSpec) -> list[str]:
     engine_args = {f.name for f in dataclasses.fields(EngineArgs)}
     errors += [f"engine.extra_args.{k}: not a vLLM engine argument"
                for k in job.engine.extra_args if k not in engine_args]
-    sampling_fields = set(SamplingParams.__struct_fields__)
-    errors += [f"sampling.extra.{k}: not a SamplingParams field"
-               for k in job.sampling.extra if k not in sampling_fields]
+    errors += job_sampling_errors(job)
     if job.engine.kind == "replay" and (job.parsers.reasoning or job.parsers.tool_call) \
             and not (job.engine.model or job.engine.tokenizer):
         errors.append("engine: a replay job with parsers needs engine.tokenizer (or model) "
@@ -57,6 +137,72 @@ def check_output(job: JobSpec, store: Storage) -> list[str]:
     except StorageError as e:
         return [f"output.path: {e}"]
     return []
+
+
+def check_output_outside_input(job: JobSpec, store: Storage) -> list[str]:
+    """Output parts the input listing would pick up change the inputs of the next run
+    (a resume is refused, or reads its own outputs as prompts)."""
+    part = OutputLayout(job.output.path, store).new_part(0)
+    if not _listed(job.input.path, part):
+        return []
+    return [f"output.path: {job.output.path!r} lies inside the input path "
+            f"{job.input.path!r}: its Parquet parts would be read as inputs"]
+
+
+def _listed(spec: str, path: str) -> bool:
+    """Whether Storage.list_inputs(spec) would list the file `path`, were it there: a
+    folder or prefix lists everything under it, a glob what it matches."""
+    if is_s3(spec) != is_s3(path):
+        return False
+    if not is_s3(spec):
+        spec, path = os.path.realpath(spec), os.path.realpath(path)
+    cut = min((spec.find(c) for c in _GLOB_CHARS if c in spec), default=-1)
+    if cut < 0:
+        return path.startswith(spec.rstrip("/") + "/")
+    if is_s3(spec):
+        return fnmatch.fnmatchcase(path, spec)
+    if "**" in spec:  # recursive: anything under the glob's fixed folder may match
+        return path.startswith(spec[:cut].rsplit("/", 1)[0] + "/")
+    return PurePath(path).match(spec)
+
+
+def check_compression(job: JobSpec) -> list[str]:
+    """What pyarrow can write, found by writing: an unknown codec would otherwise fail
+    the first commit, after the model loaded."""
+    try:
+        pq.write_table(pa.table({"x": pa.array([], pa.int8())}), io.BytesIO(),
+                       compression=job.output.compression)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        return [f"output.compression: {job.output.compression!r} is not a Parquet "
+                f"compression pyarrow can write ({e}); e.g. zstd, snappy, gzip, lz4, none"]
+    return []
+
+
+def check_passthrough(job: JobSpec) -> list[str]:
+    clash = [c for c in job.input.passthrough_columns if c in BASE_NAMES]
+    if not clash:
+        return []
+    return [f"input.passthrough_columns: {clash} are also output columns; an output row "
+            "cannot hold both"]
+
+
+def check_tools(job: JobSpec) -> list[str]:
+    return tool_errors(job.tools, "tools") if job.tools is not None else []
+
+
+def check_platform(job: JobSpec) -> list[str]:
+    """What the installed vLLM build cannot run, said before the model loads: on the CPU
+    build, decode context parallel fails at engine start (its MLA attention backend
+    returns no softmax LSE, which DCP needs to merge partial attention)."""
+    if job.engine.kind != "vllm" or job.engine.decode_context_parallel_size == 1:
+        return []
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return []
+    return [f"engine.decode_context_parallel_size: {job.engine.decode_context_parallel_size} "
+            "needs a GPU build of vLLM; the CPU build's MLA attention backend returns no "
+            "softmax LSE, which decode context parallel needs (use 1 on CPU)"]
 
 
 def check_scale(job: JobSpec) -> list[str]:
@@ -84,11 +230,55 @@ def check_scale(job: JobSpec) -> list[str]:
     return []
 
 
-def check_job(job: JobSpec) -> list[str]:
-    """Every problem at once."""
+def check_job(job: JobSpec, failed: frozenset[str] = frozenset()) -> list[str]:
+    """Every problem at once. `failed` names the sections that did not validate (their
+    values are defaults, see JobFileError.partial): a check that needs one is skipped,
+    so its pydantic errors come in the same round as every other check's."""
+    def valid(*sections: str) -> bool:
+        return not failed.intersection(sections)
+
+    errors = []
+    if valid("tools"):
+        errors += check_tools(job)
+    if valid("input"):
+        errors += check_passthrough(job)
+    if valid("output"):
+        errors += check_compression(job)
+    if valid("storage"):
+        try:
+            store = Storage(job.storage)
+            if valid("input"):
+                errors += check_inputs(job, store)
+            if valid("output"):
+                errors += check_output(job, store)
+            if valid("input", "output"):
+                errors += check_output_outside_input(job, store)
+        except StorageError as e:
+            errors.append(f"storage: {e}")
+    if not {"engine", "parsers", "sampling"} <= failed:
+        errors += check_vllm(job)
+    if valid("engine"):
+        errors += check_platform(job)
+    if valid("scale"):
+        errors += check_scale(job)
+    if not failed:
+        errors += check_retry(job)
+    return errors
+
+
+def checked_job(load: Callable[[], JobSpec]) -> JobSpec:
+    """The job `load` reads, or one JobFileError with every problem: pydantic's and those
+    of every check whose sections validated. Callers run it before any flow starts, so a
+    refusal is a message and exit 2, never a crashed flow."""
+    failed: frozenset[str] = frozenset()
+    errors: list[str] = []
     try:
-        store = Storage(job.storage)
-        storage_errors = check_inputs(job, store) + check_output(job, store)
-    except StorageError as e:
-        storage_errors = [f"storage: {e}"]
-    return storage_errors + check_vllm(job) + check_scale(job)
+        job = load()
+    except JobFileError as e:
+        if e.partial is None:
+            raise
+        job, failed, errors = e.partial, e.failed, list(e.errors)
+    errors += check_job(job, failed)
+    if errors:
+        raise JobFileError(errors)
+    return job

@@ -111,11 +111,13 @@ CLI = [sys.executable, "-m", "thinkbatch.flows.cli"]
 SUBMITTED = re.compile(r"submitted row (\d+)")
 
 
-def kill_after_first_commit(job: Path, env: dict[str, str] | None = None) -> set[int]:
-    """Run `thinkbatch run JOB`, SIGKILL its process group right after its first
-    commit; returns the row indices it had submitted to the engine by then."""
+def kill_after_first_commit(job: Path | list[str], env: dict[str, str] | None = None) -> set[int]:
+    """Run `thinkbatch run JOB` (or the command given as a list of arguments), SIGKILL its
+    process group right after its first commit; returns the row indices it had submitted
+    to the engine by then."""
     env = {**os.environ, **(env or {}), "THINKBATCH_LOG_LEVEL": "DEBUG"}
-    proc = subprocess.Popen([*CLI, "run", str(job), "--no-progress"], env=env,
+    args = job if isinstance(job, list) else ["run", str(job)]
+    proc = subprocess.Popen([*CLI, *args, "--no-progress"], env=env,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             start_new_session=True)
     submitted: set[int] = set()

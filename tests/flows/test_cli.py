@@ -52,6 +52,7 @@ def test_replay_run_then_changed_sampling_is_refused(tmp_path: Path, tiny_model:
     r = _run("run", str(job), "--no-progress", "--set", "sampling.temperature=1.0")
     assert r.returncode == 2
     assert "sampling.temperature: 0.6 -> 1.0" in r.stderr
+    assert "Traceback" not in r.stderr and "Finished in state" not in r.stderr
     r = _run("run", str(job), "--no-progress", "--set", "sampling.temperature=1.0",
              "--force-resume")
     assert r.returncode == 0, r.stderr
@@ -72,3 +73,33 @@ def test_workers_without_a_prefect_server_are_refused_before_planning(tmp_path: 
     assert "scale.workers: 2 workers are runs of the deployment" in r.stderr
     assert "PREFECT_API_URL" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _refused_job(tmp_path: Path, **sections) -> Path:
+    """A replay job (no model) over a good first file and a corrupt second one."""
+    write_prompts(tmp_path / "in" / "part-0.parquet", prompt_rows(10))
+    (tmp_path / "in" / "part-1.parquet").write_bytes(b"PAR1 truncated")
+    job = job_dict(tmp_path / "in", tmp_path / "out",
+                   {"kind": "replay", "replay_column": "prompt"}, **sections)
+    job["sampling"]["structured_outputs"] = None
+    job["parsers"] = sections.get("parsers", {})  # parsers of a replay job need a tokenizer
+    return write_job(tmp_path / "job.yaml", job)
+
+
+def test_a_refused_run_prints_its_reasons_and_no_traceback(tmp_path: Path) -> None:
+    r = _run("run", str(_refused_job(tmp_path, parsers={"reasoning": "not_a_parser"})),
+             "--no-progress")
+    assert r.returncode == 2, r.stderr
+    output = r.stdout + r.stderr
+    assert f"{tmp_path / 'in' / 'part-1.parquet'} is not readable Parquet" in r.stderr
+    assert "not_a_parser" in r.stderr
+    assert "Traceback" not in output and "Finished in state" not in output, output
+    assert not (tmp_path / "out").exists()
+
+
+def test_validate_reports_schema_and_input_errors_together(tmp_path: Path) -> None:
+    r = _run("validate", str(_refused_job(tmp_path, sampling={"temperature": -1})))
+    assert r.returncode == 2
+    assert "sampling.temperature" in r.stderr
+    assert "part-1.parquet is not readable Parquet" in r.stderr
+    assert "Traceback" not in r.stdout + r.stderr

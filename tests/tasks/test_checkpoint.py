@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -94,3 +95,56 @@ def test_duplicate_rows_from_a_fenced_out_writer_are_compacted_and_orphans_swept
     write([_row(2)])  # the zombie again, after the shard was done
     assert checkpoint.sweep_orphans(layout, {0: stats}) == 1
     assert layout.parts_of(0) == parts
+
+
+class CountingStorage(Storage):
+    """The real local store, counting listings per folder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listed: Counter[str] = Counter()
+
+    def list_files(self, folder: str, *args, **kwargs) -> list[str]:
+        self.listed[folder.rsplit("/", 1)[-1]] += 1
+        return super().list_files(folder, *args, **kwargs)
+
+
+def test_finalize_lists_data_once_whatever_the_number_of_shards(tmp_path: Path) -> None:
+    store = CountingStorage()
+    layout = OutputLayout(str(tmp_path / "out"), store)
+    write = lambda s, rows: store.write_parquet(layout.new_part(s),  # noqa: E731
+                                                pa.Table.from_pylist(rows, schema=output_schema()))
+    stats = {}
+    for s in range(6):
+        write(s, [_row(10 * s), _row(10 * s + 1)])
+        stats[s] = checkpoint.mark_done(layout, s)
+    write(2, [_row(20)])  # zombies' parts after their shards were done
+    write(5, [_row(51)])
+    store.listed.clear()
+    assert checkpoint.sweep_orphans(layout, stats) == 2
+    assert store.listed == {"data": 1}  # one listing for the job, not one per shard
+    assert all(len(layout.parts_of(s)) == 1 for s in range(6))
+    assert checkpoint.read_markers(layout, [0, 5, 6]) == {0: stats[0], 5: stats[5], 6: None}
+
+
+def test_a_shards_parts_are_found_with_one_prefix_listing(s3) -> None:
+    """On S3 the shard's prefix is the listing's: one request (a page holds 4 keys here)
+    whether or not other shards' parts crowd data/."""
+    store = Storage(page_size=4)
+    layout = OutputLayout(f"s3://{s3.bucket('prefix-listing')}/out", store)
+    write = lambda s, rows: store.write_parquet(layout.new_part(s),  # noqa: E731
+                                                pa.Table.from_pylist(rows, schema=output_schema()))
+    listings: list[int] = []
+    store._s3.client.meta.events.register(
+        "after-call.s3.ListObjectsV2", lambda parsed, **_: listings.append(parsed["KeyCount"]))
+
+    def lookup() -> tuple[set, list[int]]:
+        listings.clear()
+        return checkpoint.committed_keys(layout, 7), list(listings)
+
+    write(7, [_row(0), _row(1)])
+    write(7, [_row(2)])
+    alone = lookup()
+    for s in (0, 6, 8, 70, 700, 7000, *range(100, 110)):  # 70, 700, 7000 share digits with 7
+        write(s, [_row(s)])
+    assert lookup() == alone == ({(0, 0), (1, 0), (2, 0)}, [2])

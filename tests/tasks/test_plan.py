@@ -72,16 +72,21 @@ def test_fingerprint_follows_outputs_not_speed(tmp_path: Path) -> None:
     assert make_plan(_job(inputs, 50), STORE).fingerprint != base
 
 
-def test_1500_objects_under_one_prefix_are_all_planned(s3) -> None:
-    """Listing follows pagination (1,000 keys a page); every footer is read."""
+def test_every_page_of_a_prefix_listing_is_planned(s3) -> None:
+    """Listing follows pagination (pages of 10 keys here, S3's 1,000 by default); every
+    footer is read."""
     bucket = s3.bucket("many-inputs")
     sink = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(prompt_rows(3)), sink)
     client = s3.client()
-    for i in range(1500):
+    for i in range(35):
         client.put_object(Bucket=bucket, Key=f"prompts/{i:05d}.parquet", Body=sink.getvalue())
-    job = _job(f"s3://{bucket}/prompts/", 1000)  # type: ignore[arg-type]
-    plan = make_plan(job, STORE)
-    assert len(plan.files) == 1500 and plan.total_rows == 4500
-    assert plan.files[-1].path == f"s3://{bucket}/prompts/01499.parquet"
+    store = Storage(page_size=10)
+    pages: list[int] = []
+    store._s3.client.meta.events.register(
+        "after-call.s3.ListObjectsV2", lambda parsed, **_: pages.append(parsed["KeyCount"]))
+    plan = make_plan(_job(f"s3://{bucket}/prompts/", 1000), store)  # type: ignore[arg-type]
+    assert pages == [10, 10, 10, 5]
+    assert len(plan.files) == 35 and plan.total_rows == 105
+    assert plan.files[-1].path == f"s3://{bucket}/prompts/00034.parquet"
     assert all(f.version for f in plan.files)  # ETags, for the fingerprint

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import itertools
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from thinkbatch.schemas.job import StorageSpec
-from thinkbatch.tasks.storage import AlreadyExists, Storage, StorageError, VersionMismatch
+from thinkbatch.tasks.storage import (AlreadyExists, LockTimeout, Storage, StorageError,
+                                      VersionMismatch)
 
 _names = itertools.count()
 
@@ -69,3 +73,60 @@ def test_wrong_bucket_names_the_bucket(s3) -> None:
 def test_unknown_profile_is_a_clear_error(s3) -> None:
     with pytest.raises(StorageError, match="profile 'nobody'"):
         Storage(StorageSpec(profile="nobody")).list_inputs("s3://b/x")
+
+
+def test_listing_by_name_prefix(root: str) -> None:
+    store = Storage()
+    for name in ("shard-000007-a.parquet", "shard-000007-b.parquet", "shard-000070-c.parquet",
+                 "shard-000007-d.json", "sub/shard-000007-e.parquet"):
+        store.write_atomic(f"{root}/d/{name}", b"x")
+    assert store.list_files(f"{root}/d", ".parquet", prefix="shard-000007-") == [
+        "shard-000007-a.parquet", "shard-000007-b.parquet"]
+    assert store.list_files(f"{root}/d", prefix="shard-000008-") == []
+
+
+CAS_HOLDER = """
+import os, signal, sys
+from thinkbatch.tasks import storage
+
+path = sys.argv[1]
+store = storage.Storage()
+version = store.read_versioned(path)[1]
+read = storage._Local.read_versioned
+
+def stall(self, p):  # called inside the compare-and-swap, with the folder's lock held
+    print("locked", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+    return read(self, p)
+
+storage._Local.read_versioned = stall
+store.write_atomic(path, b"holder", if_match=version)
+"""
+
+
+def _stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "Tt"
+
+
+def test_a_stopped_lock_holder_costs_a_bounded_wait_and_is_named(tmp_path: Path) -> None:
+    """A process SIGSTOPped inside a local compare-and-swap keeps the folder's lock: the
+    next writer gives up after lock_timeout_s, naming the lock file and the holder."""
+    path = str(tmp_path / "_claims" / "000001.json")
+    store = Storage(lock_timeout_s=0.5)
+    version = store.write_atomic(path, b"first")
+    holder = subprocess.Popen([sys.executable, "-c", CAS_HOLDER, path],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        deadline = time.monotonic() + 10
+        while not _stopped(holder.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(LockTimeout, match=rf"_claims/\.thinkbatch-cas\.lock stayed locked "
+                                              rf"for 0\.5s by pid {holder.pid} \(stopped\)"):
+            store.write_atomic(path, b"second", if_match=version)
+        assert time.monotonic() - started < 3
+    finally:
+        holder.kill()
+        holder.wait()
+    assert store.write_atomic(path, b"third", if_match=version)  # the lock died with it

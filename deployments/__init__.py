@@ -1,0 +1,1 @@
+"""Presets, work-pool templates and Prefect deployments, shipped as package data."""

@@ -1,0 +1,174 @@
+"""Data is tokenized as text: only the chat template's own markers become control tokens.
+
+vLLM renders the chat template to text and tokenizes the whole string, so a prompt that
+spells `<|im_end|>` gets the real end-of-turn id, and data could forge turns, thinking or
+tool calls. A row whose data (message fields, tool schemas, template kwargs) holds no
+control-token text takes vLLM's path unchanged. A row that does is rendered with each such
+occurrence replaced by a unique placeholder, so every control token left in the rendered
+text is the template's own; the text between them is tokenized with special tokens split,
+the placeholders put back as the text they stood for. A template that branches on a marker
+in the data (Qwen3 splitting `</think>` out of assistant content) sees plain text instead.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+Messages = list[dict[str, Any]]
+Tools = list[dict[str, Any]] | None
+# vLLM's prompt for one conversation, as `LLM._preprocess_chat_one` returns it.
+Render = Callable[[Messages, Tools, dict[str, Any]], dict[str, Any]]
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {_map_strings(k, fn): _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(v, fn) for v in value]
+    return value
+
+
+def control_tokens(tokenizer: Any) -> dict[str, int]:
+    """The tokenizer's special added tokens, plus non-special added tokens the chat template
+    writes itself (Qwen3 and DeepSeek-R1 keep `<think>` non-special). Other added tokens
+    (whole words, runs of spaces) are vocabulary, not structure."""
+    added: dict[str, int] = tokenizer.get_added_vocab()
+    special = set(tokenizer.all_special_tokens)
+    special |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+                if getattr(t, "special", False)}
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):
+        template = "".join(template.values())
+    return {t: i for t, i in added.items()
+            if t in special or (t.strip() and t in template)}
+
+
+@dataclass(slots=True)
+class Masked:
+    """A row's data with each control-token occurrence replaced by a placeholder."""
+
+    messages: Messages
+    tools: Tools
+    kwargs: dict[str, Any]
+    nonce: str
+    markers: list[str]  # placeholder i stood for markers[i]
+
+    def restore(self, text: str) -> str:
+        return re.sub(re.escape(self.nonce) + r"x(\d+)x",
+                      lambda m: self.markers[int(m.group(1))], text)
+
+
+class ControlTokens:
+    """One tokenizer's control tokens, compiled once into one alternation."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ids = control_tokens(tokenizer)
+        self._id_set = frozenset(self.ids.values())
+        # Longest first: at one position the longest marker wins, as in the tokenizer.
+        alternatives = sorted(self.ids, key=len, reverse=True)
+        self.pattern = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
+
+    def found_in(self, messages: Messages, tools: Tools, kwargs: dict[str, Any]) -> bool:
+        pattern = self.pattern
+        return pattern is not None and any(
+            pattern.search(s) for s in _strings((messages, tools, kwargs)))
+
+    def mask(self, messages: Messages, tools: Tools, kwargs: dict[str, Any]) -> Masked:
+        # Letters and digits only: the template's JSON filters leave it as it is; random,
+        # so the data cannot spell it.
+        nonce = "tbctl" + secrets.token_hex(8)
+        markers: list[str] = []
+
+        def sub(match: re.Match[str]) -> str:
+            markers.append(match.group())
+            return f"{nonce}x{len(markers) - 1}x"
+
+        def fn(s: str) -> str:
+            return self.pattern.sub(sub, s)  # type: ignore[union-attr]
+
+        return Masked(_map_strings(messages, fn), _map_strings(tools, fn),
+                      _map_strings(kwargs, fn), nonce, markers)
+
+    def _text_ids(self, text: str) -> list[int]:
+        """Token ids of `text` with every control-token spelling as plain text."""
+        if not text:
+            return []
+        ids = self._plain(text)
+        if not self._id_set.intersection(ids):
+            return ids
+        # The tokenizer kept a marker whole (a non-special added token, or a tokenizer
+        # that ignores split_special_tokens): tokenize each marker as two halves.
+        ids, pos = [], 0
+        for m in self.pattern.finditer(text):  # type: ignore[union-attr]
+            ids += self._plain(text[pos:m.start()])
+            ids += self._plain(m.group()[:1]) + self._plain(m.group()[1:])
+            pos = m.end()
+        ids += self._plain(text[pos:])
+        if self._id_set.intersection(ids):
+            raise ValueError("the tokenizer turns data text into control tokens even when "
+                             "split; set input.allow_special_tokens: true to pass them through")
+        return ids
+
+    def _plain(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return list(self.tokenizer(text, add_special_tokens=False,
+                                   split_special_tokens=True)["input_ids"])
+
+    def tokenize(self, rendered: str, masked: Masked) -> tuple[list[int], str]:
+        """Ids and text of a template rendered from masked data: the markers in `rendered`
+        are the template's; the text between them is tokenized as text, placeholders
+        restored. Splitting at markers is what the tokenizer does itself, so text with no
+        placeholder tokenizes as in vLLM's own path."""
+        ids: list[int] = []
+        parts: list[str] = []
+        pos = 0
+        for m in self.pattern.finditer(rendered):  # type: ignore[union-attr]
+            piece = masked.restore(rendered[pos:m.start()])
+            ids += self._text_ids(piece)
+            ids.append(self.ids[m.group()])
+            parts += [piece, m.group()]
+            pos = m.end()
+        piece = masked.restore(rendered[pos:])
+        ids += self._text_ids(piece)
+        parts.append(piece)
+        text = "".join(parts)
+        if masked.nonce.lower() in text.lower():
+            raise ValueError("the chat template altered data that spells control tokens; set "
+                             "input.allow_special_tokens: true to pass them through")
+        return ids, text
+
+
+def chat_prompt(render: Render, control: ControlTokens, messages: Messages, tools: Tools,
+                kwargs: dict[str, Any], *, allow_special_tokens: bool) -> dict[str, Any]:
+    """vLLM's prompt for one row, with the data's control-token text tokenized as text
+    unless the job allows special tokens. Rows without such text are vLLM's own."""
+    if allow_special_tokens or not control.found_in(messages, tools, kwargs):
+        return render(messages, tools, kwargs)
+    masked = control.mask(messages, tools, kwargs)
+    prompt = render(masked.messages, masked.tools, masked.kwargs)
+    if prompt.get("type") != "token" or not isinstance(prompt.get("prompt"), str):
+        raise ValueError("data spells control tokens and this model's renderer returns no "
+                         "text to re-tokenize; set input.allow_special_tokens: true to pass "
+                         "them through")
+    ids, text = control.tokenize(prompt["prompt"], masked)
+    return {**prompt, "prompt_token_ids": ids, "prompt": text}

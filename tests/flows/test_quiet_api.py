@@ -1,0 +1,95 @@
+"""The worker loop is quiet on the Prefect API: it learns that a shard is done from the
+pipeline, never by reading task-run states. Measured on a real Prefect server on
+127.0.0.1 from uvicorn's access log: the requests a run makes grow by a small constant
+per shard, however long the shards generate."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import prefect
+import pytest
+
+from tests.conftest import CLI, job_dict, prompt_rows, write_job, write_prompts
+
+PER_SHARD = 4  # the goal: API requests per shard
+REQUEST = re.compile(r'uvicorn\.access - \S+ - "(\w+) (\S+) HTTP')
+
+
+class AccessLoggedServer:
+    """`prefect server`'s app under uvicorn with its access log in a file."""
+
+    def __init__(self, home: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/api"
+        self.log = home / "access.log"
+        env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "false",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT_SERVER_LOGGING_LEVEL": "INFO", "PREFECT_LOGGING_LEVEL": "INFO"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parents[1]),
+             "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "info", "--access-log"],
+            env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("prefect server did not start")
+                time.sleep(0.5)
+
+    def requests(self) -> list[tuple[str, str]]:
+        return REQUEST.findall(self.log.read_text())
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = AccessLoggedServer(tmp_path_factory.mktemp("prefect-home"))
+    yield srv
+    srv.stop()
+
+
+def _requests_of_a_run(server: AccessLoggedServer, tmp_path: Path, tiny_model: str,
+                       shards: int) -> list[tuple[str, str]]:
+    """A replay job of `shards` shards of 1,000 rows: each takes seconds with four in
+    flight, long enough for a loop that polls to show it."""
+    rows = prompt_rows(1000 * shards)
+    for i, r in enumerate(rows):
+        r["raw_text"] = f"<think>thinking {i}</think>answer {i}"
+    write_prompts(tmp_path / "in.parquet", rows, row_group_size=500)
+    job = write_job(tmp_path / "job.yaml", job_dict(
+        tmp_path / "in.parquet", tmp_path / "out", {"kind": "replay", "tokenizer": tiny_model},
+        sampling={"structured_outputs": None}, shards={"rows_per_shard": 1000}))
+    before = len(server.requests())
+    r = subprocess.run([*CLI, "run", str(job), "--no-progress"], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "PREFECT_API_URL": server.url})
+    assert r.returncode == 0, r.stderr[-3000:]
+    time.sleep(1)  # the access log is written after the response
+    return server.requests()[before:]
+
+
+def test_requests_per_shard_are_a_small_constant(server, tmp_path: Path,
+                                                 tiny_model: str) -> None:
+    few = _requests_of_a_run(server, tmp_path / "few", tiny_model, shards=2)
+    many = _requests_of_a_run(server, tmp_path / "many", tiny_model, shards=8)
+    polls = [path for method, path in few + many if path.startswith("/api/task_runs/")]
+    assert not polls, f"{len(polls)} task-run requests, e.g. {polls[:3]}"
+    assert (len(many) - len(few)) / 6 <= PER_SHARD, (len(few), len(many))
