@@ -4,6 +4,7 @@ them are still alive (a zombie is dead; a reused pid has another start time)."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 
@@ -41,3 +42,12 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
     except OSError:
         return "?"
+
+
+def left_alive(started: dict[int, str], seconds: float, poll_s: float = 0.2) -> list[str]:
+    """Command lines of the `started` processes still alive after up to `seconds`."""
+    deadline = time.monotonic() + seconds
+    while (left := [cmdline(p) for p, s in started.items() if alive(p, s)]) and \
+            time.monotonic() < deadline:
+        time.sleep(poll_s)
+    return left

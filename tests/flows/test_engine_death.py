@@ -14,35 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import CLI, engine_section, job_dict, prompt_rows, write_job, write_prompts
+from tests.processes import cmdline, tree
 
 pytestmark = pytest.mark.engine
 
 
-def _descendants(pid: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        children = [c for c, p in parents.items() if p in frontier]
-        found += children
-        frontier = children
-    return found
-
-
 def _engine_core(pid: int) -> int | None:
-    for child in _descendants(pid):
-        try:
-            if b"EngineCore" in Path(f"/proc/{child}/cmdline").read_bytes():  # its title
-                return child
-        except OSError:
-            continue
-    return None
+    return next((p for p in tree(pid) if "EngineCore" in cmdline(p)), None)  # its title
 
 
 def test_engine_core_killed_mid_run_is_replaced_and_no_row_fails(tmp_path: Path,

@@ -8,14 +8,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import CLI, engine_section, job_dict, prompt_rows, write_job, write_prompts
-from tests.processes import alive, cmdline, tree
+from tests.processes import cmdline, left_alive, tree
 
 pytestmark = pytest.mark.engine
 
@@ -46,10 +45,7 @@ def test_a_sigkilled_run_leaves_no_process_behind_then_tp2_finishes(
     names = [cmdline(pid) for pid in started]
     assert sum("VLLM::Worker" in c for c in names) == 2, names  # TP=2: two workers
     assert any("EngineCore" in c for c in names) and any("uvicorn" in c for c in names), names
-    deadline = time.monotonic() + 10
-    while (left := [cmdline(p) for p, s in started.items() if alive(p, s)]) and \
-            time.monotonic() < deadline:
-        time.sleep(0.5)
+    left = left_alive(started, 10)
     assert not left, f"outlived the killed run: {left}"
 
     r = subprocess.run([*CLI, "run", str(job), "--no-progress"], env=env, capture_output=True,

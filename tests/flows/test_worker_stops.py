@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import engine_section, job_dict, prompt_rows, write_prompts
 from tests.flows.test_scale_out import PrefectServer
-from tests.processes import alive, cmdline, tree
+from tests.processes import cmdline, left_alive, tree
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.tasks import checkpoint
 from thinkbatch.tasks.checkpoint import OutputLayout
@@ -71,21 +71,13 @@ def _generating_worker_run(server: PrefectServer, job: dict[str, Any]) -> tuple[
             time.sleep(0.5)
 
 
-def _left(started: dict[int, str], seconds: float) -> list[str]:
-    deadline = time.monotonic() + seconds
-    while (left := [cmdline(p) for p, s in started.items() if alive(p, s)]) and \
-            time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
-
-
 def test_a_sigkilled_worker_run_takes_its_engine_with_it(server, tmp_path: Path,
                                                          tiny_model: str) -> None:
     _, pid = _generating_worker_run(server, _planned_job(tmp_path, tiny_model))
     started = tree(pid)
     assert any("EngineCore" in cmdline(p) for p in started), [cmdline(p) for p in started]
     os.kill(pid, signal.SIGKILL)
-    assert not _left(started, 10)
+    assert not left_alive(started, 10)
 
 
 def test_a_cancelled_worker_run_stops_cleanly_and_shows_cancelled(server, tmp_path: Path,
@@ -108,4 +100,4 @@ def test_a_cancelled_worker_run_stops_cleanly_and_shows_cancelled(server, tmp_pa
     committed = pq.read_table(out / "data", columns=["row_index"]).num_rows
     assert committed == int(stopped.group(1)) > 0
     assert not list((out / "_claims").glob("*.json"))  # freed for other workers
-    assert not _left(started, 10)
+    assert not left_alive(started, 10)

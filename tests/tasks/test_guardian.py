@@ -10,7 +10,7 @@ import sys
 import textwrap
 import time
 
-from tests.processes import alive, cmdline, tree
+from tests.processes import cmdline, left_alive, tree
 
 OWNER = textwrap.dedent("""
     import subprocess, sys, time
@@ -34,25 +34,17 @@ def _owner(lifetime: float) -> tuple[subprocess.Popen, dict[int, str]]:
     return owner, started
 
 
-def _left(started: dict[int, str], seconds: float) -> list[str]:
-    deadline = time.monotonic() + seconds
-    while (left := [cmdline(p) for p, s in started.items() if alive(p, s)]) and \
-            time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
-
-
 def test_a_sigkilled_owner_takes_its_whole_tree_with_it() -> None:
     owner, started = _owner(300)
     names = [cmdline(p) for p in started]
     assert any("guardian" in c for c in names) and any("sleep 301" in c for c in names), names
     os.kill(owner.pid, signal.SIGKILL)
     owner.wait()
-    assert not _left(started, 5)
+    assert not left_alive(started, 5)
 
 
 def test_an_owner_that_exits_leaves_nothing_behind_either() -> None:
     owner, started = _owner(4)
     assert owner.poll() is None, "the owner ended before its tree was recorded"
     owner.wait()
-    assert not _left(started, 5)  # its children too: nothing stops them otherwise
+    assert not left_alive(started, 5)  # its children too: nothing stops them otherwise
