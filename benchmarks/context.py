@@ -23,12 +23,14 @@ CACHE = HERE / ".cache"
 # work has to overlap generation as it must on a GPU node.
 MINI = dict(layers=4, hidden_size=512, heads=4, routed_experts=8, vocab_size=1024,
             max_position_embeddings=4096)
-MINI_ENGINE: dict[str, Any] = {
-    "load_format": "dummy",
+# On top of the random-weight miniature's CPU settings (the random-miniature preset's
+# engine section, which the demos and tests name): longer sequences, more KV cache, and
+# a larger batch to keep 2 cores busy.
+MINI_OVER: dict[str, Any] = {
     "max_model_len": 2048,
     "kv_cache_memory_bytes": 1 << 30,
     "max_in_flight": 128,
-    "extra_args": {"block_size": 16, "enforce_eager": True, "max_num_seqs": 64},
+    "extra_args": {"max_num_seqs": 64},
 }
 
 
@@ -82,10 +84,13 @@ def make_context(model: str | None, engine_args: list[str], quick: bool,
     if model:
         return Context(model=model, engine={**given, "model": model}, mini=False,
                        quick=quick, work=work)
-    from thinkbatch.tasks.tiny_model import write_tiny_model
+    from thinkbatch.schemas.job_file import deep_merge, resolve_raw
+
+    sys.path.append(str(HERE.parent))  # miniature/: the checkout's kit, not installed
+    from miniature.tiny_model import write_tiny_model
 
     mini = str(write_tiny_model(CACHE / "bench-kimi", **MINI))
-    engine = {**MINI_ENGINE, **given, "model": mini,
-              "extra_args": {**MINI_ENGINE["extra_args"], **given["extra_args"]}}
+    preset = resolve_raw({}, preset="random-miniature")["engine"]
+    engine = {**deep_merge(deep_merge(preset, MINI_OVER), given), "model": mini}
     return Context(model=mini, engine=engine, mini=True, quick=quick, work=work,
                    notes=[f"miniature DeepseekV3/Kimi-K2 {json.dumps(MINI)}, random weights"])

@@ -1,15 +1,15 @@
 """Running `thinkbatch run` and bare vLLM as subprocesses, and reading what they leave.
 
 The real CLI as a subprocess measures what a user gets (imports, Prefect, planning,
-storage), and `os.wait4` gives that one child's peak RSS. stderr lines are stamped
-with this process's clock as they arrive: the log's own timestamps are whole seconds.
+storage), and `os.wait4` gives that one child's peak RSS. What it does when is read from
+its trace (tasks/trace.py): each row submitted and each part committed, stamped by the
+run itself as it happens.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -24,8 +24,7 @@ import pyarrow.dataset as ds
 
 from context import HERE, Context
 
-SUBMITTED = re.compile(r"submitted row (\d+)")
-COMMITTED = re.compile(r"committed (\d+) rows of shard")
+from thinkbatch.tasks import trace
 
 
 def job_dict(ctx: Context, inputs: Path, out: Path, *, engine: dict[str, Any] | None = None,
@@ -90,7 +89,12 @@ def _expire(pgid: int, res: RunResult) -> None:
     res.stderr_tail += "\n[bench] killed: the run ran past its timeout"
 
 
-def run_cli(ctx: Context, job: Path, *, debug: bool = False, kill_after_commits: int = 0,
+def _running(proc: subprocess.Popen) -> bool:
+    """Whether the child still runs, without reaping it: `_reap` needs it for wait4."""
+    return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+
+
+def run_cli(ctx: Context, job: Path, *, kill_after_commits: int = 0,
             pin_core: int | None = None, wrap: list[str] | None = None,
             window_s: float | None = None, timeout_s: float = 900) -> RunResult:
     """`thinkbatch run JOB`; with `kill_after_commits`, SIGKILL its process group right
@@ -102,34 +106,31 @@ def run_cli(ctx: Context, job: Path, *, debug: bool = False, kill_after_commits:
     cmd = [*(wrap or []), *cmd]
     if pin_core is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(pin_core), *cmd]
+    path, log = job.with_suffix(".trace.jsonl"), job.with_suffix(".stderr")
+    path.unlink(missing_ok=True)  # this run's events only
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    if debug or kill_after_commits:
-        env["THINKBATCH_LOG_LEVEL"] = "DEBUG"
-    started = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, cwd=HERE.parent)
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", trace.ENV: str(path)}
+    started, started_at = time.monotonic(), time.time()  # the trace's clock: Unix time
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                                start_new_session=True, cwd=HERE.parent)
     res = RunResult(returncode=0, wall_s=0.0, peak_rss_mib=0.0, stderr_tail="")
-    tail: list[str] = []
     cap = threading.Timer(timeout_s, _expire, (proc.pid, res))
     cap.start()
-    assert proc.stderr is not None
     try:
-        for line in proc.stderr:
-            now = time.monotonic() - started
-            if m := SUBMITTED.search(line):
+        for event in trace.follow(path, lambda: _running(proc)):
+            at = event["time"] - started_at
+            if event["event"] == trace.SUBMITTED:
                 if res.first_submit_s is None:
-                    res.first_submit_s = now
-                res.submitted.add(int(m.group(1)))
-                continue
-            tail = (tail + [line])[-40:]
-            if m := COMMITTED.search(line):
-                done = (res.commits[-1][1] if res.commits else 0) + int(m.group(1))
-                res.commits.append((now, done))
+                    res.first_submit_s = at
+                res.submitted.add(event["row"])
+            elif event["event"] == trace.COMMITTED:
+                done = (res.commits[-1][1] if res.commits else 0) + event["rows"]
+                res.commits.append((at, done))
                 if len(res.commits) == kill_after_commits:
                     res.killed = True
                     break
-                if window_s is not None and now - res.commits[0][0] >= window_s:
+                if window_s is not None and at - res.commits[0][0] >= window_s:
                     res.killed = res.capped = True
                     break
     except BaseException:
@@ -139,11 +140,11 @@ def run_cli(ctx: Context, job: Path, *, debug: bool = False, kill_after_commits:
         cap.cancel()
         if res.killed:
             _kill_group(proc.pid)
-        rest = proc.stderr.read()
-        res.submitted.update(int(m.group(1)) for m in SUBMITTED.finditer(rest))
         res.returncode, res.peak_rss_mib = _reap(proc)
         res.wall_s = time.monotonic() - started
-        res.stderr_tail = "".join(tail[-20:]) + rest[-2000:]
+        res.submitted.update(e["row"] for e in trace.read(path)
+                             if e["event"] == trace.SUBMITTED)
+        res.stderr_tail = log.read_text()[-4000:] + res.stderr_tail
     if not res.killed and res.returncode != 0:
         raise RuntimeError(f"thinkbatch run {job} exited {res.returncode}:\n{res.stderr_tail}")
     return res

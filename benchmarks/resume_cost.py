@@ -38,7 +38,7 @@ def run(ctx: Context) -> dict[str, Any]:
                       "committed_by_run": len(after - before),
                       "lost": res.submitted - after})
         later.append(res.submitted)
-    final = run_cli(ctx, job, debug=True)
+    final = run_cli(ctx, job)
     later.append(final.submitted)
     ids = output_columns(d / "out", ["row_index"])["row_index"]
     bound = in_flight + FLUSH_ROWS

@@ -33,6 +33,7 @@ from summary import Goal, row
 
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import load_job
+from thinkbatch.schemas.manifest import RunFigures
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.schemas.plan import InputFile, Plan, Segment, Shard
 from thinkbatch.tasks import checkpoint, report
@@ -87,7 +88,7 @@ def _finalize(job: JobSpec, layout: OutputLayout, plan: Plan) -> int:
     if missing:
         raise RuntimeError(f"{len(missing)} shards are unfinished")
     removed = checkpoint.sweep_orphans(layout, markers)
-    report.build_manifest(job, plan, layout, markers, {"orphan_parts_removed": removed})
+    report.build_manifest(job, plan, layout, markers, RunFigures(orphan_parts_removed=removed))
     return removed
 
 

@@ -1,8 +1,8 @@
 """Benchmark 5: start-up overhead: command start to the first request entering the
 engine, engine load excluded (imports, Prefect, job checks, planning, storage).
 
-Measured on the real CLI, by the first `submitted row` DEBUG line as this process
-sees it arrive, minus the manifest's `engine_load_s`: with the replay engine (no
+Measured on the real CLI, by the first `submitted` event of its trace
+(tasks/trace.py), minus the manifest's `engine_load_s`: with the replay engine (no
 model: pure pipeline overhead) and with vLLM (the same, plus what vLLM imports).
 """
 
@@ -29,7 +29,7 @@ def _import_s(ctx: Context, module: str) -> float:
 
 def _first_submit(ctx: Context, name: str, job: dict[str, Any]) -> dict[str, Any]:
     path = write_job(ctx.work / "startup" / f"{name}.json", job)
-    res = run_cli(ctx, path, debug=True)
+    res = run_cli(ctx, path)
     load = manifest(ctx.work / "startup" / f"{name}-out")["this_run"].get("engine_load_s", 0.0)
     first = res.first_submit_s if res.first_submit_s is not None else float("nan")
     return {"first_submit_s": first, "engine_load_s": load, "overhead_s": first - load,

@@ -7,15 +7,11 @@ import json
 import logging
 import os
 import sys
-from typing import Any
 
+from thinkbatch.schemas.job import JobSpec
+from thinkbatch.schemas.job_file import JobFileError, load_job
+from thinkbatch.schemas.manifest import Manifest
 from thinkbatch.tasks.vllm_env import prepare_vllm_env
-
-prepare_vllm_env()
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-from thinkbatch.schemas.job import JobSpec  # noqa: E402
-from thinkbatch.schemas.job_file import JobFileError, load_job  # noqa: E402
 
 EXIT_JOB_INVALID = 2
 EXIT_JOB_FAILED = 1
@@ -61,8 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--no-progress", action="store_true", help="no progress bar")
     retry.add_argument("--show-rows", type=int, default=3, help="rows to print at the end")
     retry.set_defaults(force_resume=False)
-    tiny = sub.add_parser("tiny-model", help="write the miniature Kimi-K2 model for tests/demo")
-    tiny.add_argument("out_dir")
     return parser
 
 
@@ -92,7 +86,7 @@ def _refuse_before_start(job: JobSpec, force_resume: bool) -> None:
                                   make_plan(job, layout.store))
 
 
-def _run(job: JobSpec, args: argparse.Namespace) -> dict[str, Any]:
+def _run(job: JobSpec, args: argparse.Namespace) -> Manifest:
     _configure_logging()
     from thinkbatch.flows.job import generate_dataset
     from thinkbatch.flows.temporary_api import start_temporary_api
@@ -102,26 +96,22 @@ def _run(job: JobSpec, args: argparse.Namespace) -> dict[str, Any]:
     guardian.start()  # first: the temporary server and the engine die with this process
     try:
         start_temporary_api()
-        return generate_dataset(job.model_dump(mode="json", by_alias=True),
-                                force_resume=args.force_resume,
+        return generate_dataset(job, force_resume=args.force_resume,
                                 show_progress=not args.no_progress)
     finally:
         close_engines()
 
 
 def main(argv: list[str] | None = None) -> int:
+    prepare_vllm_env()  # first: the job checks import vLLM
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # before Prefect loads
     args = build_parser().parse_args(argv)
-    if args.command == "tiny-model":
-        from thinkbatch.tasks.tiny_model import write_tiny_model
-
-        print(write_tiny_model(args.out_dir))
-        return 0
     from prefect.exceptions import CancelledRun
 
+    from thinkbatch.flows.checks import checked_job
     from thinkbatch.tasks.checkpoint import ResumeRefused
     from thinkbatch.tasks.lease import OutputInUse
     from thinkbatch.tasks.stop import Stopped, raise_on_signals
-    from thinkbatch.tasks.validate import checked_job
 
     raise_on_signals()
 

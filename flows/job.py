@@ -10,7 +10,6 @@ parent does not double them), waits for them, starts new ones while shards remai
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -19,21 +18,19 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from thinkbatch.flows.checks import checked_job
+from thinkbatch.flows.worker import SHARDS_IN_FLIGHT, JobParameter, work_shards
+from thinkbatch.schemas.job import JobSpec
+from thinkbatch.schemas.job_file import load_job
+from thinkbatch.schemas.manifest import Manifest, RunFigures
+from thinkbatch.schemas.plan import Plan
+from thinkbatch.tasks import checkpoint, guardian, report
+from thinkbatch.tasks.checkpoint import OutputLayout
+from thinkbatch.tasks.lease import acquire_run_lease
+from thinkbatch.tasks.plan import make_plan
+from thinkbatch.tasks.stop import Stopped
+from thinkbatch.tasks.storage import Storage
 from thinkbatch.tasks.vllm_env import prepare_vllm_env
-
-prepare_vllm_env()
-
-from thinkbatch.flows.worker import SHARDS_IN_FLIGHT, work_shards  # noqa: E402
-from thinkbatch.schemas.job import JobSpec  # noqa: E402
-from thinkbatch.schemas.job_file import load_job, validate_job  # noqa: E402
-from thinkbatch.schemas.plan import Plan  # noqa: E402
-from thinkbatch.tasks import checkpoint, guardian, report  # noqa: E402
-from thinkbatch.tasks.checkpoint import OutputLayout  # noqa: E402
-from thinkbatch.tasks.lease import acquire_run_lease  # noqa: E402
-from thinkbatch.tasks.plan import make_plan  # noqa: E402
-from thinkbatch.tasks.stop import Stopped  # noqa: E402
-from thinkbatch.tasks.storage import Storage  # noqa: E402
-from thinkbatch.tasks.validate import checked_job  # noqa: E402
 
 WORKER_POLL_S = 5.0
 
@@ -44,15 +41,15 @@ def plan_job(job: JobSpec, layout: OutputLayout, force_resume: bool) -> tuple[Pl
 
 
 @task(name="finalize", cache_policy=NO_CACHE)
-def finalize(job: JobSpec, layout: OutputLayout, plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
+def finalize(job: JobSpec, layout: OutputLayout, plan: Plan, run: RunFigures) -> Manifest:
     """Only when every shard is done: drop orphan parts, then write the manifest last."""
     markers = checkpoint.read_markers(layout, [s.shard_id for s in plan.shards])
     missing = [s for s, m in markers.items() if m is None]
     if missing:
         raise RuntimeError(f"{len(missing)} shards are unfinished (first: {missing[:5]})")
-    run["orphan_parts_removed"] = checkpoint.sweep_orphans(layout, markers)
+    run.orphan_parts_removed = checkpoint.sweep_orphans(layout, markers)
     manifest = report.build_manifest(job, plan, layout, markers, run)
-    report.write_manifest(layout, manifest)
+    checkpoint.write_manifest(layout, manifest)
     return manifest
 
 
@@ -81,17 +78,16 @@ def _wait_round(run_ids: list[Any], layout: OutputLayout, plan: Plan,
             time.sleep(WORKER_POLL_S)
 
 
-def run_workers(spec: JobSpec, layout: OutputLayout, plan: Plan) -> dict[str, Any]:
+def run_workers(spec: JobSpec, layout: OutputLayout, plan: Plan) -> RunFigures:
     """K worker flow runs, in rounds while shards remain; Prefect shows each one's truth."""
     from prefect.deployments import run_deployment
 
     logger = get_run_logger()
-    job = spec.model_dump(mode="json", by_alias=True)
     parent = flow_run.get_id()
     rounds: list[dict[str, str]] = []
     for round_no in range(spec.scale.worker_retries + 1):
         runs = [run_deployment(spec.scale.worker_deployment, timeout=0,
-                               parameters={"job": job, "worker_index": i},
+                               parameters={"job": spec, "worker_index": i},
                                idempotency_key=f"{parent}-round{round_no}-worker{i}")
                 for i in range(spec.scale.workers)]
         rounds.append(_wait_round([r.id for r in runs], layout, plan, spec.scale.claim_ttl_s))
@@ -99,27 +95,22 @@ def run_workers(spec: JobSpec, layout: OutputLayout, plan: Plan) -> dict[str, An
         logger.info("round %d: workers %s; %d shards left", round_no, rounds[-1], left)
         if not left:
             break
-    return {"worker_rounds": rounds}
-
-
-def _job_spec(job: dict[str, Any] | str) -> JobSpec:
-    """A deployment run may pass the job inline or as the path of a job file."""
-    if isinstance(job, str):
-        return load_job(Path(job))
-    return validate_job(job)
+    return RunFigures(worker_rounds=rounds)
 
 
 @flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT),
       log_prints=True)
-def generate_dataset(job: dict[str, Any] | str, force_resume: bool = False,
-                     show_progress: bool = False) -> dict[str, Any] | State:
+def generate_dataset(job: JobParameter | str, force_resume: bool = False,
+                     show_progress: bool = False) -> Manifest | State:
     """Run a job end to end (or resume it); returns the manifest, or a Cancelled state
-    after a clean stop on a signal (the caller gets prefect's CancelledRun).
+    after a clean stop on a signal (the caller gets prefect's CancelledRun). A deployment
+    run may pass the job inline or as the path of a job file on the runner.
 
     Checks run before any model loads; the output's run lease keeps a second run out."""
+    prepare_vllm_env()  # first: a deployment run enters here, and the checks import vLLM
     started = time.monotonic()
     # Checks deployment runs; a CLI run was checked already (footers come from the cache).
-    spec = checked_job(lambda: _job_spec(job))
+    spec = checked_job(lambda: load_job(job) if isinstance(job, str) else job)
     layout = OutputLayout(spec.output.path, Storage(spec.storage))
     lease = acquire_run_lease(layout.store, layout.lease)
     try:
@@ -135,11 +126,11 @@ def generate_dataset(job: dict[str, Any] | str, force_resume: bool = False,
         else:
             run = run_workers(spec, layout, plan)
             new = [s for s in plan.shards if s.shard_id not in done_before]
-            run["rows_generated"] = sum(s.num_rows for s in new)
-        gen_s = run.get("generation_s") or time.monotonic() - started
-        run.update(resumed=resumed, wall_s=time.monotonic() - started,
-                   rows_per_s=run["rows_generated"] / gen_s,
-                   output_tokens_per_s=run.get("output_tokens", 0) / gen_s)
+            run.rows_generated = sum(s.num_rows for s in new)
+        gen_s = run.generation_s or time.monotonic() - started
+        run.resumed, run.wall_s = resumed, time.monotonic() - started
+        run.rows_per_s = run.rows_generated / gen_s
+        run.output_tokens_per_s = (run.output_tokens or 0) / gen_s
         return finalize(spec, layout, plan, run)
     except Stopped as e:  # a clean stop: the run shows Cancelled, a rerun resumes
         return Cancelled(message=str(e))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
-from typing import Any
+from typing import Annotated
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -21,23 +21,28 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import WithJsonSchema
 
+from thinkbatch.schemas.job import JobSpec
+from thinkbatch.schemas.manifest import RunFigures, ShardStats
+from thinkbatch.schemas.output import output_schema
+from thinkbatch.schemas.plan import Plan
+from thinkbatch.tasks import checkpoint, guardian, report
+from thinkbatch.tasks.checkpoint import OutputLayout
+from thinkbatch.tasks.claims import ShardClaims
+from thinkbatch.tasks.engine import close_engines, get_engine, restart_engine
+from thinkbatch.tasks.parse import OutputParser
+from thinkbatch.tasks.pipeline import Pipeline
+from thinkbatch.tasks.read import input_schema
+from thinkbatch.tasks.stop import Stopped, StopSignals
+from thinkbatch.tasks.storage import Storage
 from thinkbatch.tasks.vllm_env import prepare_vllm_env
 
-prepare_vllm_env()
-
-from thinkbatch.schemas.job import JobSpec  # noqa: E402
-from thinkbatch.schemas.output import output_schema  # noqa: E402
-from thinkbatch.schemas.plan import Plan  # noqa: E402
-from thinkbatch.tasks import checkpoint, guardian, report  # noqa: E402
-from thinkbatch.tasks.checkpoint import OutputLayout  # noqa: E402
-from thinkbatch.tasks.claims import ShardClaims  # noqa: E402
-from thinkbatch.tasks.engine import close_engines, get_engine, restart_engine  # noqa: E402
-from thinkbatch.tasks.parse import OutputParser  # noqa: E402
-from thinkbatch.tasks.pipeline import Pipeline  # noqa: E402
-from thinkbatch.tasks.read import input_schema  # noqa: E402
-from thinkbatch.tasks.stop import Stopped, StopSignals  # noqa: E402
-from thinkbatch.tasks.storage import Storage  # noqa: E402
+# The job as a flow parameter: Prefect validates it into a JobSpec before the flow runs.
+# The JSON schema a server checks deployment runs against is any mapping: the one pydantic
+# generates knows no aliases (`samples_per_prompt`; `json_schema`, the name under which
+# run_deployment sends `json`), so the flow's own validation is the one that counts.
+JobParameter = Annotated[JobSpec, WithJsonSchema({"type": "object", "title": "JobSpec"})]
 
 SHARDS_IN_FLIGHT = 4  # shard tasks registered with the engine at once
 IDLE_POLL_S = 2.0  # how often a worker with nothing to claim looks for freed shards
@@ -45,7 +50,7 @@ STOP_CHECK_S = 0.5  # how soon a recorded stop signal is acted on
 
 
 @task(name="shard", cache_policy=NO_CACHE, task_run_name="shard-{shard_id}")
-def run_shard(done: Future[dict[str, Any]], shard_id: int) -> dict[str, Any] | State:
+def run_shard(done: Future[ShardStats], shard_id: int) -> ShardStats | State:
     """The shard as Prefect shows it: ends with the pipeline's future, Cancelled when a
     stop left the shard unfinished (its committed rows stay, a rerun resumes it)."""
     try:
@@ -73,7 +78,7 @@ def open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: ShardC
 
 
 def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
-                start_at: int = 0, show_progress: bool = False) -> dict[str, Any]:
+                start_at: int = 0, show_progress: bool = False) -> RunFigures:
     """Claim, run and release shards until every shard is done; returns this worker's
     figures. The engine is loaded only once a shard is claimed.
 
@@ -81,10 +86,10 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
     generated committed, then the claims released (after the last commit, so no other
     worker starts on a shard while our parts are still being written); raises Stopped."""
     claims = ShardClaims(layout, plan, owner, job.scale.claim_ttl_s, start_at)
-    run: dict[str, Any] = {"shards": [], "rows_generated": 0, "output_tokens": 0,
-                           "engine_load_s": 0.0, "generation_s": 0.0}
+    run = RunFigures(shards=[], rows_generated=0, output_tokens=0, engine_load_s=0.0,
+                     generation_s=0.0)
     pipeline: Pipeline | None = None
-    active: dict[int, tuple[Future[dict[str, Any]], PrefectFuture]] = {}
+    active: dict[int, tuple[Future[ShardStats], PrefectFuture]] = {}
     started = 0.0
     next_look = 0.0  # when to list the store for claimable shards again
     with StopSignals() as stopping:
@@ -94,7 +99,7 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                     while len(active) < SHARDS_IN_FLIGHT and (shard_id := claims.claim_next()) is not None:
                         if pipeline is None:
                             with stopping.interruptible():
-                                pipeline, run["engine_load_s"] = open_pipeline(
+                                pipeline, run.engine_load_s = open_pipeline(
                                     job, layout, plan, claims, show_progress)
                             started = time.monotonic()
                         done = pipeline.submit_shard(shard_id)
@@ -115,7 +120,7 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                     done.result()  # raises if the shard failed
                     shard_task.wait()
                     claims.release(shard_id)
-                    run["shards"].append(shard_id)
+                    run.shards.append(shard_id)
                     next_look = 0.0  # a slot is free: look at once
         finally:
             try:
@@ -127,10 +132,10 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                     for _, shard_task in active.values():
                         shard_task.wait()
                     pipeline.progress.close()
-                    run.update(engine_restarts=pipeline.restarts,
-                               rows_generated=pipeline.progress.rows,
-                               output_tokens=pipeline.progress.tokens,
-                               generation_s=time.monotonic() - started)
+                    run.engine_restarts = pipeline.restarts
+                    run.rows_generated = pipeline.progress.rows
+                    run.output_tokens = pipeline.progress.tokens
+                    run.generation_s = time.monotonic() - started
             finally:
                 claims.release_all()
     if stopping.signum is not None:
@@ -139,19 +144,19 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
 
 
 @flow(name="thinkbatch-worker", task_runner=ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT))
-def shard_worker(job: dict[str, Any], worker_index: int = 0) -> dict[str, Any] | State:
+def shard_worker(job: JobParameter, worker_index: int = 0) -> RunFigures | State:
     """One GPU node's share of a job started by `generate-dataset` with workers > 1.
 
     Its engine's processes end with this flow-run process however it ends (the guardian
     covers a SIGKILL); Prefect's cancellation (SIGTERM) stops it cleanly, shown Cancelled."""
+    prepare_vllm_env()  # first: a deployment run enters here, before anything imports vLLM
     guardian.start()
-    spec = JobSpec.model_validate(job)
-    layout = OutputLayout(spec.output.path, Storage(spec.storage))
+    layout = OutputLayout(job.output.path, Storage(job.storage))
     plan = checkpoint.read_plan(layout)
     owner = f"worker-{worker_index}-{flow_run.get_id() or 'local'}"
-    start_at = worker_index * len(plan.shards) // max(spec.scale.workers, 1)
+    start_at = worker_index * len(plan.shards) // max(job.scale.workers, 1)
     try:
-        return work_shards(spec, layout, plan, owner, start_at)
+        return work_shards(job, layout, plan, owner, start_at)
     except Stopped as e:
         return Cancelled(message=f"{e}; its shards are free for other workers")
     finally:

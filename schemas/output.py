@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from enum import Enum
+from typing import Any
 
 import pyarrow as pa
 
@@ -26,28 +28,42 @@ TOOL_CALL = pa.struct(
     [("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())]
 )
 
-# Order is the column order of every part file. `row_index` (the row's position in the
-# plan) and `sample_index` are the key of exactly-once and of resume.
-BASE_FIELDS: list[pa.Field] = [
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("row_index", pa.int64(), nullable=False),
-    pa.field("sample_index", pa.int32(), nullable=False),
-    pa.field("reasoning", pa.string()),
-    pa.field("answer", pa.string()),
-    pa.field("tool_calls", pa.list_(TOOL_CALL)),
-    pa.field("finish_reason", pa.string()),
-    pa.field("status", pa.string(), nullable=False),
-    pa.field("error", pa.string()),
-    pa.field("prompt_tokens", pa.int32()),
-    pa.field("completion_tokens", pa.int32()),
-    pa.field("reasoning_tokens", pa.int32()),
-    pa.field("ttft_s", pa.float64()),
-    pa.field("latency_s", pa.float64()),
+def _column(arrow: pa.DataType, nullable: bool = True) -> Any:
+    return field(metadata={"arrow": arrow, "nullable": nullable})
+
+
+@dataclass(slots=True)
+class OutputRow:
+    """The base columns of one output row: the one place they are named, each with its
+    Arrow type. Order is the column order of every part file. `row_index` (the row's
+    position in the plan) and `sample_index` are the key of exactly-once and of resume."""
+
+    id: str = _column(pa.string(), nullable=False)
+    row_index: int = _column(pa.int64(), nullable=False)
+    sample_index: int = _column(pa.int32(), nullable=False)
+    reasoning: str | None = _column(pa.string())
+    answer: str | None = _column(pa.string())
+    tool_calls: list[dict[str, str | None]] | None = _column(pa.list_(TOOL_CALL))
+    finish_reason: str | None = _column(pa.string())
+    status: str = _column(pa.string(), nullable=False)
+    error: str | None = _column(pa.string())
+    prompt_tokens: int | None = _column(pa.int32())
+    completion_tokens: int | None = _column(pa.int32())
+    reasoning_tokens: int | None = _column(pa.int32())
+    ttft_s: float | None = _column(pa.float64())
+    latency_s: float | None = _column(pa.float64())
     # The row's effective template kwargs as JSON when it overrode the job's: the parser
     # needs them (thinking on/off) and `reparse` reads them back.
-    pa.field("chat_template_kwargs", pa.string()),
-    pa.field("raw_text", pa.string()),
-]
+    chat_template_kwargs: str | None = _column(pa.string())
+    raw_text: str | None = _column(pa.string())
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as `pa.Table.from_pylist` takes it."""
+        return {f.name: getattr(self, f.name) for f in BASE_FIELDS}
+
+
+BASE_FIELDS: list[pa.Field] = [pa.field(f.name, f.metadata["arrow"], f.metadata["nullable"])
+                               for f in fields(OutputRow)]
 BASE_NAMES = frozenset(f.name for f in BASE_FIELDS)
 
 

@@ -1,4 +1,5 @@
-"""The output folder as the job's durable state: plan, committed parts, done shards.
+"""The output folder as the job's durable state: plan, committed parts, done shards,
+manifest.
 
 A row is done iff it is in a committed part; a shard is done iff its marker exists.
 Resume reads only the `row_index` column of the parts of unfinished shards.
@@ -6,16 +7,15 @@ Resume reads only the `row_index` column of the parts of unfinished shards.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from thinkbatch.schemas.manifest import Manifest, ShardStats
 from thinkbatch.schemas.plan import Plan
 from thinkbatch.tasks.storage import AlreadyExists, Storage, join
 from thinkbatch.tasks.fingerprint import describe_changes
@@ -141,7 +141,7 @@ def compact(layout: OutputLayout, shard_id: int, compression: str) -> list[str]:
     return [target]
 
 
-def shard_stats(layout: OutputLayout, parts: list[str]) -> dict[str, Any]:
+def shard_stats(layout: OutputLayout, parts: list[str]) -> ShardStats:
     """Counts by status and token totals of a shard's parts."""
     statuses: Counter[str] = Counter()
     prompt_tokens = completion_tokens = rows = 0
@@ -151,26 +151,26 @@ def shard_stats(layout: OutputLayout, parts: list[str]) -> dict[str, Any]:
         statuses.update(t.column("status").to_pylist())
         prompt_tokens += _sum(t.column("prompt_tokens"))
         completion_tokens += _sum(t.column("completion_tokens"))
-    return {"rows": rows, "status": dict(statuses), "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "parts": [p.rsplit("/", 1)[-1] for p in parts]}
+    return ShardStats(rows=rows, status=dict(statuses), prompt_tokens=prompt_tokens,
+                      completion_tokens=completion_tokens,
+                      parts=[p.rsplit("/", 1)[-1] for p in parts])
 
 
 def _sum(col: pa.ChunkedArray) -> int:
     return int(pc.sum(col).as_py() or 0)
 
 
-def mark_done(layout: OutputLayout, shard_id: int, compression: str = "zstd") -> dict[str, Any]:
+def mark_done(layout: OutputLayout, shard_id: int, compression: str = "zstd") -> ShardStats:
     """The marker lists the parts that hold the shard; any other part of it is an orphan."""
     stats = shard_stats(layout, compact(layout, shard_id, compression))
-    layout.store.write_atomic(layout.done_marker(shard_id), json.dumps(stats).encode())
+    layout.store.write_atomic(layout.done_marker(shard_id), stats.to_json())
     return stats
 
 
-def done_stats(layout: OutputLayout, shard_id: int) -> dict[str, Any] | None:
+def done_stats(layout: OutputLayout, shard_id: int) -> ShardStats | None:
     path = layout.done_marker(shard_id)
     try:
-        return json.loads(layout.store.read_bytes(path))
+        return ShardStats.model_validate_json(layout.store.read_bytes(path))
     except FileNotFoundError:
         return None
 
@@ -180,17 +180,17 @@ def done_shards(layout: OutputLayout) -> set[int]:
     return {int(n.split(".")[0]) for n in layout.store.list_files(layout.shards, ".json")}
 
 
-def read_markers(layout: OutputLayout, shard_ids: list[int]) -> dict[int, dict[str, Any] | None]:
+def read_markers(layout: OutputLayout, shard_ids: list[int]) -> dict[int, ShardStats | None]:
     """Every shard's done marker (None where missing), read a few at a time: on S3 each
     is a request, and one after another they would add up to minutes at 100k shards."""
     with ThreadPoolExecutor(MARKER_READERS) as pool:
         return dict(zip(shard_ids, pool.map(lambda s: done_stats(layout, s), shard_ids)))
 
 
-def sweep_orphans(layout: OutputLayout, markers: dict[int, dict[str, Any]]) -> int:
+def sweep_orphans(layout: OutputLayout, markers: dict[int, ShardStats]) -> int:
     """Delete parts of done shards that their markers do not list (a fenced-out writer's).
     One listing of data/ for the whole job, not one per shard."""
-    listed = {name for marker in markers.values() for name in marker["parts"]}
+    listed = {name for marker in markers.values() for name in marker.parts}
     orphans = [n for n in layout.store.list_files(layout.data, ".parquet")
                if n not in listed and layout.shard_of(n) in markers]
     for name in orphans:
@@ -200,3 +200,12 @@ def sweep_orphans(layout: OutputLayout, markers: dict[int, dict[str, Any]]) -> i
 
 def read_plan(layout: OutputLayout) -> Plan:
     return Plan.model_validate_json(layout.store.read_bytes(layout.plan))
+
+
+def write_manifest(layout: OutputLayout, manifest: Manifest) -> None:
+    layout.store.write_atomic(layout.manifest, manifest.to_json(indent=2))
+
+
+def read_manifest(layout: OutputLayout) -> Manifest:
+    """FileNotFoundError until the run finished: the manifest is written last."""
+    return Manifest.model_validate_json(layout.store.read_bytes(layout.manifest))

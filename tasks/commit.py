@@ -13,10 +13,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from thinkbatch.schemas.manifest import ShardStats
 from thinkbatch.tasks import checkpoint
 from thinkbatch.tasks.checkpoint import OutputLayout
 
-OnShardDone = Callable[[int, dict[str, Any]], None]
+OnShardDone = Callable[[int, ShardStats], None]
 OnCommit = Callable[[int, int], None]
 
 

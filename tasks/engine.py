@@ -15,32 +15,17 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from multiprocessing import connection, resource_tracker
 from typing import Any, Protocol
 
 from thinkbatch.schemas.job import EngineSpec
 from thinkbatch.schemas.output import Status
+from thinkbatch.schemas.record import Generation, RowRequest
 from thinkbatch.tasks.prompt_tokens import ControlTokens, chat_prompt
-from thinkbatch.tasks.render import RowRequest
-from thinkbatch.tasks.vllm_env import prepare_vllm_env
-
-prepare_vllm_env()
 
 log = logging.getLogger("thinkbatch.engine")
-
-
-@dataclass(slots=True)
-class Generation:
-    key: str  # the caller's request key
-    text: str
-    token_ids: Sequence[int]
-    finish_reason: str | None
-    prompt_token_ids: Sequence[int] | None
-    ttft_s: float | None
-    latency_s: float | None
 
 
 class EngineDied(RuntimeError):

@@ -12,25 +12,14 @@ from __future__ import annotations
 import json
 import re
 from bisect import bisect_right
-from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
 from thinkbatch.schemas.job import ParserSpec
 from thinkbatch.schemas.output import Status
-from thinkbatch.tasks.engine import Generation
+from thinkbatch.schemas.record import Generation, Parsed
 
 NO_ANSWER = "finished without an answer or a tool call"
-
-
-@dataclass(slots=True)
-class Parsed:
-    status: Status
-    reasoning: str | None = None
-    answer: str | None = None
-    tool_calls: list[dict[str, str | None]] | None = None
-    error: str | None = None
-    reasoning_tokens: int | None = None
 
 
 def parser_class(spec: ParserSpec, tokenizer: Any, model_name: str | None) -> Any:

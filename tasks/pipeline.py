@@ -9,7 +9,6 @@ previous shard still generate.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -19,18 +18,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from thinkbatch.schemas.job import JobSpec
+from thinkbatch.schemas.manifest import ShardStats
 from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.plan import Plan, Shard
+from thinkbatch.schemas.record import Generation, Parsed, RowRequest, output_row
 from thinkbatch.tasks import checkpoint
 from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.commit import Committer
-from thinkbatch.tasks.engine import Engine, EngineDied, Generation, RequestRejected
-from thinkbatch.tasks.parse import OutputParser, Parsed
+from thinkbatch.tasks.engine import Engine, EngineDied, RequestRejected
+from thinkbatch.tasks.parse import OutputParser
 from thinkbatch.tasks.read import shard_batches
-from thinkbatch.tasks.render import Renderer, RowRequest, needed_columns
+from thinkbatch.tasks.render import Renderer, needed_columns
 from thinkbatch.tasks.sampling import SamplingBuilder, SamplingRejected
 from thinkbatch.tasks.report import Progress
 from thinkbatch.tasks.retry import Carry
+from thinkbatch.tasks.trace import COMMITTED, SUBMITTED, Trace
 
 log = logging.getLogger("thinkbatch.pipeline")
 
@@ -70,8 +72,7 @@ class Pipeline:
         self.sampling = SamplingBuilder(job) if job.engine.kind == "vllm" else None
         self.renderer = Renderer(job)
         self.progress = progress
-        self.passthrough = job.input.passthrough_columns
-        self.keep_raw = job.output.keep_raw_text
+        self.trace = Trace.from_env()  # THINKBATCH_TRACE: rows followed by tests, benchmarks
         self.committer = Committer(
             layout, schema, flush_rows=job.output.flush_rows,
             flush_seconds=job.output.flush_seconds, compression=job.output.compression,
@@ -80,7 +81,7 @@ class Pipeline:
         self.layout = layout
         self.carry = Carry(job, schema) if job.retry else None
         self._shards: queue.Queue[Shard | None] = queue.Queue()
-        self._futures: dict[int, Future[dict[str, Any]]] = {}
+        self._futures: dict[int, Future[ShardStats]] = {}
         self._items: queue.Queue[Any] = queue.Queue(maxsize=4)  # rendered batches, bounded
         self._remaining: dict[int, int] = {}
         self._inflight: dict[str, _Work] = {}
@@ -96,9 +97,9 @@ class Pipeline:
 
     # -- public, thread-safe ------------------------------------------------------
 
-    def submit_shard(self, shard_id: int) -> Future[dict[str, Any]]:
+    def submit_shard(self, shard_id: int) -> Future[ShardStats]:
         """Queue a shard; the future resolves with its stats once it is committed."""
-        fut: Future[dict[str, Any]] = Future()
+        fut: Future[ShardStats] = Future()
         if self._error is not None:
             fut.set_exception(self._error)
             return fut
@@ -259,8 +260,9 @@ class Pipeline:
             return
         self._inflight[work.key] = work
         self.submitted += 1
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("submitted row %d sample %d", req.row_index, work.sample)
+        if self.trace:
+            self.trace.record(SUBMITTED, shard=work.shard_id, row=req.row_index,
+                              sample=work.sample)
 
     def _finish(self, work: _Work, gen: Generation) -> None:
         req = work.req
@@ -274,30 +276,8 @@ class Pipeline:
         self._emit(work, parsed, gen)
 
     def _emit(self, work: _Work, parsed: Parsed, gen: Generation | None) -> None:
-        req, shard_id = work.req, work.shard_id
-        keep_raw = gen is not None and (
-            self.keep_raw or parsed.status in (Status.PARSE_ERROR, Status.SCHEMA_ERROR))
-        # A row's own template kwargs (thinking off...) are kept: re-parsing needs them.
-        own_kwargs = gen is not None and req.chat_template_kwargs != self.job.chat_template_kwargs
-        row = {
-            "id": req.row_id,
-            "row_index": req.row_index,
-            "sample_index": work.sample,
-            **dict(zip(self.passthrough, req.passthrough)),
-            "reasoning": parsed.reasoning,
-            "answer": parsed.answer,
-            "tool_calls": parsed.tool_calls,
-            "finish_reason": gen.finish_reason if gen else None,
-            "status": parsed.status.value,
-            "error": parsed.error,
-            "prompt_tokens": len(gen.prompt_token_ids) if gen and gen.prompt_token_ids is not None else None,
-            "completion_tokens": len(gen.token_ids) if gen and gen.token_ids else None,
-            "reasoning_tokens": parsed.reasoning_tokens,
-            "ttft_s": gen.ttft_s if gen else None,
-            "latency_s": gen.latency_s if gen else None,
-            "chat_template_kwargs": json.dumps(req.chat_template_kwargs) if own_kwargs else None,
-            "raw_text": gen.text if keep_raw else None,
-        }
+        shard_id = work.shard_id
+        row = output_row(self.job, work.req, work.sample, parsed, gen)
         self.committer.add(shard_id, row)
         self.progress.row_done(row["completion_tokens"] or 0)
         self._remaining[shard_id] -= 1
@@ -310,8 +290,10 @@ class Pipeline:
         self.committed += rows
         log.info("committed %d rows of shard %d (run so far: submitted %d, committed %d)",
                  rows, shard_id, self.submitted, self.committed)
+        if self.trace:
+            self.trace.record(COMMITTED, shard=shard_id, rows=rows)
 
-    def _shard_done(self, shard_id: int, stats: dict[str, Any]) -> None:
+    def _shard_done(self, shard_id: int, stats: ShardStats) -> None:
         self._futures.pop(shard_id).set_result(stats)
 
     def _fail(self, err: BaseException) -> None:

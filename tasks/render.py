@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
@@ -19,28 +18,12 @@ from pydantic import ValidationError
 
 from thinkbatch.schemas.job import JobSpec, SamplingSpec
 from thinkbatch.schemas.output import NO_COMPLETION, Status
+from thinkbatch.schemas.record import RowRequest
 from thinkbatch.schemas.tools import tool_errors
 from thinkbatch.tasks.read import ROW_ID, ROW_INDEX
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 _NO_COMPLETION = frozenset(s.value for s in NO_COMPLETION)
-
-
-@dataclass(slots=True)
-class RowRequest:
-    row_index: int
-    row_id: str
-    passthrough: tuple[Any, ...]
-    messages: list[dict[str, Any]] | None = None
-    replay_text: str | None = None
-    sampling: SamplingSpec | None = None  # the row's own, when it overrides the job's
-    tools: list[dict[str, Any]] | None = None
-    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
-    sample_index: int | None = None  # replay of stored outputs: the stored sample index
-    error: str | None = None  # set: the row is invalid_input, with this reason
-    status: Status = Status.INVALID_INPUT  # the status of a row with `error` (replay: as stored)
-    allow_special_tokens: bool = False  # the job trusts data that spells control tokens
-    replay_finish_reason: str = "stop"  # replay of a stored truncated row: "length"
 
 
 class InvalidRow(ValueError):

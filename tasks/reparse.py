@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import JobFileError
-from thinkbatch.tasks.checkpoint import OutputLayout
+from thinkbatch.tasks.checkpoint import OutputLayout, read_manifest
 from thinkbatch.tasks.storage import Storage
 
 
@@ -19,7 +18,7 @@ def reparse_job(source: str, target: str, reasoning: str | None,
     had a completion keep their status and error; checkpointed like any run."""
     layout = OutputLayout(source, Storage())
     try:
-        original = json.loads(layout.store.read_bytes(layout.manifest))["config"]
+        original = read_manifest(layout).config
     except FileNotFoundError:
         raise JobFileError([f"{source} has no _manifest.json: only a finished output can "
                             "be re-parsed"]) from None

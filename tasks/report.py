@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from thinkbatch.schemas.job import JobSpec
+from thinkbatch.schemas.manifest import Manifest, RunFigures, ShardStats
 from thinkbatch.schemas.plan import Plan
 from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.retry import manifest_section
@@ -67,50 +68,41 @@ def versions() -> dict[str, str | None]:
 
 
 def build_manifest(job: JobSpec, plan: Plan, layout: OutputLayout,
-                   markers: dict[int, dict[str, Any]], run: dict[str, Any]) -> dict[str, Any]:
+                   markers: dict[int, ShardStats], run: RunFigures) -> Manifest:
     """Sums of the shards' done markers: the data is never rescanned."""
     statuses: Counter[str] = Counter()
-    totals: Counter[str] = Counter()
     for stats in markers.values():
-        statuses.update(stats.get("status", {}))
-        for key in ("rows", "prompt_tokens", "completion_tokens"):
-            totals[key] += stats.get(key, 0)
-    manifest: dict[str, Any] = {
-        "job": job.name,
-        "rows": totals["rows"],
-        "input_rows": plan.total_rows,
-        "status_counts": dict(sorted(statuses.items())),
-        "prompt_tokens": totals["prompt_tokens"],
-        "completion_tokens": totals["completion_tokens"],
-        "shards": len(plan.shards),
-        "fingerprint": plan.fingerprint,
-        "this_run": run,
-        "config": json.loads(job.model_dump_json()),
-        "versions": versions(),
-        "data": layout.data,
-    }
-    if job.retry is not None:
-        manifest["retry"] = manifest_section(job, plan)
-    return manifest
+        statuses.update(stats.status)
+    return Manifest(
+        job=job.name,
+        rows=sum(m.rows for m in markers.values()),
+        input_rows=plan.total_rows,
+        status_counts=dict(sorted(statuses.items())),
+        prompt_tokens=sum(m.prompt_tokens for m in markers.values()),
+        completion_tokens=sum(m.completion_tokens for m in markers.values()),
+        shards=len(plan.shards),
+        fingerprint=plan.fingerprint,
+        this_run=run,
+        config=json.loads(job.model_dump_json()),
+        versions=versions(),
+        data=layout.data,
+        retry=manifest_section(job, plan) if job.retry is not None else None,
+    )
 
 
-def write_manifest(layout: OutputLayout, manifest: dict[str, Any]) -> None:
-    layout.store.write_atomic(layout.manifest, json.dumps(manifest, indent=2).encode())
-
-
-def summary(manifest: dict[str, Any]) -> str:
-    run = manifest["this_run"]
+def summary(manifest: Manifest) -> str:
+    run = manifest.this_run
     lines = [
-        f"thinkbatch: {manifest['rows']:,} rows written to {manifest['data']}",
-        "  status: " + ", ".join(f"{k}={v:,}" for k, v in manifest["status_counts"].items()),
-        f"  tokens: {manifest['prompt_tokens']:,} prompt, {manifest['completion_tokens']:,} completion",
-        f"  this run: {run['rows_generated']:,} rows in {run['wall_s']:.1f}s "
-        f"({run['rows_per_s']:,.1f} rows/s, {run['output_tokens_per_s']:,.0f} out tok/s"
-        + (f"; engine load {run['engine_load_s']:.1f}s)" if "engine_load_s" in run else ")"),
+        f"thinkbatch: {manifest.rows:,} rows written to {manifest.data}",
+        "  status: " + ", ".join(f"{k}={v:,}" for k, v in manifest.status_counts.items()),
+        f"  tokens: {manifest.prompt_tokens:,} prompt, {manifest.completion_tokens:,} completion",
+        f"  this run: {run.rows_generated:,} rows in {run.wall_s:.1f}s "
+        f"({run.rows_per_s:,.1f} rows/s, {run.output_tokens_per_s:,.0f} out tok/s"
+        + (f"; engine load {run.engine_load_s:.1f}s)" if run.engine_load_s is not None else ")"),
     ]
-    if retry := manifest.get("retry"):
-        lines.append(f"  retry of {retry['source']}: {retry['rows_retried']:,} rows "
-                     f"({', '.join(retry['statuses'])}) regenerated, the others copied")
+    if retry := manifest.retry:
+        lines.append(f"  retry of {retry.source}: {retry.rows_retried:,} rows "
+                     f"({', '.join(retry.statuses)}) regenerated, the others copied")
     return "\n".join(lines)
 
 

@@ -9,7 +9,6 @@ committer; the feeder then generates only the keys that part does not hold.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from functools import reduce
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ import pyarrow.compute as pc
 
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import JobFileError, resolve_raw, validate_job
+from thinkbatch.schemas.manifest import Manifest, RetrySummary
 from thinkbatch.schemas.plan import Plan
 from thinkbatch.tasks import checkpoint
 from thinkbatch.tasks.checkpoint import KEY, OutputLayout
@@ -36,9 +36,9 @@ FIXED = ("input.id_column", "input.sample_index_column", "input.passthrough_colu
          "shards.rows_per_shard", "sampling.n")
 
 
-def source_manifest(layout: OutputLayout) -> dict[str, Any]:
+def source_manifest(layout: OutputLayout) -> Manifest:
     try:
-        return json.loads(layout.store.read_bytes(layout.manifest))
+        return checkpoint.read_manifest(layout)
     except FileNotFoundError:
         raise JobFileError([f"{layout.root} has no _manifest.json: only a finished output "
                             "can be retried"]) from None
@@ -48,7 +48,7 @@ def retry_job(source: str, target: str, statuses: Sequence[str],
               sets: Sequence[str] = ()) -> JobSpec:
     """The job `thinkbatch retry` runs (check_retry says whether it may). The manifest's
     config holds the values a preset gave, so no preset is merged again."""
-    config = source_manifest(OutputLayout(source, Storage()))["config"]
+    config = source_manifest(OutputLayout(source, Storage())).config
     preset = config.pop("preset", None)
     data = resolve_raw(config, sets)
     data["output"]["path"] = target
@@ -70,7 +70,7 @@ def check_retry(job: JobSpec) -> list[str]:
     if source.root.rstrip("/") == job.output.path.rstrip("/"):
         return ["output.path: a retry writes a new output, not its source"]
     try:
-        config = source_manifest(source)["config"]
+        config = source_manifest(source).config
     except JobFileError as e:
         return [f"retry.source: {e.errors[0]}"]
     now = job.model_dump(mode="json")
@@ -89,17 +89,17 @@ def check_retry(job: JobSpec) -> list[str]:
     return errors
 
 
-def manifest_section(job: JobSpec, plan: Plan) -> dict[str, Any]:
-    """What the retry did: its source, the statuses redone, how many rows, what changed."""
+def manifest_section(job: JobSpec, plan: Plan) -> RetrySummary:
+    """The manifest's account of the retry."""
     assert job.retry is not None
     source = OutputLayout(job.retry.source, Storage(job.storage))
-    counts = source_manifest(source)["status_counts"]
+    counts = source_manifest(source).status_counts
     statuses = [s.value for s in job.retry.statuses]
-    return {"source": job.retry.source, "statuses": statuses,
-            "rows_retried": sum(counts.get(s, 0) for s in statuses),
-            "changes": describe_changes(
-                _job_parts(checkpoint.read_plan(source).fingerprint_parts),
-                _job_parts(plan.fingerprint_parts))}
+    return RetrySummary(source=job.retry.source, statuses=statuses,
+                        rows_retried=sum(counts.get(s, 0) for s in statuses),
+                        changes=describe_changes(
+                            _job_parts(checkpoint.read_plan(source).fingerprint_parts),
+                            _job_parts(plan.fingerprint_parts)))
 
 
 def _job_parts(parts: dict[str, str]) -> dict[str, str]:
@@ -121,7 +121,7 @@ class Carry:
         marker = checkpoint.done_stats(self.source, shard_id)
         if marker is None:
             raise RuntimeError(f"{self.source.root}: shard {shard_id} has no done marker")
-        return [join(self.source.data, name) for name in marker["parts"]]
+        return [join(self.source.data, name) for name in marker.parts]
 
     def _read_kept(self, parts: list[str], columns: list[str]) -> pa.Table:
         table = pa.concat_tables(self.source.store.read_columns(p, columns) for p in parts)

@@ -8,7 +8,7 @@ import dataclasses
 import fnmatch
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import PurePath
 
 import pyarrow as pa
@@ -205,31 +205,6 @@ def check_platform(job: JobSpec) -> list[str]:
             "softmax LSE, which decode context parallel needs (use 1 on CPU)"]
 
 
-def check_scale(job: JobSpec) -> list[str]:
-    """K workers are runs of a deployment, so they need a Prefect server that has it;
-    without this check the job would fail only after planning, at the first start."""
-    if job.scale.workers == 1:
-        return []
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-    from prefect.settings import PREFECT_API_URL
-
-    name, url = job.scale.worker_deployment, PREFECT_API_URL.value()
-    if not url:
-        return [f"scale.workers: {job.scale.workers} workers are runs of the deployment "
-                f"{name!r} and need a Prefect server: set PREFECT_API_URL to one where "
-                "deployments/prefect.yaml is deployed, or use scale.workers: 1"]
-    try:
-        with get_client(sync_client=True) as client:
-            client.read_deployment_by_name(name)
-    except ObjectNotFound:
-        return [f"scale.worker_deployment: {name!r} is not deployed on {url} "
-                "(`prefect deploy --all` in deployments/ deploys it)"]
-    except Exception as e:
-        return [f"scale.workers: cannot reach the Prefect server at {url}: {type(e).__name__}: {e}"]
-    return []
-
-
 def check_job(job: JobSpec, failed: frozenset[str] = frozenset()) -> list[str]:
     """Every problem at once. `failed` names the sections that did not validate (their
     values are defaults, see JobFileError.partial): a check that needs one is skipped,
@@ -259,17 +234,18 @@ def check_job(job: JobSpec, failed: frozenset[str] = frozenset()) -> list[str]:
         errors += check_vllm(job)
     if valid("engine"):
         errors += check_platform(job)
-    if valid("scale"):
-        errors += check_scale(job)
     if not failed:
         errors += check_retry(job)
     return errors
 
 
-def checked_job(load: Callable[[], JobSpec]) -> JobSpec:
+def checked_job(load: Callable[[], JobSpec],
+                more: Sequence[Callable[[JobSpec], list[str]]] = ()) -> JobSpec:
     """The job `load` reads, or one JobFileError with every problem: pydantic's and those
     of every check whose sections validated. Callers run it before any flow starts, so a
-    refusal is a message and exit 2, never a crashed flow."""
+    refusal is a message and exit 2, never a crashed flow. `more` are the caller's own
+    checks (flows/checks.py adds the Prefect server's); a failed section is at its
+    defaults there."""
     failed: frozenset[str] = frozenset()
     errors: list[str] = []
     try:
@@ -279,6 +255,7 @@ def checked_job(load: Callable[[], JobSpec]) -> JobSpec:
             raise
         job, failed, errors = e.partial, e.failed, list(e.errors)
     errors += check_job(job, failed)
+    errors += [e for check in more for e in check(job)]
     if errors:
         raise JobFileError(errors)
     return job

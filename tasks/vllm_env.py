@@ -4,6 +4,8 @@ vLLM's own logging set-up (`logging.config.dictConfig`) flushes every existing
 handler while holding the logging lock; inside a Prefect flow one of those is
 Prefect's API log handler, which needs that lock too, so `LLM(...)` hangs forever.
 We turn vLLM's set-up off and give its loggers a plain stderr handler ourselves.
+Each entry point calls it first (the CLI's main, the two flows' bodies): vLLM is only
+ever imported inside functions, so no import needs to come after it.
 """
 
 from __future__ import annotations

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from thinkbatch.schemas.job_file import resolve_raw
+from thinkbatch.tasks import trace
 
 os.environ["VLLM_CONFIGURE_LOGGING"] = "0"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -26,35 +29,22 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 MODEL_DIR_ENV = "THINKBATCH_TINY_MODEL"
 
 # Forces Kimi-format text out of random weights: reasoning in think tags, then either
-# an answer or one tool call in Kimi's section/call markers.
-KIMI_REGEX = (
-    r"<think>[a-z]{1,8}( [a-z]{1,8}){0,4}</think>"
-    r"(answer [a-z]{1,8}( [a-z]{1,8}){0,3}"
-    r"|<\|tool_calls_section_begin\|><\|tool_call_begin\|>functions\.get_weather:0"
-    r"<\|tool_call_argument_begin\|>\{\"city\": \"[a-z]{1,8}\"\}<\|tool_call_end\|>"
-    r"<\|tool_calls_section_end\|>)"
-)
+# an answer or one tool call in Kimi's section/call markers. The demos' preset holds it.
+KIMI_REGEX = resolve_raw({}, preset="random-miniature")["sampling"]["structured_outputs"]["regex"]
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from thinkbatch.tasks.tiny_model import write_tiny_model
+    from miniature.tiny_model import write_tiny_model
 
     target = os.environ.get(MODEL_DIR_ENV) or str(tmp_path_factory.mktemp("models") / "tiny-kimi")
     return str(write_tiny_model(target))
 
 
-def engine_section(model: str, **over: Any) -> dict[str, Any]:
-    """The one engine spec the in-process engine tests share."""
-    return {
-        "model": model,
-        "load_format": "dummy",
-        "max_model_len": 1024,
-        "kv_cache_memory_bytes": 256 * 2**20,
-        "max_in_flight": 64,
-        "extra_args": {"block_size": 16, "enforce_eager": True},
-        **over,
-    }
+def engine_section(model: str, preset: str = "random-miniature", **over: Any) -> dict[str, Any]:
+    """The one engine spec the in-process engine tests share: the CPU settings the demos
+    name (deployments/presets/), the model, then `over`."""
+    return {**resolve_raw({}, preset=preset)["engine"], "model": model, **over}
 
 
 def write_prompts(path: Path, rows: list[dict[str, Any]], row_group_size: int = 64) -> Path:
@@ -108,33 +98,32 @@ def write_job(path: Path, job: dict[str, Any]) -> Path:
 
 
 CLI = [sys.executable, "-m", "thinkbatch.flows.cli"]
-SUBMITTED = re.compile(r"submitted row (\d+)")
 
 
 def kill_after_first_commit(job: Path | list[str], env: dict[str, str] | None = None) -> set[int]:
     """Run `thinkbatch run JOB` (or the command given as a list of arguments), SIGKILL its
     process group right after its first commit; returns the row indices it had submitted
-    to the engine by then."""
-    env = {**os.environ, **(env or {}), "THINKBATCH_LOG_LEVEL": "DEBUG"}
+    to the engine by then, as its trace (tasks/trace.py) tells."""
     args = job if isinstance(job, list) else ["run", str(job)]
-    proc = subprocess.Popen([*CLI, *args, "--no-progress"], env=env,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
-    submitted: set[int] = set()
-    try:
-        for line in proc.stderr:
-            if m := SUBMITTED.search(line):
-                submitted.add(int(m.group(1)))
-            if "committed" in line and "rows of shard" in line:
+    with tempfile.TemporaryDirectory() as tmp:
+        path, log = Path(tmp, "trace.jsonl"), Path(tmp, "stderr")
+        with log.open("w") as stderr:
+            proc = subprocess.Popen([*CLI, *args, "--no-progress"],
+                                    env={**os.environ, **(env or {}), trace.ENV: str(path)},
+                                    stderr=stderr, stdout=subprocess.DEVNULL,
+                                    start_new_session=True)
+        try:
+            for event in trace.follow(path, lambda: proc.poll() is None):
+                if event["event"] == trace.COMMITTED:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    break
+        finally:
+            if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-                break
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    submitted.update(int(m.group(1)) for m in SUBMITTED.finditer(proc.stderr.read()))
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    return submitted
+            proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, \
+            f"the run ended before it could be killed:\n{log.read_text()[-3000:]}"
+        return {e["row"] for e in trace.read(path) if e["event"] == trace.SUBMITTED}
 
 
 class S3Endpoint:

@@ -43,7 +43,9 @@ def test_wheel_ships_presets_and_templates_and_loads_a_preset(tmp_path: Path) ->
         for p in ROOT.glob(pattern)]
     assert "deployments/presets/kimi-k2-thinking.yaml" in shipped
     assert {f"thinkbatch/{p}" for p in shipped} <= names
-    assert "thinkbatch/tasks/tiny_model.py" in names  # carries the miniature's chat template
+    assert "deployments/presets/cpu-miniature.yaml" in shipped
+    # The miniature kit (miniature/) serves a checkout's demos, tests and benchmarks only.
+    assert not [n for n in names if "tiny" in n or n.startswith("miniature/")], names
 
     target = tmp_path / "site"
     subprocess.run([*PIP, "install", "--no-deps", "--no-index", "--target", str(target),

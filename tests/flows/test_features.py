@@ -75,7 +75,7 @@ def test_per_row_sampling_thinking_and_structured_outputs(tiny_model: str, prefe
     assert "+ max_tokens 256 exceeds max_model_len 1024" in long["error"]
     assert long["completion_tokens"] is None
     assert invalid["status"] == "invalid_input" and "sampling.temperature" in invalid["error"]
-    assert manifest["status_counts"]["ok"] == 3
+    assert manifest.status_counts["ok"] == 3
 
 
 def test_json_schema_answers_are_validated_and_reparse_uses_other_parsers(

@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import engine_section, job_dict, prompt_rows, write_prompts
 from thinkbatch.flows.job import generate_dataset
+from thinkbatch.schemas.manifest import Manifest
 from thinkbatch.schemas.output import output_schema
 
 pytestmark = pytest.mark.engine
@@ -27,7 +28,7 @@ ANSWER = re.compile(r"answer [a-z]{1,8}( [a-z]{1,8}){0,3}")
 
 
 @pytest.fixture(scope="module")
-def e2e(tiny_model: str, prefect_harness, tmp_path_factory) -> tuple[dict, Path, list[dict]]:
+def e2e(tiny_model: str, prefect_harness, tmp_path_factory) -> tuple[Manifest, Path, list[dict]]:
     root = tmp_path_factory.mktemp("e2e")
     rows = []
     for k, n in enumerate((120, 80, 100)):
@@ -102,7 +103,7 @@ def test_rerun_of_a_finished_job_changes_nothing(e2e) -> None:
     job = json.loads((out / "_manifest.json").read_text())["config"]
     again = generate_dataset(job)
     assert sorted(p.name for p in (out / "data").iterdir()) == before
-    assert again["rows"] == len(rows) and again["this_run"]["rows_generated"] == 0
+    assert again.rows == len(rows) and again.this_run.rows_generated == 0
 
 
 def test_bad_rows_become_rows_with_reasons(tiny_model: str, prefect_harness, tmp_path: Path) -> None:
@@ -127,4 +128,4 @@ def test_bad_rows_become_rows_with_reasons(tiny_model: str, prefect_harness, tmp
                         ("empty", "non-empty string")]:
         assert got[key]["status"] == "invalid_input" and reason in got[key]["error"], got[key]
     assert got["too-long"]["status"] == "prompt_too_long", got["too-long"]
-    assert manifest["status_counts"] == {"invalid_input": 4, "ok": 1, "prompt_too_long": 1}
+    assert manifest.status_counts == {"invalid_input": 4, "ok": 1, "prompt_too_long": 1}

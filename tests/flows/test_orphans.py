@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import CLI, engine_section, job_dict, prompt_rows, write_job, write_prompts
 from tests.processes import cmdline, left_alive, tree
+from thinkbatch.tasks import trace
 
 pytestmark = pytest.mark.engine
 
@@ -28,12 +29,14 @@ def test_a_sigkilled_run_leaves_no_process_behind_then_tp2_finishes(
         engine_section(tiny_model, tensor_parallel_size=2, max_in_flight=16),
         output={"flush_rows": 16}, shards={"rows_per_shard": 100}))
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_OMP_THREADS_BIND"}
-    proc = subprocess.Popen([*CLI, "run", str(job), "--no-progress"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    path = tmp_path / "trace.jsonl"
+    proc = subprocess.Popen([*CLI, "run", str(job), "--no-progress"],
+                            env={**env, trace.ENV: str(path)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     started: dict[int, str] = {}
     try:
-        for line in proc.stdout:
-            if "committed" in line and "rows of shard" in line:  # generating
+        for event in trace.follow(path, lambda: proc.poll() is None):
+            if event["event"] == trace.COMMITTED:  # generating
                 started = tree(proc.pid)
                 os.kill(proc.pid, signal.SIGKILL)  # the process only, as `kill -9` does
                 break

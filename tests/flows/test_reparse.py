@@ -36,7 +36,7 @@ def test_reparse_keeps_a_rows_thinking_off_and_a_stored_invalid_input(
     assert first["q00002"]["status"] == "invalid_input"
 
     again = reparse_job(str(tmp_path / "out"), str(tmp_path / "re"), "kimi_k2", "kimi_k2")
-    generate_dataset(again.model_dump(mode="json", by_alias=True))
+    generate_dataset(again)
     got = _rows(tmp_path / "re")
     assert sorted(got) == sorted(first)
     assert (got["q00000"]["reasoning"], got["q00000"]["answer"]) == ("sum", "answer four")

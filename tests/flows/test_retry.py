@@ -47,7 +47,7 @@ def _retry(src: str, new: str, statuses: list[str], sets: list[str]) -> dict:
     from thinkbatch.tasks.retry import retry_job
 
     job = retry_job(src, new, statuses, sets)
-    return generate_dataset(job.model_dump(mode="json", by_alias=True))
+    return generate_dataset(job)
 
 
 def _source_rows() -> list[dict]:
@@ -91,7 +91,7 @@ def source(tmp_path_factory, tiny_model: str, prefect_harness) -> tuple[Path, st
     from thinkbatch.flows.job import generate_dataset
 
     root = tmp_path_factory.mktemp("retry-source")
-    counts = generate_dataset(_source_job(root, str(root / "src"), tiny_model))["status_counts"]
+    counts = generate_dataset(_source_job(root, str(root / "src"), tiny_model)).status_counts
     assert counts["invalid_input"] and counts["parse_error"] and counts["ok"], counts
     return root, str(root / "src")
 
@@ -118,12 +118,12 @@ def test_retry_regenerates_only_the_listed_statuses(source, tmp_path: Path) -> N
 
     _check_retried(src, new, {"invalid_input"})
     old = _manifest(src)["status_counts"]
-    assert manifest["retry"] == {
+    assert manifest.retry.model_dump() == {
         "source": src, "statuses": ["invalid_input"], "rows_retried": old["invalid_input"],
         "changes": ['engine.replay_column: "raw_text" -> "fixed_text"']}
-    assert manifest["status_counts"] == {"ok": old["ok"] + old["invalid_input"],
+    assert manifest.status_counts == {"ok": old["ok"] + old["invalid_input"],
                                          "parse_error": old["parse_error"]}
-    assert manifest["this_run"]["rows_generated"] == old["invalid_input"]  # copies not counted
+    assert manifest.this_run.rows_generated == old["invalid_input"]  # copies not counted
     assert f"retry of {src}: {old['invalid_input']} rows (invalid_input)" in summary(manifest)
 
 
@@ -221,7 +221,7 @@ def test_retry_on_s3(s3, tiny_model: str, prefect_harness, tmp_path: Path) -> No
     src, new = f"s3://{bucket}/src", f"s3://{bucket}/new"
     generate_dataset(_source_job(tmp_path, src, tiny_model, rows=300))
     manifest = _retry(src, new, ["invalid_input"], ["engine.replay_column=fixed_text"])
-    assert manifest["retry"]["source"] == src
+    assert manifest.retry.source == src
     _check_retried(src, new, {"invalid_input"})
     assert {k.split("/")[1] for k in s3.keys(bucket, "new/")} == {
         "_plan.json", "_manifest.json", "_shards", "data"}
@@ -238,13 +238,13 @@ def test_truncated_rows_retried_with_more_tokens(tiny_model: str, prefect_harnes
     src, new = str(tmp_path / "src"), str(tmp_path / "new")
     job = job_dict(tmp_path / "in.parquet", tmp_path / "src", engine_section(tiny_model),
                    shards={"rows_per_shard": 25}, sampling={"max_tokens": 24})
-    counts = generate_dataset(job)["status_counts"]
+    counts = generate_dataset(job).status_counts
     assert counts.get("truncated") and counts.get("ok"), counts
 
     manifest = _retry(src, new, ["truncated"], ["sampling.max_tokens=256"])
-    assert manifest["status_counts"] == {"ok": 60}
-    assert manifest["retry"]["changes"] == ["sampling.max_tokens: 24 -> 256"]
-    assert manifest["this_run"]["rows_generated"] == counts["truncated"]
+    assert manifest.status_counts == {"ok": 60}
+    assert manifest.retry.changes == ["sampling.max_tokens: 24 -> 256"]
+    assert manifest.this_run.rows_generated == counts["truncated"]
     before, after = _table(src), _table(new)
     assert after.select(KEY).equals(before.select(KEY))
     finished = pc.equal(before.column("status"), "ok")

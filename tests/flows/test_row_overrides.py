@@ -50,7 +50,7 @@ def test_overrides_vllm_refuses_become_invalid_input_rows(tiny_model: str, prefe
             assert row["completion_tokens"] is None
         else:
             assert row["status"] == "ok" and row["error"] is None, row
-    assert manifest["status_counts"] == {"ok": 4, "invalid_input": 6}
+    assert manifest.status_counts == {"ok": 4, "invalid_input": 6}
 
 
 def test_openai_tool_call_conversations_generate(tiny_model: str, prefect_harness,

@@ -98,7 +98,7 @@ def test_endpoint_down_for_seconds_mid_run_loses_nothing(s3, tiny_model: str, pr
     finished_at = time.monotonic()
     breaker.join()
     assert down_at and down_at[0] + 3 < finished_at  # the run lived through the outage
-    assert manifest["rows"] == len(ids)
+    assert manifest.rows == len(ids)
     assert sorted(_output(s3, bucket).column("id").to_pylist()) == sorted(ids)
 
 

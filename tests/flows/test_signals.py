@@ -16,8 +16,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import (CLI, SUBMITTED, engine_section, job_dict, prompt_rows, write_job,
-                            write_prompts)
+from tests.conftest import CLI, engine_section, job_dict, prompt_rows, write_job, write_prompts
+from thinkbatch.tasks import trace
 
 STOPPED = re.compile(r"^thinkbatch: stopped by (SIG\w+); (\d+) rows committed, "
                      r"rerun the same command to resume$")
@@ -25,29 +25,30 @@ STOPPED = re.compile(r"^thinkbatch: stopped by (SIG\w+); (\d+) rows committed, "
 
 def _signal_after_first_commit(job: Path, sig: signal.Signals,
                                group: bool) -> tuple[int, str, set[int], float]:
-    """Run the job, send `sig` right after its first commit; returns the exit code, the
-    output, the rows submitted to the engine and the seconds from signal to exit."""
-    env = {**os.environ, "THINKBATCH_LOG_LEVEL": "DEBUG"}
-    proc = subprocess.Popen([*CLI, "run", str(job), "--no-progress"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    lines: list[str] = []
+    """Run the job, send `sig` right after its first commit (its trace tells); returns
+    the exit code, the output, the rows submitted to the engine and the seconds from
+    signal to exit."""
+    path, log = job.with_suffix(".trace.jsonl"), job.with_suffix(".log")
+    with log.open("w") as output:
+        proc = subprocess.Popen([*CLI, "run", str(job), "--no-progress"],
+                                env={**os.environ, trace.ENV: str(path)}, stdout=output,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     sent = 0.0
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if not sent and "committed" in line and "rows of shard" in line:
+        for event in trace.follow(path, lambda: proc.poll() is None):
+            if event["event"] == trace.COMMITTED:
                 (os.killpg if group else os.kill)(proc.pid, sig)
                 sent = time.monotonic()
+                break
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    took = time.monotonic() - sent
     assert sent, "the run ended before its first commit"
-    out = "".join(lines)
-    return proc.returncode, out, {int(m) for m in SUBMITTED.findall(out)}, \
-        time.monotonic() - sent
+    submitted = {e["row"] for e in trace.read(path) if e["event"] == trace.SUBMITTED}
+    return proc.returncode, log.read_text(), submitted, took
 
 
 def _row_indices(parts: set[Path]) -> list[int]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from tests.conftest import prompt_rows, write_prompts
 from thinkbatch.schemas.job_file import load_job
+from thinkbatch.schemas.manifest import ShardStats
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.tasks import checkpoint
 from thinkbatch.tasks.checkpoint import OutputLayout, ResumeRefused
@@ -46,7 +48,7 @@ def _row(i: int, status: str = "ok") -> dict:
 
 def test_committer_parts_are_atomic_and_counted(tmp_path: Path) -> None:
     layout = OutputLayout(str(tmp_path / "out"), LOCAL)
-    done: dict[int, dict] = {}
+    done: dict[int, ShardStats] = {}
     c = Committer(layout, output_schema(), flush_rows=4, flush_seconds=60, compression="zstd",
                   on_shard_done=lambda s, stats: done.__setitem__(s, stats),
                   may_commit=lambda shard_id: True)
@@ -59,9 +61,11 @@ def test_committer_parts_are_atomic_and_counted(tmp_path: Path) -> None:
     assert checkpoint.committed_keys(layout, 0) == {(i, 0) for i in range(10)}
     assert checkpoint.committed_keys(layout, 1) == set()  # buffered, never committed
     assert checkpoint.done_stats(layout, 0) == done[0]
-    assert done[0].pop("parts") == [p.rsplit("/", 1)[-1] for p in layout.parts_of(0)]
-    assert done == {0: {"rows": 10, "status": {"invalid_input": 4, "ok": 6},
-                        "prompt_tokens": 30, "completion_tokens": 50}}
+    # The marker keeps the keys earlier versions wrote, so their outputs resume.
+    assert json.loads(LOCAL.read_bytes(layout.done_marker(0))) == {
+        "rows": 10, "status": {"invalid_input": 4, "ok": 6}, "prompt_tokens": 30,
+        "completion_tokens": 50, "parts": [p.rsplit("/", 1)[-1] for p in layout.parts_of(0)]}
+    assert list(done) == [0]
     table = pa.concat_tables(pq.read_table(p) for p in layout.parts_of(0))
     assert table.schema.names == output_schema().names
 
@@ -89,7 +93,7 @@ def test_duplicate_rows_from_a_fenced_out_writer_are_compacted_and_orphans_swept
     write([_row(1, "invalid_input"), _row(2)])  # row 1 again: a zombie's part slipped in
     stats = checkpoint.mark_done(layout, 0)
     parts = layout.parts_of(0)
-    assert len(parts) == 1 and stats["parts"] == [parts[0].rsplit("/", 1)[-1]]
+    assert len(parts) == 1 and stats.parts == [parts[0].rsplit("/", 1)[-1]]
     table = LOCAL.read_columns(parts[0], ["row_index", "status"]).sort_by("row_index")
     assert table.column("row_index").to_pylist() == [0, 1, 2]  # row 1 once: one copy kept
     write([_row(2)])  # the zombie again, after the shard was done

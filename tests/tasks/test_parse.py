@@ -4,7 +4,7 @@ import pytest
 
 from thinkbatch.schemas.job import ParserSpec
 from thinkbatch.schemas.output import Status
-from thinkbatch.tasks.engine import Generation
+from thinkbatch.schemas.record import Generation
 from thinkbatch.tasks.parse import OutputParser
 
 KIMI = ParserSpec(reasoning="kimi_k2", tool_call="kimi_k2")

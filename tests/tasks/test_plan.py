@@ -73,20 +73,20 @@ def test_fingerprint_follows_outputs_not_speed(tmp_path: Path) -> None:
 
 
 def test_every_page_of_a_prefix_listing_is_planned(s3) -> None:
-    """Listing follows pagination (pages of 10 keys here, S3's 1,000 by default); every
+    """Listing follows pagination (pages of 4 keys here, S3's 1,000 by default); every
     footer is read."""
     bucket = s3.bucket("many-inputs")
     sink = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(prompt_rows(3)), sink)
     client = s3.client()
-    for i in range(35):
+    for i in range(10):
         client.put_object(Bucket=bucket, Key=f"prompts/{i:05d}.parquet", Body=sink.getvalue())
-    store = Storage(page_size=10)
+    store = Storage(page_size=4)
     pages: list[int] = []
     store._s3.client.meta.events.register(
         "after-call.s3.ListObjectsV2", lambda parsed, **_: pages.append(parsed["KeyCount"]))
     plan = make_plan(_job(f"s3://{bucket}/prompts/", 1000), store)  # type: ignore[arg-type]
-    assert pages == [10, 10, 10, 5]
-    assert len(plan.files) == 35 and plan.total_rows == 105
-    assert plan.files[-1].path == f"s3://{bucket}/prompts/00034.parquet"
+    assert pages == [4, 4, 2]
+    assert len(plan.files) == 10 and plan.total_rows == 30
+    assert plan.files[-1].path == f"s3://{bucket}/prompts/00009.parquet"
     assert all(f.version for f in plan.files)  # ETags, for the fingerprint

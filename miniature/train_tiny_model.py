@@ -1,13 +1,13 @@
 """Train the miniature Kimi-K2 on the synthetic tasks, so its greedy output makes sense.
 
-The random-weight miniature of `tasks/tiny_model.py` exercises the code paths but
+The random-weight miniature of `miniature/tiny_model.py` exercises the code paths but
 emits noise. This script trains the same architecture (transformers'
 ``DeepseekV3ForCausalLM``: MLA with kv_lora_rank 512 and rope dim 64, one dense layer
-then one MoE layer of 8 routed experts + 1 shared) on `tasks/tiny_tasks.py`, so that
+then one MoE layer of 8 routed experts + 1 shared) on `miniature/tiny_tasks.py`, so that
 it thinks in ``<think>`` tags, then answers arithmetic word problems or calls a tool
 in Kimi-K2-Thinking's tool-call format. vLLM's CPU build loads the result with real
-weights, given ``tiny_tasks.VLLM_CPU_EXTRA_ARGS``; ``assets/tiny-kimi-thinking/`` is its
-output.
+weights, given the engine settings of the `trained-miniature` preset;
+``assets/tiny-kimi-thinking/`` is its output.
 
 Settings: hidden 256, 4 heads, 2 layers, vocab 1024 (2.9 M parameters, 5.7 MB in
 bfloat16); AdamW, lr 2e-3 with 50 warm-up steps and cosine decay, 1000 steps of 32
@@ -17,7 +17,7 @@ same on every run (loss 6.9668 at step 0, 0.9097 at step 50, 0.0004 at the end; 
 wrote byte-identical weights).
 Time: 10.5 min on a 2-core machine (one thread; the other core was mostly idle).
 
-    python -m thinkbatch.tasks.train_tiny_model OUT_DIR [--steps N]
+    python -m miniature.train_tiny_model OUT_DIR [--steps N]
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedTokenizerFast
 
-from thinkbatch.tasks.tiny_model import MARKER, write_tiny_model
-from thinkbatch.tasks.tiny_tasks import SYSTEM_PROMPTS, Task, tasks
+from miniature.tiny_model import MARKER, write_tiny_model
+from miniature.tiny_tasks import SYSTEM_PROMPTS, Task, tasks
 
 SEED = 0
 SETTINGS: dict[str, Any] = {"layers": 2, "hidden_size": 256, "heads": 4, "routed_experts": 8,

@@ -5,7 +5,7 @@ DeepseekV3 / MLA / MoE code paths, the Kimi chat template and the
 ``kimi_k2`` reasoning and tool parsers without downloading anything:
 the config is written by hand and the tokenizer is trained here.
 
-    python -m thinkbatch.tasks.tiny_model OUT_DIR
+    python -m miniature.tiny_model OUT_DIR
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ _WORDS = (
     "result return name value true false null number string object array type "
     "properties required description reasoning think step let me check get search "
     "Paris London Tokyo Berlin Rome Madrid degrees celsius fahrenheit json output "
-    # The synthetic tasks of tasks/tiny_tasks.py, which the trained miniature learns.
+    # The synthetic tasks of miniature/tiny_tasks.py, which the trained miniature learns.
     "Sam Ana Li Omar Mia Ravi Zoe Ken Ada Tom apples books coins pens cards eggs shells "
     "stamps has had buys found more many now does box adds gets Monday Tuesday total "
     "gives away left sold remain takes still write carry borrow Answer "

@@ -5,7 +5,7 @@ Writes held-out prompts (never trained on), runs them through examples/demo.yaml
 the expected answer or tool call, and writes the figures to
 benchmarks/results/tiny_model_eval.json.
 
-    .venv/bin/python examples/eval_tiny_model.py [--model assets/tiny-kimi-thinking] [--rows 200]
+    .venv/bin/python -m miniature.eval_tiny_model [--model assets/tiny-kimi-thinking] [--rows 200]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from thinkbatch.tasks.tiny_tasks import heldout_rows, score, summarize
+from miniature.tiny_tasks import heldout_rows, score, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "tiny_model_eval.json"

@@ -2,7 +2,7 @@
 the output says, not only its shape. Greedy decoding on held-out prompts; the bounds sit
 below the figures measured on 200 prompts (benchmarks/results/tiny_model_eval.json), so
 they fail when the model, the chat template, the engine (e.g. vLLM's CPU rotary kernel,
-see tiny_tasks.VLLM_CPU_EXTRA_ARGS) or the kimi_k2 parsers break."""
+see deployments/presets/trained-miniature.yaml) or the kimi_k2 parsers break."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
+from miniature.tiny_tasks import ITEMS, heldout_rows, score, summarize
 from tests.conftest import engine_section, job_dict, write_prompts
 from thinkbatch.flows.job import generate_dataset
-from thinkbatch.tasks.tiny_tasks import ITEMS, VLLM_CPU_EXTRA_ARGS, heldout_rows, score, summarize
 
 pytestmark = pytest.mark.engine
 
@@ -30,8 +30,7 @@ def rows(prefect_harness, tmp_path_factory) -> list[dict]:
     root = tmp_path_factory.mktemp("trained")
     write_prompts(root / "in.parquet", heldout_rows(ROWS))
     job = job_dict(
-        root / "in.parquet", root / "out", engine_section(str(MODEL), load_format="auto",
-                                                        extra_args=VLLM_CPU_EXTRA_ARGS),
+        root / "in.parquet", root / "out", engine_section(str(MODEL), "trained-miniature"),
         input={"passthrough_columns": ["kind", "expected"]},
         sampling={"temperature": 0.0, "max_tokens": 160, "structured_outputs": None},
     )

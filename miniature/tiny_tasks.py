@@ -12,7 +12,7 @@ Every task has a key: for math the operation and the two numbers, for tools the 
 arguments and the question's template. A stable hash of the key puts it in the train or
 held-out split, so no held-out sum and no held-out question is ever trained on.
 
-    python -m thinkbatch.tasks.tiny_tasks OUT_DIR [N]   # held-out prompts as Parquet
+    python -m miniature.tiny_tasks OUT_DIR [N]   # held-out prompts as Parquet
 """
 
 from __future__ import annotations
@@ -70,16 +70,6 @@ CONVERT_TEMPLATES = (
 SYSTEM_PROMPTS = (None, "You are a careful assistant. Think, then answer or call a tool.",
                   "You are a helpful assistant.")
 HELD_OUT_PERCENT = 20
-
-# vLLM engine arguments for the trained model on the CPU build. vLLM 0.32's CPU
-# rotary-embedding kernel assumes contiguous heads, but MLA hands it strided views
-# (q's rope half, k_pe inside the latent), so positions come out scrambled: fine for
-# random weights, fatal for trained ones. vLLM's PyTorch rotary (the op disabled) is exact.
-VLLM_CPU_EXTRA_ARGS: dict[str, Any] = {
-    "block_size": 16,
-    "enforce_eager": True,
-    "compilation_config": {"custom_ops": ["-rotary_embedding"]},
-}
 _NUMBER = re.compile(r"-?\d+")
 
 Kind = Literal["math", "tool"]

@@ -1,0 +1,40 @@
+"""The job's checks as the CLI and the flows run them, before any model loads: those of
+tasks/validate.py (the job, its inputs and output, vLLM's registries), plus the one that
+asks the Prefect server, which is why it lives here and not in the Prefect-free tasks/."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from thinkbatch.schemas.job import JobSpec
+from thinkbatch.tasks import validate
+
+
+def check_scale(job: JobSpec) -> list[str]:
+    """K workers are runs of a deployment, so they need a Prefect server that has it;
+    without this check the job would fail only after planning, at the first start."""
+    if job.scale.workers == 1:
+        return []
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    name, url = job.scale.worker_deployment, PREFECT_API_URL.value()
+    if not url:
+        return [f"scale.workers: {job.scale.workers} workers are runs of the deployment "
+                f"{name!r} and need a Prefect server: set PREFECT_API_URL to one where "
+                "deployments/prefect.yaml is deployed, or use scale.workers: 1"]
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        return [f"scale.worker_deployment: {name!r} is not deployed on {url} "
+                "(`prefect deploy --all` in deployments/ deploys it)"]
+    except Exception as e:
+        return [f"scale.workers: cannot reach the Prefect server at {url}: {type(e).__name__}: {e}"]
+    return []
+
+
+def checked_job(load: Callable[[], JobSpec]) -> JobSpec:
+    """The job `load` reads, or one JobFileError with every problem, the server's too."""
+    return validate.checked_job(load, more=(check_scale,))
