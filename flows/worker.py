@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
+from pathlib import Path
 from typing import Annotated
 
 from prefect import flow, task
@@ -36,6 +37,7 @@ from thinkbatch.tasks.pipeline import Pipeline
 from thinkbatch.tasks.read import input_schema
 from thinkbatch.tasks.stop import Stopped, StopSignals
 from thinkbatch.tasks.storage import Storage
+from thinkbatch.tasks.tools import Toolbox
 from thinkbatch.tasks.vllm_env import prepare_vllm_env
 
 # The job as a flow parameter: Prefect validates it into a JobSpec before the flow runs.
@@ -61,19 +63,34 @@ def run_shard(done: Future[ShardStats], shard_id: int) -> ShardStats | State:
 
 def open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: ShardClaims,
                   show_progress: bool) -> tuple[Pipeline, float]:
+    """The engine, and for a rollout job its tools (opened first: a tool source that
+    fails costs no model load); the pipeline closes the tools when it ends."""
+    toolbox = Toolbox.open(job.rollout, Path.cwd()) if job.rollout else None
+    try:
+        return _open_pipeline(job, layout, plan, claims, show_progress, toolbox)
+    except BaseException:
+        if toolbox is not None:
+            toolbox.close()
+        raise
+
+
+def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: ShardClaims,
+                   show_progress: bool, toolbox: Toolbox | None) -> tuple[Pipeline, float]:
     started = time.monotonic()
     engine = get_engine(job.engine)
     load_s = time.monotonic() - started
     parser = OutputParser(job.parsers, engine.tokenizer, job.engine.model)
     schema = output_schema(input_schema(layout.store, plan, job.input.passthrough_columns)
-                           if job.input.passthrough_columns else None)
+                           if job.input.passthrough_columns else None,
+                           rollout=job.rollout is not None)
     done = checkpoint.done_shards(layout)
     done_rows = sum(s.num_rows for s in plan.shards if s.shard_id in done)
     progress = report.Progress(total=plan.total_rows, already_done=done_rows,
                                enabled=show_progress)
     pipeline = Pipeline(job, plan, layout, engine, parser, schema, progress,
                         may_commit=claims.still_ours,
-                        restart_engine=lambda dead: restart_engine(job.engine, dead))
+                        restart_engine=lambda dead: restart_engine(job.engine, dead),
+                        toolbox=toolbox)
     return pipeline, load_s
 
 

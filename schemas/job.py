@@ -13,6 +13,7 @@ from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo
                       field_validator, model_validator)
 
 from thinkbatch.schemas.output import Status
+from thinkbatch.schemas.rollout import RolloutSpec
 
 
 class _Strict(BaseModel):
@@ -252,6 +253,10 @@ class JobSpec(_Strict):
         default=None, description="Name of a preset merged under this file.",
         json_schema_extra={"speed_only": True})
     retry: RetrySpec | None = None
+    rollout: RolloutSpec | None = Field(
+        default=None, description="Run the model's tool calls and continue each "
+                                  "conversation until it answers (agentic rollouts).",
+        json_schema_extra={"counts_when_set": True})
 
     @model_validator(mode="after")
     def _coherent(self) -> JobSpec:

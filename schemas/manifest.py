@@ -30,6 +30,10 @@ class ShardStats(_Document):
     status: dict[str, int] = {}
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Rollout jobs only: assistant turns, tools run and tools that failed.
+    turns: int | None = None
+    tool_calls_total: int | None = None
+    tool_errors: int | None = None
     parts: list[str]
 
 
@@ -71,6 +75,9 @@ class Manifest(_Document):
     status_counts: dict[str, int]
     prompt_tokens: int
     completion_tokens: int
+    turns: int | None = None  # rollout jobs: the shards' sums
+    tool_calls_total: int | None = None
+    tool_errors: int | None = None
     shards: int
     fingerprint: str
     this_run: RunFigures

@@ -18,6 +18,7 @@ class Status(str, Enum):
     INVALID_INPUT = "invalid_input"  # the row could not become a request
     PROMPT_TOO_LONG = "prompt_too_long"  # prompt + max_tokens exceed max_model_len
     ENGINE_ERROR = "engine_error"  # the engine failed this request
+    MAX_TURNS = "max_turns"  # a rollout still called tools after rollout.max_turns turns
 
 
 # Rows that never had a completion: nothing to re-parse, so a replay keeps them as stored.
@@ -27,9 +28,20 @@ NO_COMPLETION = frozenset({Status.INVALID_INPUT, Status.PROMPT_TOO_LONG, Status.
 TOOL_CALL = pa.struct(
     [("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())]
 )
+TOOL_RESULT = pa.struct([("call_id", pa.string()), ("name", pa.string()),
+                         ("content", pa.string()), ("error", pa.string()),
+                         ("latency_s", pa.float64())])
+TURN = pa.struct([("reasoning", pa.string()), ("answer", pa.string()),
+                  ("tool_calls", pa.list_(TOOL_CALL)), ("tool_results", pa.list_(TOOL_RESULT)),
+                  ("completion_tokens", pa.int32()), ("finish_reason", pa.string())])
+
 
 def _column(arrow: pa.DataType, nullable: bool = True) -> Any:
     return field(metadata={"arrow": arrow, "nullable": nullable})
+
+
+def _rollout_column(arrow: pa.DataType) -> Any:
+    return field(default=None, metadata={"arrow": arrow, "nullable": True, "rollout": True})
 
 
 @dataclass(slots=True)
@@ -56,21 +68,37 @@ class OutputRow:
     # needs them (thinking on/off) and `reparse` reads them back.
     chat_template_kwargs: str | None = _column(pa.string())
     raw_text: str | None = _column(pa.string())
+    # Rollout jobs only (`rollout` set): the whole conversation, one row per conversation.
+    # Single-turn outputs do not have these columns, so their parts keep one schema.
+    turns: list[dict[str, Any]] | None = _rollout_column(pa.list_(TURN))
+    messages: str | None = _rollout_column(pa.string())  # the trajectory, OpenAI JSON
+    num_turns: int | None = _rollout_column(pa.int32())
+    tool_calls_total: int | None = _rollout_column(pa.int32())  # tools run
+    tool_errors: int | None = _rollout_column(pa.int32())  # tools run that failed
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, rollout: bool = False) -> dict[str, Any]:
         """The row as `pa.Table.from_pylist` takes it."""
-        return {f.name: getattr(self, f.name) for f in BASE_FIELDS}
+        return {f.name: getattr(self, f.name)
+                for f in (BASE_FIELDS + ROLLOUT_FIELDS if rollout else BASE_FIELDS)}
 
 
-BASE_FIELDS: list[pa.Field] = [pa.field(f.name, f.metadata["arrow"], f.metadata["nullable"])
-                               for f in fields(OutputRow)]
+def _arrow_fields(rollout: bool) -> list[pa.Field]:
+    return [pa.field(f.name, f.metadata["arrow"], f.metadata["nullable"])
+            for f in fields(OutputRow) if f.metadata.get("rollout", False) == rollout]
+
+
+BASE_FIELDS: list[pa.Field] = _arrow_fields(rollout=False)
+ROLLOUT_FIELDS: list[pa.Field] = _arrow_fields(rollout=True)
 BASE_NAMES = frozenset(f.name for f in BASE_FIELDS)
+ROLLOUT_NAMES = frozenset(f.name for f in ROLLOUT_FIELDS)
 
 
-def output_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
-    """Base fields with the passthrough columns (typed as in the input) after the keys."""
+def output_schema(passthrough: pa.Schema | None = None, rollout: bool = False) -> pa.Schema:
+    """Base fields with the passthrough columns (typed as in the input) after the keys;
+    a rollout job's columns last."""
     extra = list(passthrough) if passthrough is not None else []
-    clash = [f.name for f in extra if f.name in BASE_NAMES]
+    clash = [f.name for f in extra if f.name in BASE_NAMES | (ROLLOUT_NAMES if rollout else set())]
     if clash:
         raise ValueError(f"passthrough columns clash with output columns: {clash}")
-    return pa.schema(BASE_FIELDS[:3] + extra + BASE_FIELDS[3:])
+    return pa.schema(BASE_FIELDS[:3] + extra + BASE_FIELDS[3:]
+                     + (ROLLOUT_FIELDS if rollout else []))

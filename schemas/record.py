@@ -30,6 +30,7 @@ class RowRequest:
     status: Status = Status.INVALID_INPUT  # the status of a row with `error` (replay: as stored)
     allow_special_tokens: bool = False  # the job trusts data that spells control tokens
     replay_finish_reason: str = "stop"  # replay of a stored truncated row: "length"
+    recorded: Any = None  # rollout: the row's recorded tool results (rollout.tools recorded)
 
 
 @dataclass(slots=True)
@@ -53,11 +54,50 @@ class Parsed:
     reasoning_tokens: int | None = None
 
 
+@dataclass(slots=True)
+class Turn:
+    """One assistant turn of a rollout: its generation, its parse, and the results of the
+    tools it called (None when none ran: an answer, or tool calls past max_turns)."""
+
+    gen: Generation
+    parsed: Parsed
+    results: list[ToolResult] | None = None
+
+    def as_struct(self) -> dict[str, Any]:
+        """The turn as an element of the `turns` column."""
+        return {"reasoning": self.parsed.reasoning, "answer": self.parsed.answer,
+                "tool_calls": self.parsed.tool_calls,
+                "tool_results": ([{"call_id": r.call_id, "name": r.name, "content": r.content,
+                                   "error": r.error, "latency_s": r.latency_s}
+                                  for r in self.results] if self.results is not None else None),
+                "completion_tokens": len(self.gen.token_ids) if self.gen.token_ids else None,
+                "finish_reason": self.gen.finish_reason}
+
+
+@dataclass(slots=True)
+class Trajectory:
+    """A finished rollout conversation: its messages in OpenAI chat format (the input's,
+    then each assistant turn and tool result), its turns, and its wall time."""
+
+    messages: list[dict[str, Any]]
+    turns: list[Turn]
+    latency_s: float
+
+
+def _total(values: list[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
 def output_row(job: JobSpec, req: RowRequest, sample: int, parsed: Parsed,
-               gen: Generation | None) -> dict[str, Any]:
+               gen: Generation | None, trajectory: Trajectory | None = None) -> dict[str, Any]:
     """One finished sample of a row as the committer writes it; `gen` is None for a row
     that never reached the engine (its `parsed` says why). Raw text is kept when the job
-    asks or the parse failed, so the row can be inspected or re-parsed."""
+    asks or the parse failed, so the row can be inspected or re-parsed.
+
+    A rollout row (`trajectory`; gen and parsed are its last turn's) counts the tokens of
+    all its turns: prompt tokens as the engine was asked to read them (before prefix
+    caching), the first turn's time to first token, the conversation's wall time."""
     keep_raw = gen is not None and (
         job.output.keep_raw_text or parsed.status in (Status.PARSE_ERROR, Status.SCHEMA_ERROR))
     # A row's own template kwargs (thinking off...) are kept: re-parsing needs them.
@@ -80,4 +120,37 @@ def output_row(job: JobSpec, req: RowRequest, sample: int, parsed: Parsed,
         chat_template_kwargs=json.dumps(req.chat_template_kwargs) if own_kwargs else None,
         raw_text=gen.text if keep_raw else None,
     )
-    return {**dict(zip(job.input.passthrough_columns, req.passthrough)), **row.as_dict()}
+    if trajectory is not None:
+        _fill_rollout(row, trajectory)
+    return {**dict(zip(job.input.passthrough_columns, req.passthrough)),
+            **row.as_dict(rollout=job.rollout is not None)}
+
+
+def _fill_rollout(row: OutputRow, trajectory: Trajectory) -> None:
+    turns = trajectory.turns
+    results = [r for t in turns for r in t.results or ()]
+    row.turns = [t.as_struct() for t in turns]
+    row.messages = json.dumps(trajectory.messages, ensure_ascii=False)
+    row.num_turns = len(turns)
+    row.tool_calls_total = len(results)
+    row.tool_errors = sum(r.error is not None for r in results)
+    row.prompt_tokens = _total([len(t.gen.prompt_token_ids) if t.gen.prompt_token_ids
+                                is not None else None for t in turns])
+    row.completion_tokens = _total([len(t.gen.token_ids) if t.gen.token_ids else None
+                                    for t in turns])
+    row.reasoning_tokens = _total([t.parsed.reasoning_tokens for t in turns])
+    row.ttft_s = turns[0].gen.ttft_s if turns else None
+    row.latency_s = trajectory.latency_s
+
+
+@dataclass(slots=True)
+class ToolResult:
+    """One tool call's outcome (tasks/tools.py). `content` is what the model reads as the
+    tool message: the result text, or the error text when the call failed (`error` then
+    holds the same text); a failed tool is not a failed row."""
+
+    call_id: str
+    name: str
+    content: str
+    error: str | None
+    latency_s: float

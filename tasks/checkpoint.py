@@ -141,18 +141,29 @@ def compact(layout: OutputLayout, shard_id: int, compression: str) -> list[str]:
     return [target]
 
 
+# A rollout part's columns summed into its shard's marker: column -> marker field.
+ROLLOUT_SUMS = {"num_turns": "turns", "tool_calls_total": "tool_calls_total",
+                "tool_errors": "tool_errors"}
+
+
 def shard_stats(layout: OutputLayout, parts: list[str]) -> ShardStats:
-    """Counts by status and token totals of a shard's parts."""
+    """Counts by status and token totals of a shard's parts; a rollout job's parts add
+    their turns, tools run and tool errors."""
     statuses: Counter[str] = Counter()
     prompt_tokens = completion_tokens = rows = 0
+    rollout: dict[str, int] = {}
     for part in parts:
-        t = layout.store.read_columns(part, ["status", "prompt_tokens", "completion_tokens"])
+        file = layout.store.open_parquet(part)
+        sums = [c for c in ROLLOUT_SUMS if c in file.schema_arrow.names]
+        t = file.read(columns=["status", "prompt_tokens", "completion_tokens", *sums])
         rows += t.num_rows
         statuses.update(t.column("status").to_pylist())
         prompt_tokens += _sum(t.column("prompt_tokens"))
         completion_tokens += _sum(t.column("completion_tokens"))
+        for c in sums:
+            rollout[ROLLOUT_SUMS[c]] = rollout.get(ROLLOUT_SUMS[c], 0) + _sum(t.column(c))
     return ShardStats(rows=rows, status=dict(statuses), prompt_tokens=prompt_tokens,
-                      completion_tokens=completion_tokens,
+                      completion_tokens=completion_tokens, **rollout,
                       parts=[p.rsplit("/", 1)[-1] for p in parts])
 
 

@@ -84,6 +84,29 @@ def _rejected(err: Exception) -> RequestRejected:
     return RequestRejected(Status.INVALID_INPUT, f"{type(err).__name__}: {msg}")
 
 
+def as_served(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages as `vllm serve` hands them to the chat template: its request model
+    renames an assistant message's `reasoning_content` (OpenAI's name, the one outputs
+    use) to `reasoning`, which vLLM's chat parsing reads; `LLM.chat` takes messages as
+    they are and would drop that reasoning. Interleaved thinking (a rollout's earlier
+    turns) needs it in the prompt. Tool calls are copied: vLLM's chat parsing decodes
+    their arguments in place, and a conversation's history keeps them as JSON text."""
+    out = []
+    for m in messages:
+        if "reasoning_content" in m or "tool_calls" in m:
+            m = dict(m)
+        if "reasoning_content" in m:
+            reasoning = m.pop("reasoning_content")
+            if reasoning is not None and m.get("reasoning") is None:
+                m["reasoning"] = reasoning
+        if isinstance(m.get("tool_calls"), list):
+            m["tool_calls"] = [{**c, "function": dict(c["function"])}
+                               if isinstance(c, dict) and isinstance(c.get("function"), dict)
+                               else c for c in m["tool_calls"]]
+        out.append(m)
+    return out
+
+
 def cpu_groups(cpus: list[int], groups: int) -> str:
     """`cpus` split into `groups` contiguous shares in VLLM_CPU_OMP_THREADS_BIND's syntax
     ("0|1", "0,1|2,3"); with fewer CPUs than groups, groups share CPUs in turn."""
@@ -158,7 +181,7 @@ class VllmEngine:
 
     def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                 kwargs: dict[str, Any]) -> dict[str, Any]:
-        return self.llm._preprocess_chat_one(messages, tools=tools,
+        return self.llm._preprocess_chat_one(as_served(messages), tools=tools,
                                              chat_template_kwargs=kwargs or None)
 
     def submit(self, key: str, req: RowRequest, params: Any) -> None:

@@ -3,7 +3,9 @@ refused resume can name exactly what changed.
 
 It is derived from the job schema: every field counts unless schemas/job.py marks it
 `speed_only` (and `speed_only_keys` drops those keys of a mapping, e.g. engine.extra_args),
-so a field added later counts without anyone remembering to list it here.
+so a field added later counts without anyone remembering to list it here. An optional
+section added later is marked `counts_when_set`: unset, it adds no part, so outputs
+written before it existed still resume.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def _walk(prefix: str, model: BaseModel, out: dict[str, str]) -> None:
         marks = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         if marks.get("speed_only"):
             continue
+        if marks.get("counts_when_set") and getattr(model, name) is None:
+            continue  # a section added later: unset, outputs written before it still resume
         [(key, value)] = model.model_dump(mode="json", by_alias=True, include={name}).items()
         if isinstance(getattr(model, name), BaseModel):
             _walk(f"{prefix}{key}.", getattr(model, name), out)

@@ -4,7 +4,8 @@ A feeder thread reads and renders rows of the queued shards ahead of time (skipp
 rows already committed); the driver thread keeps up to `max_in_flight` requests in
 the engine, parses what finishes and hands rows to the committer. Shards only exist
 for bookkeeping: requests of the next shard enter while the last ones of the
-previous shard still generate.
+previous shard still generate. A rollout job's rows are conversations of several turns
+(tasks/rollout.py): their next turns enter ahead of new rows.
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ from thinkbatch.tasks.render import Renderer, needed_columns
 from thinkbatch.tasks.sampling import SamplingBuilder, SamplingRejected
 from thinkbatch.tasks.report import Progress
 from thinkbatch.tasks.retry import Carry
-from thinkbatch.tasks.trace import COMMITTED, SUBMITTED, Trace
+from thinkbatch.tasks.rollout import Conversation, Rollouts
+from thinkbatch.tasks.tools import Toolbox
+from thinkbatch.tasks.trace import COMMITTED, FINISHED, SUBMITTED, Trace
 
 log = logging.getLogger("thinkbatch.pipeline")
 
 STOP_GRACE_S = 2.0  # how long an error waits for a stop before failing the shards
+TOOLS_WAIT_S = 0.2  # how long an idle engine's driver blocks for tool results at once
 
 
 @dataclass(slots=True)
@@ -62,13 +66,16 @@ class Pipeline:
     def __init__(self, job: JobSpec, plan: Plan, layout: OutputLayout, engine: Engine,
                  parser: OutputParser, schema: Any, progress: Progress,
                  may_commit: Callable[[int], bool],
-                 restart_engine: Callable[[Engine], Engine] | None = None):
+                 restart_engine: Callable[[Engine], Engine] | None = None,
+                 toolbox: Toolbox | None = None):
         self.job = job
         self.plan = plan
         self.engine = engine
         self._restart_engine = restart_engine
         self.restarts = 0  # engines that died under this pipeline and were replaced
         self.parser = parser
+        self.toolbox = toolbox  # a rollout job's tools: closed when the pipeline ends
+        self.rollout = Rollouts(job, toolbox, parser) if job.rollout is not None else None
         self.sampling = SamplingBuilder(job) if job.engine.kind == "vllm" else None
         self.renderer = Renderer(job)
         self.progress = progress
@@ -84,7 +91,7 @@ class Pipeline:
         self._futures: dict[int, Future[ShardStats]] = {}
         self._items: queue.Queue[Any] = queue.Queue(maxsize=4)  # rendered batches, bounded
         self._remaining: dict[int, int] = {}
-        self._inflight: dict[str, _Work] = {}
+        self._inflight: dict[str, _Work | Conversation] = {}
         self._stop = threading.Event()
         self._halt = threading.Event()  # stop() on a signal: leave in-flight requests
         self._error: BaseException | None = None
@@ -118,6 +125,7 @@ class Pipeline:
             self.committer.close()
         finally:
             self._cancel_unfinished()
+            self._close_tools()
 
     def stop(self) -> None:
         """Stop now (a signal): no new requests, those in flight left to a rerun, every
@@ -136,10 +144,16 @@ class Pipeline:
                 self.committer.close()
         finally:
             self._cancel_unfinished()
+            self._close_tools()
 
     def _cancel_unfinished(self) -> None:
         for fut in list(self._futures.values()):
             fut.cancel()
+
+    def _close_tools(self) -> None:
+        """Conversations still at their tools are left to a rerun, like requests in flight."""
+        if self.toolbox is not None:
+            self.toolbox.close()
 
     # -- feeder thread --------------------------------------------------------------
 
@@ -154,8 +168,8 @@ class Pipeline:
                 self._put_item(_ShardStart(shard.shard_id, shard.num_rows * n - len(done)))
                 for batch in shard_batches(self.layout.store, self.plan, shard, columns,
                                            self.job.input.id_column):
-                    work = [_Work(shard.shard_id, r, s)
-                            for r in self.renderer.render_batch(batch)
+                    work = [self._work(shard.shard_id, r, s)
+                            for r in self._requests(batch)
                             for s in ((r.sample_index,) if r.sample_index is not None
                                       else range(n))
                             if (r.row_index, s) not in done]
@@ -163,6 +177,15 @@ class Pipeline:
                         self._put_item(work)
         except BaseException as e:
             self._fail(e)
+
+    def _requests(self, batch: Any) -> Any:
+        reqs = self.renderer.render_batch(batch)
+        return reqs if self.rollout is None else map(self.rollout.prepare, reqs)
+
+    def _work(self, shard_id: int, req: RowRequest, sample: int) -> _Work | Conversation:
+        if self.rollout is None:
+            return _Work(shard_id, req, sample)
+        return self.rollout.conversation(shard_id, req, sample)
 
     def _put_item(self, item: Any) -> None:
         while not self._stop.is_set():
@@ -175,9 +198,10 @@ class Pipeline:
     # -- driver thread -------------------------------------------------------------
 
     def _drive(self) -> None:
-        backlog: list[_Work] = []
+        backlog: list[_Work | Conversation] = []
         try:
-            while not self._halt.is_set() and (not self._stop.is_set() or self._inflight):
+            while not self._halt.is_set() and (not self._stop.is_set() or self._inflight
+                                               or (self.rollout and self.rollout.at_tools)):
                 if self._error is not None:
                     return
                 try:
@@ -213,13 +237,28 @@ class Pipeline:
         for work in lost:
             self._submit(work)
 
-    def _fill(self, backlog: list[_Work]) -> list[_Work]:
-        """Top the engine up to max_in_flight from the backlog and the feeder's queue;
-        wait briefly for the feeder only when the engine has nothing to do."""
+    def _fill(self, backlog: list[_Work | Conversation]) -> list[_Work | Conversation]:
+        """Top the engine up to max_in_flight: conversations whose tools returned first,
+        then the backlog and the feeder's queue (while fewer than the rollout's limit of
+        conversations are open). With nothing to do, wait briefly for the feeder, or for
+        tools when some run."""
+        rollout = self.rollout
         while self.engine.in_flight < self.job.engine.max_in_flight:
+            if rollout is not None:
+                if (conv := rollout.ready()) is not None:
+                    self._submit(conv)
+                    continue
+                if rollout.full:
+                    if self.engine.in_flight == 0:
+                        rollout.wait(TOOLS_WAIT_S)
+                    break
             if not backlog:
-                item = self._next_item(block=self.engine.in_flight == 0)
+                idle = self.engine.in_flight == 0
+                tools = rollout is not None and rollout.at_tools
+                item = self._next_item(block=idle and not tools)
                 if item is None:
+                    if idle and tools:
+                        rollout.wait(TOOLS_WAIT_S)
                     break
                 if isinstance(item, _ShardStart):
                     self._start_shard(item)
@@ -239,7 +278,7 @@ class Pipeline:
         if start.pending == 0:
             self.committer.finish_shard(start.shard_id)
 
-    def _submit(self, work: _Work) -> None:
+    def _submit(self, work: _Work | Conversation) -> None:
         req = work.req
         if req.error is not None:
             self._emit(work, Parsed(req.status, error=req.error), None)
@@ -250,34 +289,46 @@ class Pipeline:
         except SamplingRejected as e:  # a row's override that vLLM refuses: this row only
             self._emit(work, Parsed(Status.INVALID_INPUT, error=str(e)), None)
             return
+        conv = work if isinstance(work, Conversation) else None
         try:
-            self.engine.submit(work.key, req, params)
+            self.engine.submit(work.key, self.rollout.request(conv) if conv else req, params)
         except EngineDied:
             self._inflight[work.key] = work  # resubmitted with the others by a new engine
             raise
         except RequestRejected as e:
-            self._emit(work, Parsed(e.status, error=str(e)), None)
+            self._emit(work, self.rollout.rejected(conv, e.status, str(e)) if conv
+                       else Parsed(e.status, error=str(e)), None)
             return
         self._inflight[work.key] = work
         self.submitted += 1
         if self.trace:
             self.trace.record(SUBMITTED, shard=work.shard_id, row=req.row_index,
-                              sample=work.sample)
+                              sample=work.sample, **({"turn": len(conv.turns) + 1} if conv else {}))
 
-    def _finish(self, work: _Work, gen: Generation) -> None:
+    def _finish(self, work: _Work | Conversation, gen: Generation) -> None:
         req = work.req
+        if self.trace:
+            conv = work if isinstance(work, Conversation) else None
+            self.trace.record(FINISHED, shard=work.shard_id, row=req.row_index,
+                              sample=work.sample, **({"turn": len(conv.turns) + 1} if conv else {}))
+        parsed = None
         if gen.finish_reason in ("abort", "error"):
             parsed = Parsed(Status.ENGINE_ERROR,
                             error=f"engine finished the request with {gen.finish_reason}")
-        else:
+        if isinstance(work, Conversation):
+            parsed = self.rollout.turn_done(work, gen, parsed)
+            if parsed is None:
+                return  # its tools run; its next turn follows when they return
+        elif parsed is None:
             so = (req.sampling or self.job.sampling).structured_outputs
             parsed = self.parser.parse(gen, req.tools, req.chat_template_kwargs,
                                        so.json_schema if so else None)
         self._emit(work, parsed, gen)
 
-    def _emit(self, work: _Work, parsed: Parsed, gen: Generation | None) -> None:
+    def _emit(self, work: _Work | Conversation, parsed: Parsed, gen: Generation | None) -> None:
         shard_id = work.shard_id
-        row = output_row(self.job, work.req, work.sample, parsed, gen)
+        trajectory = self.rollout.end(work) if isinstance(work, Conversation) else None
+        row = output_row(self.job, work.req, work.sample, parsed, gen, trajectory)
         self.committer.add(shard_id, row)
         self.progress.row_done(row["completion_tokens"] or 0)
         self._remaining[shard_id] -= 1

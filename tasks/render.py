@@ -21,6 +21,7 @@ from thinkbatch.schemas.output import NO_COMPLETION, Status
 from thinkbatch.schemas.record import RowRequest
 from thinkbatch.schemas.tools import tool_errors
 from thinkbatch.tasks.read import ROW_ID, ROW_INDEX
+from thinkbatch.tasks.tools import parse_recorded
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 _NO_COMPLETION = frozenset(s.value for s in NO_COMPLETION)
@@ -44,7 +45,7 @@ def needed_columns(job: JobSpec) -> list[str]:
     cols = [inp.id_column, inp.messages_column, inp.prompt_column, *_template(job)[1],
             inp.sampling_column, inp.tools_column, inp.chat_template_kwargs_column,
             inp.sample_index_column, inp.status_column, inp.error_column,
-            *inp.passthrough_columns]
+            *inp.passthrough_columns, job.rollout.recorded_column if job.rollout else None]
     if job.engine.kind == "replay":
         cols.append(job.engine.replay_column)
     return list(dict.fromkeys(c for c in cols if c))
@@ -225,6 +226,11 @@ class Renderer:
             req.chat_template_kwargs.update(row or {})
         if inp.sample_index_column:
             req.sample_index = cols[inp.sample_index_column][i]
+        if job.rollout and (column := job.rollout.recorded_column):
+            try:
+                req.recorded = parse_recorded(_text(cols[column][i], column))
+            except ValueError as e:
+                raise InvalidRow(f"rollout recorded column {column!r}: {e}") from None
         if job.engine.kind == "replay":
             self._keep_stored(req, cols, i)
             text = cols[job.engine.replay_column][i]

@@ -73,6 +73,8 @@ def build_manifest(job: JobSpec, plan: Plan, layout: OutputLayout,
     statuses: Counter[str] = Counter()
     for stats in markers.values():
         statuses.update(stats.status)
+    rollout = {name: sum(getattr(m, name) or 0 for m in markers.values())
+               for name in ("turns", "tool_calls_total", "tool_errors")} if job.rollout else {}
     return Manifest(
         job=job.name,
         rows=sum(m.rows for m in markers.values()),
@@ -80,6 +82,7 @@ def build_manifest(job: JobSpec, plan: Plan, layout: OutputLayout,
         status_counts=dict(sorted(statuses.items())),
         prompt_tokens=sum(m.prompt_tokens for m in markers.values()),
         completion_tokens=sum(m.completion_tokens for m in markers.values()),
+        **rollout,
         shards=len(plan.shards),
         fingerprint=plan.fingerprint,
         this_run=run,
@@ -100,6 +103,9 @@ def summary(manifest: Manifest) -> str:
         f"({run.rows_per_s:,.1f} rows/s, {run.output_tokens_per_s:,.0f} out tok/s"
         + (f"; engine load {run.engine_load_s:.1f}s)" if run.engine_load_s is not None else ")"),
     ]
+    if manifest.turns is not None:
+        lines.append(f"  rollouts: {manifest.turns:,} turns, {manifest.tool_calls_total:,} "
+                     f"tool calls run, {manifest.tool_errors:,} failed")
     if retry := manifest.retry:
         lines.append(f"  retry of {retry.source}: {retry.rows_retried:,} rows "
                      f"({', '.join(retry.statuses)}) regenerated, the others copied")

@@ -8,6 +8,8 @@ Each event is one `write` to FILE opened with O_APPEND, so the lines of several 
 and processes never mix, and a SIGKILL loses no event already recorded. Events:
 
     {"event": "submitted", "time": T, "pid": P, "shard": S, "row": R, "sample": K}
+        (a rollout's turn adds "turn": N, from 1)
+    {"event": "finished", ...the same fields}  (the engine gave the request back)
     {"event": "committed", "time": T, "pid": P, "shard": S, "rows": N}
 
 `time` is the Unix time in seconds, comparable across the processes of one machine.
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 ENV = "THINKBATCH_TRACE"
-SUBMITTED, COMMITTED = "submitted", "committed"
+SUBMITTED, FINISHED, COMMITTED = "submitted", "finished", "committed"
 POLL_S = 0.02  # how often `follow` looks for new lines
 
 

@@ -9,14 +9,14 @@ import fnmatch
 import io
 import os
 from collections.abc import Callable, Sequence
-from pathlib import PurePath
+from pathlib import Path, PurePath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import JobFileError
-from thinkbatch.schemas.output import BASE_NAMES
+from thinkbatch.schemas.output import BASE_NAMES, ROLLOUT_NAMES
 from thinkbatch.schemas.tools import tool_errors
 from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.plan import read_footers
@@ -179,7 +179,8 @@ def check_compression(job: JobSpec) -> list[str]:
 
 
 def check_passthrough(job: JobSpec) -> list[str]:
-    clash = [c for c in job.input.passthrough_columns if c in BASE_NAMES]
+    names = BASE_NAMES | (ROLLOUT_NAMES if job.rollout else frozenset())
+    clash = [c for c in job.input.passthrough_columns if c in names]
     if not clash:
         return []
     return [f"input.passthrough_columns: {clash} are also output columns; an output row "
@@ -188,6 +189,34 @@ def check_passthrough(job: JobSpec) -> list[str]:
 
 def check_tools(job: JobSpec) -> list[str]:
     return tool_errors(job.tools, "tools") if job.tools is not None else []
+
+
+def check_rollout(job: JobSpec) -> list[str]:
+    """A rollout runs the model's parsed tool calls on a generating engine; its tools
+    must start now (a tool source that cannot is refused before the model loads), and
+    their names must not repeat the job's `tools` (those describe recorded tools)."""
+    if job.rollout is None:
+        return []
+    from thinkbatch.tasks.tools import Toolbox, ToolboxError
+
+    errors = []
+    if job.engine.kind != "vllm":
+        errors.append("rollout: needs engine.kind vllm (a replay engine has one stored "
+                      "completion per row, not a turn per conversation)")
+    if not job.parsers.tool_call:
+        errors.append("rollout: needs parsers.tool_call, the parser of the model's tool "
+                      "calls (kimi_k2 for Kimi-K2)")
+    try:
+        with Toolbox.open(job.rollout, Path.cwd()) as toolbox:
+            names = set(toolbox.names)
+    except ToolboxError as e:
+        return errors + [str(e)]
+    clash = sorted(names & {t["function"].get("name") for t in job.tools or ()
+                            if isinstance(t, dict) and isinstance(t.get("function"), dict)})
+    if clash:
+        errors.append(f"tools: {', '.join(clash)} also served by rollout.tools; a tool name "
+                      "must be one tool")
+    return errors
 
 
 def check_platform(job: JobSpec) -> list[str]:
@@ -234,6 +263,8 @@ def check_job(job: JobSpec, failed: frozenset[str] = frozenset()) -> list[str]:
         errors += check_vllm(job)
     if valid("engine"):
         errors += check_platform(job)
+    if valid("rollout", "engine", "parsers", "tools"):
+        errors += check_rollout(job)
     if not failed:
         errors += check_retry(job)
     return errors

@@ -99,3 +99,12 @@ def test_resume_refuses_a_changed_template_and_accepts_a_speed_change(tmp_path: 
                               "output": {"flush_rows": 2}, "scale": {"workers": 2}})
     resumed_plan, resumed = checkpoint.open_plan(layout, make_plan(load_job(inline=faster), store))
     assert resumed and resumed_plan == plan
+
+
+def test_an_unset_rollout_adds_no_part_so_outputs_written_before_it_resume() -> None:
+    """`rollout` came later (counts_when_set): unset, a job's parts are those it had before
+    the section existed; set, its fields count like any other."""
+    assert not [k for k in _parts() if k.startswith("rollout")]
+    changes = describe_changes(_parts(), _parts({"rollout": {"tools": [{"python": "t.py"}]}}))
+    assert [c.split(":")[0] for c in changes] == [
+        "rollout.max_turns", "rollout.tool_timeout_s", "rollout.tools"]

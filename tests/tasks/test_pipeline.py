@@ -26,6 +26,7 @@ from thinkbatch.schemas.plan import Plan
 from thinkbatch.schemas.record import Generation, RowRequest
 from thinkbatch.tasks import checkpoint
 from thinkbatch.tasks import pipeline as pipeline_module
+from thinkbatch.tasks import trace
 from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.commit import FencedOut
 from thinkbatch.tasks.engine import ReplayEngine
@@ -296,3 +297,24 @@ def test_a_zombies_part_that_slipped_in_is_compacted_away_when_the_shard_is_done
     assert list(parts) == stats.parts and not zombies & set(parts)
     assert _indices(parts) == [list(range(6))] and stats.rows == 6
     assert checkpoint.done_stats(layout, 0) == stats
+
+
+def test_the_trace_tells_when_each_request_enters_and_leaves_the_engine(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/rollouts.py counts the requests in the engine from these events."""
+    monkeypatch.setenv(trace.ENV, str(tmp_path / "t.jsonl"))
+    job = _job(tmp_path, _rows(8), max_in_flight=3, flush_rows=4)
+    layout, plan = _plan(job)
+    _run(_pipeline(job, layout, plan, ScriptedReplay(job, step_s=0.01)), 0)
+
+    events = trace.read(tmp_path / "t.jsonl")
+    steps = [(e["event"], e["row"]) for e in events if e["event"] != trace.COMMITTED]
+    assert sorted(steps) == sorted([(trace.SUBMITTED, r) for r in range(8)]
+                                   + [(trace.FINISHED, r) for r in range(8)])
+    in_flight = 0
+    for event, row in steps:
+        in_flight += 1 if event == trace.SUBMITTED else -1
+        assert 0 <= in_flight <= 3, (event, row)
+        if event == trace.FINISHED:
+            assert steps.index((trace.SUBMITTED, row)) < steps.index((event, row))
+    assert events[-1]["event"] == trace.COMMITTED

@@ -1,0 +1,107 @@
+"""The job's `rollout` section: run the model's tool calls and continue each conversation
+until it answers. Where the tools come from is a list of sources, each exactly one of a
+Python module, an MCP server, or results recorded in an input column; tasks/tools.py
+opens them (and checks that tool names are unique across sources) before the model loads.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors, as in schemas/job.py (which imports this module, so the
+    base is not shared)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class McpServerSpec(_Strict):
+    """An MCP server: a stdio command that thinkbatch starts (and stops) itself, or the
+    URL of a running streamable-HTTP server."""
+
+    command: list[str] | None = Field(
+        default=None, min_length=1,
+        description="argv of a stdio server, run in the working directory (like input.path); `python` is the "
+                    "interpreter running thinkbatch.")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment of the stdio server (it inherits only HOME, PATH, "
+                    "SHELL, TERM, USER, LOGNAME, as the mcp package does).")
+    url: str | None = Field(default=None, pattern=r"^https?://",
+                            description="A streamable-HTTP endpoint, e.g. http://host:8000/mcp.")
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> McpServerSpec:
+        if (self.command is None) == (self.url is None):
+            raise ValueError("set one of command (a stdio server) or url (streamable HTTP)")
+        if self.url is not None and self.env:
+            raise ValueError("env applies to a stdio command only, not to a url")
+        return self
+
+
+class RecordedSpec(_Strict):
+    """Tool results read from an input column instead of running tools: deterministic
+    re-runs and tests. The column holds, per row, a JSON object (text), a struct or a map
+    from a call id (e.g. `functions.get_weather:0`), or else a tool name, to the result
+    text; a call with no result there is a tool error the model sees."""
+
+    column: str
+
+
+class ToolSource(_Strict):
+    """Exactly one of `python`, `mcp`, `recorded`."""
+
+    python: str | None = Field(
+        default=None, min_length=1,
+        description="A file (`tools.py`, relative to the working directory, like input.path) or a module "
+                    "(`package.tools`): each public function defined there is a tool.")
+    mcp: McpServerSpec | None = None
+    recorded: RecordedSpec | None = None
+    functions: list[str] | None = Field(
+        default=None, min_length=1,
+        description="python or mcp: only these tools of the source (default: all).")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ToolSource:
+        kinds = [k for k in ("python", "mcp", "recorded") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"a tool source is exactly one of python, mcp, recorded; got "
+                             f"{kinds or 'none'}")
+        if self.recorded is not None and self.functions is not None:
+            raise ValueError("functions picks tools of a python or mcp source, not recorded")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The source as a user wrote it, for error messages."""
+        if self.python is not None:
+            return f"python {self.python}"
+        if self.mcp is not None:
+            return f"mcp {self.mcp.url or self.mcp.command}"
+        assert self.recorded is not None
+        return f"recorded column {self.recorded.column}"
+
+
+class RolloutSpec(_Strict):
+    max_turns: int = Field(default=8, ge=1, description="Assistant turns per conversation.")
+    tools: list[ToolSource] = Field(
+        min_length=1,
+        description="Where tool calls run; live tools first, then recorded results.")
+    tool_timeout_s: float = Field(
+        default=30, gt=0,
+        description="A call running longer is abandoned; the model sees a timeout error.")
+    max_concurrent_tools: int = Field(default=16, ge=1,
+                                      description="Tool calls running at once, all rows.",
+                                      json_schema_extra={"speed_only": True})
+
+    @model_validator(mode="after")
+    def _one_recorded(self) -> RolloutSpec:
+        if sum(s.recorded is not None for s in self.tools) > 1:
+            raise ValueError("at most one recorded source (one column of results)")
+        return self
+
+    @property
+    def recorded_column(self) -> str | None:
+        """The input column of recorded results, if a source reads one."""
+        return next((s.recorded.column for s in self.tools if s.recorded is not None), None)
