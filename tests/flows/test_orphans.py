@@ -34,10 +34,12 @@ def test_a_sigkilled_run_leaves_no_process_behind_then_tp2_finishes(
                             env={**env, trace.ENV: str(path)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     started: dict[int, str] = {}
+    names: list[str] = []
     try:
         for event in trace.follow(path, lambda: proc.poll() is None):
             if event["event"] == trace.COMMITTED:  # generating
                 started = tree(proc.pid)
+                names = [cmdline(pid) for pid in started]  # before the guardian reaps them
                 os.kill(proc.pid, signal.SIGKILL)  # the process only, as `kill -9` does
                 break
         proc.wait(timeout=60)
@@ -45,7 +47,6 @@ def test_a_sigkilled_run_leaves_no_process_behind_then_tp2_finishes(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    names = [cmdline(pid) for pid in started]
     assert sum("VLLM::Worker" in c for c in names) == 2, names  # TP=2: two workers
     assert any("EngineCore" in c for c in names) and any("uvicorn" in c for c in names), names
     left = left_alive(started, 10)
