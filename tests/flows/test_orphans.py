@@ -1,7 +1,8 @@
 """A SIGKILLed `thinkbatch run` takes every process it started with it: vLLM's engine core,
 its tensor-parallel workers, Prefect's temporary server, multiprocessing's resource
-tracker. Run with TP=2 on vLLM's CPU build, which also shows that thinkbatch binds the
-ranks' threads itself (VLLM_CPU_OMP_THREADS_BIND unset) and that TP=2 runs end to end."""
+tracker. Run again, it resumes: every row exactly once, and little generated twice. Run with
+TP=2 on vLLM's CPU build, which also shows that thinkbatch binds the ranks' threads itself
+(VLLM_CPU_OMP_THREADS_BIND unset) and that TP=2 runs end to end."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ from thinkbatch.tasks import trace
 
 pytestmark = pytest.mark.engine
 
+IN_FLIGHT, FLUSH = 16, 16
+
+
+def _rows_of(parts: list[Path]) -> list[int]:
+    return [i for p in parts for i in pq.read_table(p, columns=["row_index"]).column(0).to_pylist()]
+
 
 def test_a_sigkilled_run_leaves_no_process_behind_then_tp2_finishes(
         tmp_path: Path, tiny_model: str) -> None:
@@ -26,8 +33,8 @@ def test_a_sigkilled_run_leaves_no_process_behind_then_tp2_finishes(
     write_prompts(tmp_path / "in.parquet", prompt_rows(n))
     job = write_job(tmp_path / "job.yaml", job_dict(
         tmp_path / "in.parquet", tmp_path / "out",
-        engine_section(tiny_model, tensor_parallel_size=2, max_in_flight=16),
-        output={"flush_rows": 16}, shards={"rows_per_shard": 100}))
+        engine_section(tiny_model, tensor_parallel_size=2, max_in_flight=IN_FLIGHT),
+        output={"flush_rows": FLUSH}, shards={"rows_per_shard": 100}))
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_OMP_THREADS_BIND"}
     path = tmp_path / "trace.jsonl"
     proc = subprocess.Popen([*CLI, "run", str(job), "--no-progress"],
@@ -51,10 +58,19 @@ def test_a_sigkilled_run_leaves_no_process_behind_then_tp2_finishes(
     assert any("EngineCore" in c for c in names) and any("uvicorn" in c for c in names), names
     left = left_alive(started, 10)
     assert not left, f"outlived the killed run: {left}"
+    data = tmp_path / "out" / "data"
+    first_parts = set(data.glob("*.parquet"))
+    committed = _rows_of(sorted(first_parts))
+    assert 0 < len(committed) < n
+    assert not (tmp_path / "out" / "_manifest.json").exists()
+    submitted = {e["row"] for e in trace.read(path) if e["event"] == trace.SUBMITTED}
 
     r = subprocess.run([*CLI, "run", str(job), "--no-progress"], env=env, capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = pq.read_table(tmp_path / "out" / "data", columns=["row_index", "status"])
-    assert sorted(rows.column("row_index").to_pylist()) == list(range(n))
-    assert set(rows.column("status").to_pylist()) == {"ok"}
+    second = _rows_of(sorted(set(data.glob("*.parquet")) - first_parts))
+    assert sorted(committed + second) == list(range(n))  # every row, exactly once
+    assert set(pq.read_table(data, columns=["status"]).column(0).to_pylist()) == {"ok"}
+    regenerated = submitted & set(second)
+    assert len(regenerated) < IN_FLIGHT + FLUSH, (len(regenerated), len(submitted))
+    assert not list(data.glob(".*.tmp"))
