@@ -1,5 +1,5 @@
 # The two commands of the README. Both do all set-up on a fresh machine.
-.PHONY: setup demo demo-random test
+.PHONY: setup demo demo-random test bench-peers
 
 setup:
 	bash scripts/setup.sh
@@ -21,3 +21,15 @@ demo-random: setup
 
 test: setup
 	.venv/bin/python -m pytest
+
+# thinkbatch side by side with Ray Data LLM (benchmarks/peers_ray.py, ~10 min on 2
+# cores). Ray is installed on demand beside the product, never into it: --no-deps keeps
+# Ray's `llm` extra from pinning another vLLM, and only Ray's driver process gets
+# .bench-peers/ (git-ignored) on its PYTHONPATH.
+PEERS := .bench-peers
+$(PEERS)/.installed:
+	.venv/bin/python -m pip install --no-deps --target $(PEERS) ray==2.60.0 msgpack pandas smart_open
+	touch $@
+
+bench-peers: setup $(PEERS)/.installed
+	THINKBATCH_BENCH_PEERS=$(PEERS) .venv/bin/python benchmarks/run.py --only peers_ray

@@ -96,9 +96,11 @@ def _running(proc: subprocess.Popen) -> bool:
 
 def run_cli(ctx: Context, job: Path, *, kill_after_commits: int = 0,
             pin_core: int | None = None, wrap: list[str] | None = None,
-            window_s: float | None = None, timeout_s: float = 900) -> RunResult:
+            window_s: float | None = None, kill_after_s: float | None = None,
+            timeout_s: float = 900) -> RunResult:
     """`thinkbatch run JOB`; with `kill_after_commits`, SIGKILL its process group right
     after that many commits (how a node dies), as tests/conftest.py does; with
+    `kill_after_s`, at the first event that many seconds after its first submit; with
     `window_s`, at the first commit that far after the first one (a measurement cut
     short so start-up cannot eat it, not an error)."""
     cmd = [ctx.python, "-m", "thinkbatch.flows.cli", "run", str(job), "--no-progress",
@@ -133,6 +135,10 @@ def run_cli(ctx: Context, job: Path, *, kill_after_commits: int = 0,
                 if window_s is not None and at - res.commits[0][0] >= window_s:
                     res.killed = res.capped = True
                     break
+            if kill_after_s is not None and res.first_submit_s is not None \
+                    and at - res.first_submit_s >= kill_after_s:
+                res.killed = True
+                break
     except BaseException:
         res.killed = True
         raise

@@ -32,9 +32,14 @@ BENCHMARKS = {  # name: (module, title)
     "startup": ("startup", "start-up overhead to the first request"),
     "rollouts": ("rollouts", "agentic rollouts with heavy-tailed tool latency"),
     "scale_costs": ("scale_costs", "bookkeeping at 1k-100k shards (no model)"),
+    "report_memory": ("report_memory", "the report's memory at 100k and 1M rows (no model)"),
+    "peers_ray": ("peers_ray", "side by side with Ray Data LLM (make bench-peers)"),
+    "peers_ray_sweep": ("peers_ray_sweep", "Ray Data LLM's batch knobs, heavy-tailed rows"),
 }
-OPT_IN = {"scale_costs"}  # minutes of synthetic outputs: run with --only scale_costs
-NO_MODEL = {"scale_costs"}
+# scale_costs: minutes of synthetic outputs; peers_*: need Ray, which `make bench-peers`
+# installs beside the product. Run them with --only NAME.
+OPT_IN = {"scale_costs", "peers_ray", "peers_ray_sweep"}
+NO_MODEL = {"scale_costs", "report_memory"}
 
 
 def _args() -> argparse.Namespace:

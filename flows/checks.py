@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.tasks import validate
+from thinkbatch.tasks.metrics import check_metrics_port
 
 
 def check_scale(job: JobSpec) -> list[str]:
@@ -36,5 +37,6 @@ def check_scale(job: JobSpec) -> list[str]:
 
 
 def checked_job(load: Callable[[], JobSpec]) -> JobSpec:
-    """The job `load` reads, or one JobFileError with every problem, the server's too."""
-    return validate.checked_job(load, more=(check_scale,))
+    """The job `load` reads, or one JobFileError with every problem, the server's and the
+    metrics port's too."""
+    return validate.checked_job(load, more=(check_scale, check_metrics_port))

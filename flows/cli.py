@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--no-progress", action="store_true", help="no progress bar")
     retry.add_argument("--show-rows", type=int, default=3, help="rows to print at the end")
     retry.set_defaults(force_resume=False)
+    charts = sub.add_parser("report", help="write a finished output's report: an HTML page "
+                                           "with charts, and the charts as PNGs (no model)")
+    charts.add_argument("output", help="a finished output folder (local or s3://)")
+    charts.add_argument("--to", help="the report's folder (default: OUTPUT/report)")
     return parser
 
 
@@ -102,10 +106,32 @@ def _run(job: JobSpec, args: argparse.Namespace) -> Manifest:
         close_engines()
 
 
+def _report(output: str, to: str | None) -> int:
+    """Reads the data and the manifest only: no Prefect, no engine."""
+    from thinkbatch.tasks.checkpoint import OutputLayout
+    from thinkbatch.tasks.html_report import write_report
+    from thinkbatch.tasks.storage import Storage
+
+    layout = OutputLayout(output, Storage())
+    try:
+        if not layout.store.exists(layout.manifest):
+            print(f"thinkbatch: {output} has no _manifest.json: only a finished output has a "
+                  "report", file=sys.stderr)
+            return EXIT_JOB_INVALID
+        page = write_report(layout, to)
+    except Exception as e:
+        print(f"thinkbatch: report failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    print(f"thinkbatch: report written to {page}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     prepare_vllm_env()  # first: the job checks import vLLM
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # before Prefect loads
     args = build_parser().parse_args(argv)
+    if args.command == "report":
+        return _report(args.output, args.to)
     from prefect.exceptions import CancelledRun
 
     from thinkbatch.flows.checks import checked_job

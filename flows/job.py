@@ -18,14 +18,16 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from thinkbatch.flows import artifacts, events
 from thinkbatch.flows.checks import checked_job
 from thinkbatch.flows.worker import SHARDS_IN_FLIGHT, JobParameter, work_shards
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import load_job
-from thinkbatch.schemas.manifest import Manifest, RunFigures
+from thinkbatch.schemas.manifest import Manifest, RunFigures, WorkerFigures
 from thinkbatch.schemas.plan import Plan
-from thinkbatch.tasks import checkpoint, guardian, report
+from thinkbatch.tasks import checkpoint, guardian, html_report, report
 from thinkbatch.tasks.checkpoint import OutputLayout
+from thinkbatch.tasks.figures import merge_workers
 from thinkbatch.tasks.lease import acquire_run_lease
 from thinkbatch.tasks.plan import make_plan
 from thinkbatch.tasks.stop import Stopped
@@ -50,14 +52,18 @@ def finalize(job: JobSpec, layout: OutputLayout, plan: Plan, run: RunFigures) ->
     run.orphan_parts_removed = checkpoint.sweep_orphans(layout, markers)
     manifest = report.build_manifest(job, plan, layout, markers, run)
     checkpoint.write_manifest(layout, manifest)
+    page = html_report.write_report_of_run(layout)  # a failure is a warning, not the job's
+    artifacts.publish_results(manifest, layout, markers, page)
+    events.finished(job, layout, manifest, page)
     return manifest
 
 
-def _wait_round(run_ids: list[Any], layout: OutputLayout, plan: Plan,
-                grace_s: float) -> dict[str, str]:
+def _wait_round(run_ids: list[Any], layout: OutputLayout, plan: Plan, grace_s: float,
+                progress: artifacts.ProgressArtifact) -> dict[str, str]:
     """Until every worker run ends, or the job is done. A SIGKILLed worker never reports
     an end, so once all shards are done its run gets `grace_s` (its claims' TTL) to end
-    by itself, then is marked Crashed: the state in the UI tells the truth."""
+    by itself, then is marked Crashed: the state in the UI tells the truth. The job's
+    progress artifact follows the done shards."""
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
@@ -68,7 +74,10 @@ def _wait_round(run_ids: list[Any], layout: OutputLayout, plan: Plan,
             live = [r for r in runs if r.state is None or not r.state.is_final()]
             if not live:
                 return {r.name: r.state.type.value for r in runs}
-            if len(checkpoint.done_shards(layout)) == len(plan.shards):
+            done = checkpoint.done_shards(layout)
+            progress.set(100 * sum(s.num_rows for s in plan.shards if s.shard_id in done)
+                         / max(plan.total_rows, 1))
+            if len(done) == len(plan.shards):
                 done_at = done_at or time.monotonic()
                 if time.monotonic() - done_at > grace_s:
                     for r in live:
@@ -78,24 +87,46 @@ def _wait_round(run_ids: list[Any], layout: OutputLayout, plan: Plan,
             time.sleep(WORKER_POLL_S)
 
 
-def run_workers(spec: JobSpec, layout: OutputLayout, plan: Plan) -> RunFigures:
-    """K worker flow runs, in rounds while shards remain; Prefect shows each one's truth."""
+def run_workers(spec: JobSpec, layout: OutputLayout, plan: Plan,
+                progress: artifacts.ProgressArtifact) -> RunFigures:
+    """K worker flow runs, in rounds while shards remain; Prefect shows each one's truth.
+    The run's figures are the workers' (each writes its own as it ends), their rates
+    over the time the rounds took."""
     from prefect.deployments import run_deployment
 
     logger = get_run_logger()
     parent = flow_run.get_id()
+    started = time.monotonic()
     rounds: list[dict[str, str]] = []
+    run_ids: list[Any] = []
     for round_no in range(spec.scale.worker_retries + 1):
         runs = [run_deployment(spec.scale.worker_deployment, timeout=0,
                                parameters={"job": spec, "worker_index": i},
                                idempotency_key=f"{parent}-round{round_no}-worker{i}")
                 for i in range(spec.scale.workers)]
-        rounds.append(_wait_round([r.id for r in runs], layout, plan, spec.scale.claim_ttl_s))
+        run_ids += [r.id for r in runs]
+        rounds.append(_wait_round([r.id for r in runs], layout, plan, spec.scale.claim_ttl_s,
+                                  progress))
         left = len(plan.shards) - len(checkpoint.done_shards(layout))
         logger.info("round %d: workers %s; %d shards left", round_no, rounds[-1], left)
         if not left:
             break
-    return RunFigures(worker_rounds=rounds)
+    run = merge_workers(_worker_figures(layout, run_ids), time.monotonic() - started)
+    run.worker_rounds = rounds
+    return run
+
+
+def _worker_figures(layout: OutputLayout, run_ids: list[Any]) -> list[WorkerFigures]:
+    """The figures the workers wrote, read once and removed: the manifest keeps them."""
+    found = []
+    for run_id in run_ids:
+        path = layout.worker_figures(str(run_id))
+        try:
+            found.append(WorkerFigures.model_validate_json(layout.store.read_bytes(path)))
+        except FileNotFoundError:  # killed, stopped, or failed before its end
+            continue
+        layout.store.delete(path)
+    return found
 
 
 @flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT),
@@ -119,20 +150,30 @@ def generate_dataset(job: JobParameter | str, force_resume: bool = False,
         get_run_logger().info("%s: %d rows in %d shards, %d done%s", spec.name,
                               plan.total_rows, len(plan.shards), len(done_before),
                               " (resuming)" if resumed else "")
+        events.started(spec, layout, plan.total_rows, len(plan.shards), len(done_before),
+                       resumed)
+        done_rows = sum(s.num_rows for s in plan.shards if s.shard_id in done_before)
+        progress = artifacts.ProgressArtifact(
+            spec.name, "progress", f"{spec.name}: rows done in {layout.root}",
+            100 * done_rows / max(plan.total_rows, 1))
         if spec.scale.workers == 1:
             guardian.start()  # the engine's processes die with this one (a deployment run)
-            run = work_shards(spec, layout, plan, owner=f"run-{lease.owner}",
-                              show_progress=show_progress)
+            run, _ = work_shards(spec, layout, plan, owner=f"run-{lease.owner}",
+                                 show_progress=show_progress, watch=progress.watch)
         else:
-            run = run_workers(spec, layout, plan)
-            new = [s for s in plan.shards if s.shard_id not in done_before]
-            run.rows_generated = sum(s.num_rows for s in new)
+            run = run_workers(spec, layout, plan, progress)
         gen_s = run.generation_s or time.monotonic() - started
         run.resumed, run.wall_s = resumed, time.monotonic() - started
         run.rows_per_s = run.rows_generated / gen_s
         run.output_tokens_per_s = (run.output_tokens or 0) / gen_s
-        return finalize(spec, layout, plan, run)
+        manifest = finalize(spec, layout, plan, run)
+        progress.set(100.0)
+        return manifest
     except Stopped as e:  # a clean stop: the run shows Cancelled, a rerun resumes
+        events.stopped(spec, layout, str(e))
         return Cancelled(message=str(e))
+    except Exception as e:
+        events.failed(spec, layout, e)
+        raise
     finally:
         lease.release()

@@ -12,6 +12,7 @@ the API hears of a shard when its task starts and ends, not while it generates.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from pathlib import Path
 from typing import Annotated
@@ -24,14 +25,16 @@ from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import WithJsonSchema
 
+from thinkbatch.flows import artifacts
 from thinkbatch.schemas.job import JobSpec
-from thinkbatch.schemas.manifest import RunFigures, ShardStats
+from thinkbatch.schemas.manifest import RunFigures, ShardStats, WorkerFigures
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.schemas.plan import Plan
-from thinkbatch.tasks import checkpoint, guardian, report
+from thinkbatch.tasks import checkpoint, guardian, metrics, report
 from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.claims import ShardClaims
 from thinkbatch.tasks.engine import close_engines, get_engine, restart_engine
+from thinkbatch.tasks.figures import RunTally
 from thinkbatch.tasks.parse import OutputParser
 from thinkbatch.tasks.pipeline import Pipeline
 from thinkbatch.tasks.read import input_schema
@@ -62,12 +65,14 @@ def run_shard(done: Future[ShardStats], shard_id: int) -> ShardStats | State:
 
 
 def open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: ShardClaims,
-                  show_progress: bool) -> tuple[Pipeline, float]:
-    """The engine, and for a rollout job its tools (opened first: a tool source that
-    fails costs no model load); the pipeline closes the tools when it ends."""
-    toolbox = Toolbox.open(job.rollout, Path.cwd()) if job.rollout else None
+                  show_progress: bool,
+                  live: metrics.RunMetrics | None = None) -> tuple[Pipeline, float]:
+    """The engine, and for a rollout job its tools (those the job's checks opened in this
+    process, else opened first: a tool source that fails costs no model load); the
+    pipeline closes the tools when it ends."""
+    toolbox = Toolbox.take(job.rollout, Path.cwd()) if job.rollout else None
     try:
-        return _open_pipeline(job, layout, plan, claims, show_progress, toolbox)
+        return _open_pipeline(job, layout, plan, claims, show_progress, toolbox, live)
     except BaseException:
         if toolbox is not None:
             toolbox.close()
@@ -75,7 +80,8 @@ def open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: ShardC
 
 
 def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: ShardClaims,
-                   show_progress: bool, toolbox: Toolbox | None) -> tuple[Pipeline, float]:
+                   show_progress: bool, toolbox: Toolbox | None,
+                   live: metrics.RunMetrics | None) -> tuple[Pipeline, float]:
     started = time.monotonic()
     engine = get_engine(job.engine)
     load_s = time.monotonic() - started
@@ -85,19 +91,24 @@ def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: Shard
                            rollout=job.rollout is not None)
     done = checkpoint.done_shards(layout)
     done_rows = sum(s.num_rows for s in plan.shards if s.shard_id in done)
-    progress = report.Progress(total=plan.total_rows, already_done=done_rows,
+    n = job.sampling.n  # each sample is an output row
+    progress = report.Progress(total=plan.total_rows * n, already_done=done_rows * n,
                                enabled=show_progress)
     pipeline = Pipeline(job, plan, layout, engine, parser, schema, progress,
                         may_commit=claims.still_ours,
                         restart_engine=lambda dead: restart_engine(job.engine, dead),
-                        toolbox=toolbox)
+                        toolbox=toolbox, metrics=live)
     return pipeline, load_s
 
 
 def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
-                start_at: int = 0, show_progress: bool = False) -> RunFigures:
+                start_at: int = 0, show_progress: bool = False, worker_index: int = 0,
+                watch: Callable[[report.Progress], None] | None = None
+                ) -> tuple[RunFigures, RunTally]:
     """Claim, run and release shards until every shard is done; returns this worker's
-    figures. The engine is loaded only once a shard is claimed.
+    figures and the tally of its rows. The engine is loaded only once a shard is claimed.
+    With `observability.metrics_port` set, live metrics are served until it returns.
+    `watch` sees the progress each time the loop wakes (a progress artifact's updates).
 
     SIGTERM or SIGINT (main thread) stops it cleanly: no new requests, the rows already
     generated committed, then the claims released (after the last commit, so no other
@@ -109,7 +120,7 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
     active: dict[int, tuple[Future[ShardStats], PrefectFuture]] = {}
     started = 0.0
     next_look = 0.0  # when to list the store for claimable shards again
-    with StopSignals() as stopping:
+    with StopSignals() as stopping, metrics.serving(job, layout, plan, worker_index) as live:
         try:
             while not stopping.requested:
                 if len(active) < SHARDS_IN_FLIGHT and time.monotonic() >= next_look:
@@ -117,7 +128,7 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                         if pipeline is None:
                             with stopping.interruptible():
                                 pipeline, run.engine_load_s = open_pipeline(
-                                    job, layout, plan, claims, show_progress)
+                                    job, layout, plan, claims, show_progress, live)
                             started = time.monotonic()
                         done = pipeline.submit_shard(shard_id)
                         active[shard_id] = done, run_shard.submit(done, shard_id)
@@ -139,6 +150,8 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                     claims.release(shard_id)
                     run.shards.append(shard_id)
                     next_look = 0.0  # a slot is free: look at once
+                if watch is not None and pipeline is not None:
+                    watch(pipeline.progress)
         finally:
             try:
                 if pipeline is not None:
@@ -157,7 +170,12 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                 claims.release_all()
     if stopping.signum is not None:
         raise Stopped(stopping.signum, pipeline.committed if pipeline else 0)
-    return run
+    tally = pipeline.progress.tally if pipeline is not None else RunTally()
+    if run.generation_s:
+        run.rows_per_s = run.rows_generated / run.generation_s
+        run.output_tokens_per_s = run.output_tokens / run.generation_s
+    run.metrics = tally.metrics(run.generation_s)
+    return run, tally
 
 
 @flow(name="thinkbatch-worker", task_runner=ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT))
@@ -170,10 +188,19 @@ def shard_worker(job: JobParameter, worker_index: int = 0) -> RunFigures | State
     guardian.start()
     layout = OutputLayout(job.output.path, Storage(job.storage))
     plan = checkpoint.read_plan(layout)
-    owner = f"worker-{worker_index}-{flow_run.get_id() or 'local'}"
+    run_id = flow_run.get_id() or "local"
+    owner = f"worker-{worker_index}-{run_id}"
     start_at = worker_index * len(plan.shards) // max(job.scale.workers, 1)
+    progress = artifacts.ProgressArtifact(
+        job.name, f"progress-worker-{worker_index}",
+        f"worker {worker_index}: rows done in {layout.root}, as far as this worker knows")
     try:
-        return work_shards(job, layout, plan, owner, start_at)
+        run, tally = work_shards(job, layout, plan, owner, start_at, worker_index=worker_index,
+                                 watch=progress.watch)
+        progress.finish()
+        layout.store.write_atomic(layout.worker_figures(run_id), WorkerFigures(
+            name=flow_run.get_name() or owner, figures=run, tally=tally.state()).to_json())
+        return run
     except Stopped as e:
         return Cancelled(message=f"{e}; its shards are free for other workers")
     finally:

@@ -227,6 +227,22 @@ class ScaleSpec(_Strict):
                                description="A shard claim not renewed for this long is free.")
 
 
+class ObservabilitySpec(_Strict):
+    """Live metrics for the Prometheus (and Grafana) a GPU team already runs: vLLM's engine
+    metrics and thinkbatch's own, served while a worker runs (tasks/metrics.py).
+    Speed-only as a whole (JobSpec.observability): watching a run changes none of its rows."""
+
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="Serve Prometheus metrics on this port while a worker runs; a "
+                    "scale-out worker serves on metrics_port + its worker index.")
+    metrics_host: str = Field(
+        default="0.0.0.0", min_length=1,
+        description="Address the metrics port binds: every interface, as `vllm serve` "
+                    "does, so a Prometheus on another host can scrape it; 127.0.0.1 keeps "
+                    "it to this machine.")
+
+
 class RetrySpec(_Strict):
     """Set by `thinkbatch retry`: regenerate only the rows of a finished output whose
     status is listed; its other rows are copied as they are. Counts in the fingerprint."""
@@ -249,6 +265,8 @@ class JobSpec(_Strict):
     storage: StorageSpec = Field(default_factory=StorageSpec,
                                  json_schema_extra={"speed_only": True})
     scale: ScaleSpec = Field(default_factory=ScaleSpec, json_schema_extra={"speed_only": True})
+    observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec,
+                                             json_schema_extra={"speed_only": True})
     preset: str | None = Field(  # the merged values count, not the name
         default=None, description="Name of a preset merged under this file.",
         json_schema_extra={"speed_only": True})
@@ -267,5 +285,9 @@ class JobSpec(_Strict):
                              "prompt_template")
         if self.engine.kind == "replay" and self.sampling.n > 1:
             raise ValueError("sampling.n: a replay job has one completion per row")
+        port = self.observability.metrics_port
+        if port is not None and port + self.scale.workers - 1 > 65535:
+            raise ValueError(f"observability.metrics_port: worker {self.scale.workers - 1} "
+                             f"would serve on port {port + self.scale.workers - 1} (> 65535)")
         return self
 

@@ -35,6 +35,42 @@ class ShardStats(_Document):
     tool_calls_total: int | None = None
     tool_errors: int | None = None
     parts: list[str]
+    # When each part was committed (Unix time), by name: the report's throughput over the
+    # run. Absent in older markers and for parts an earlier, killed run left.
+    committed_at: dict[str, float] | None = None
+
+
+class Spread(BaseModel):
+    """Seconds over this run's rows: the exact mean, and percentiles read from log-spaced
+    bins (tasks/tally.py, within 0.6%), so no run holds a column of them."""
+
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+
+
+class Tokens(BaseModel):
+    """A token count over this run's rows: the total, and the mean per row that had one."""
+
+    total: int
+    mean: float | None = None
+
+
+class Metrics(BaseModel):
+    """The seed's metrics table for the rows this run generated (rows an earlier run left
+    are in the manifest's totals, not here): rows by status, engine requests (a rollout's
+    every turn) per second of generation, TTFT and latency, and where the tokens went."""
+
+    status: dict[str, int]
+    requests: int
+    requests_per_s: float | None = None
+    ttft_s: Spread | None = None
+    latency_s: Spread | None = None
+    prompt_tokens: Tokens
+    completion_tokens: Tokens
+    reasoning_tokens: Tokens
+    answer_tokens: Tokens  # completion tokens past the reasoning: the answer, tool calls
 
 
 class RunFigures(BaseModel):
@@ -47,13 +83,49 @@ class RunFigures(BaseModel):
     engine_load_s: float | None = None
     generation_s: float | None = None
     engine_restarts: int | None = None  # once an engine was loaded
+    metrics: Metrics | None = None
 
     worker_rounds: list[dict[str, str]] | None = None  # workers > 1: run name -> end state
+    workers: dict[str, RunFigures] | None = None  # workers > 1: run name -> its figures
     resumed: bool | None = None
     wall_s: float | None = None
     rows_per_s: float | None = None
     output_tokens_per_s: float | None = None
     orphan_parts_removed: int | None = None
+
+
+class SecondsState(BaseModel):
+    """A `Seconds` tally's bins that are not empty (bin -> rows), sum and extremes."""
+
+    bins: dict[int, int]
+    total: float
+    low: float
+    high: float
+
+
+class TallyState(BaseModel):
+    """A worker's `RunTally` (tasks/figures.py) as it hands it to the parent: counts and
+    bins add up, so the parent's percentiles are those of every worker's rows."""
+
+    status: dict[str, int] = {}
+    requests: int = 0
+    prompted: int = 0
+    completed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    ttft_s: SecondsState | None = None
+    latency_s: SecondsState | None = None
+
+
+class WorkerFigures(_Document):
+    """`_workers/<flow run id>.json`: what a scale-out worker did, written as it ends; the
+    parent reads its workers' at finalize (the manifest keeps their figures) and removes
+    them. A SIGKILLed worker leaves none: its committed rows count in the output's totals."""
+
+    name: str  # the worker's flow run name
+    figures: RunFigures
+    tally: TallyState
 
 
 class RetrySummary(BaseModel):

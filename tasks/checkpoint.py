@@ -84,6 +84,10 @@ class OutputLayout:
     def done_marker(self, shard_id: int) -> str:
         return join(self.shards, f"{shard_id:06d}.json")
 
+    def worker_figures(self, flow_run_id: str) -> str:
+        """A scale-out worker's figures (`WorkerFigures`), until the parent finalizes."""
+        return join(self.root, "_workers", f"{flow_run_id}.json")
+
 
 def open_plan(layout: OutputLayout, plan: Plan, *, force_resume: bool = False) -> tuple[Plan, bool]:
     """Write the plan first; on resume, check the fingerprint. Returns (plan, resumed)."""
@@ -171,9 +175,13 @@ def _sum(col: pa.ChunkedArray) -> int:
     return int(pc.sum(col).as_py() or 0)
 
 
-def mark_done(layout: OutputLayout, shard_id: int, compression: str = "zstd") -> ShardStats:
-    """The marker lists the parts that hold the shard; any other part of it is an orphan."""
+def mark_done(layout: OutputLayout, shard_id: int, compression: str = "zstd",
+              committed_at: dict[str, float] | None = None) -> ShardStats:
+    """The marker lists the parts that hold the shard; any other part of it is an orphan.
+    `committed_at` (part name -> Unix time) keeps the commit times of the listed parts."""
     stats = shard_stats(layout, compact(layout, shard_id, compression))
+    times = {n: committed_at[n] for n in stats.parts if n in (committed_at or {})}
+    stats.committed_at = times or None
     layout.store.write_atomic(layout.done_marker(shard_id), stats.to_json())
     return stats
 

@@ -40,6 +40,8 @@ class Committer:
         self._buffer: dict[int, list[dict[str, Any]]] = defaultdict(list)
         self._buffered = 0
         self._last_flush = time.monotonic()
+        # shard -> part name -> Unix time of its commit, for the shard's marker (writer thread)
+        self._committed_at: dict[int, dict[str, float]] = defaultdict(dict)
         # Bounded: if storage falls behind, the producer waits instead of growing memory.
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=8)
         self._error: BaseException | None = None
@@ -80,7 +82,8 @@ class Committer:
     def _done(self, shard_id: int) -> None:
         if not self.may_commit(shard_id):
             raise FencedOut(f"lost the claim on shard {shard_id}; not marking it done")
-        self.on_shard_done(shard_id, checkpoint.mark_done(self.layout, shard_id, self.compression))
+        self.on_shard_done(shard_id, checkpoint.mark_done(
+            self.layout, shard_id, self.compression, self._committed_at.pop(shard_id, None)))
 
     def _flush_shard(self, shard_id: int) -> None:
         rows = self._buffer.pop(shard_id, None)
@@ -93,7 +96,9 @@ class Committer:
     def _commit(self, shard_id: int, table: pa.Table) -> None:
         if not self.may_commit(shard_id):
             raise FencedOut(f"lost the claim on shard {shard_id}; not committing")
-        self.layout.store.write_parquet(self.layout.new_part(shard_id), table, self.compression)
+        part = self.layout.new_part(shard_id)
+        self.layout.store.write_parquet(part, table, self.compression)
+        self._committed_at[shard_id][part.rsplit("/", 1)[-1]] = time.time()
         if self.on_commit:
             self.on_commit(shard_id, table.num_rows)
 

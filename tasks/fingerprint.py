@@ -5,7 +5,9 @@ It is derived from the job schema: every field counts unless schemas/job.py mark
 `speed_only` (and `speed_only_keys` drops those keys of a mapping, e.g. engine.extra_args),
 so a field added later counts without anyone remembering to list it here. An optional
 section added later is marked `counts_when_set`: unset, it adds no part, so outputs
-written before it existed still resume.
+written before it existed still resume. Values are taken from the job's JSON dump, where
+the schema masks secrets (an MCP server's env values and URL credentials, see
+schemas/rollout.py): they count for nothing and are never written into `_plan.json`.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from thinkbatch.tasks import checkpoint
 from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.commit import Committer
 from thinkbatch.tasks.engine import Engine, EngineDied, RequestRejected
+from thinkbatch.tasks.metrics import RunMetrics
 from thinkbatch.tasks.parse import OutputParser
 from thinkbatch.tasks.read import shard_batches
 from thinkbatch.tasks.render import Renderer, needed_columns
@@ -67,7 +68,7 @@ class Pipeline:
                  parser: OutputParser, schema: Any, progress: Progress,
                  may_commit: Callable[[int], bool],
                  restart_engine: Callable[[Engine], Engine] | None = None,
-                 toolbox: Toolbox | None = None):
+                 toolbox: Toolbox | None = None, metrics: RunMetrics | None = None):
         self.job = job
         self.plan = plan
         self.engine = engine
@@ -80,6 +81,9 @@ class Pipeline:
         self.renderer = Renderer(job)
         self.progress = progress
         self.trace = Trace.from_env()  # THINKBATCH_TRACE: rows followed by tests, benchmarks
+        self.metrics = metrics  # observability.metrics_port: live Prometheus figures
+        if metrics:
+            metrics.follow_in_flight(lambda: len(self._inflight))
         self.committer = Committer(
             layout, schema, flush_rows=job.output.flush_rows,
             flush_seconds=job.output.flush_seconds, compression=job.output.compression,
@@ -163,6 +167,7 @@ class Pipeline:
         try:
             while (shard := self._shards.get()) is not None:
                 done = checkpoint.committed_keys(self.layout, shard.shard_id)
+                self.progress.committed_before(len(done))
                 if self.carry is not None:  # a retry: the source's other rows, as they are
                     done |= self.carry.keep(shard.shard_id, done, self.committer, self.progress)
                 self._put_item(_ShardStart(shard.shard_id, shard.num_rows * n - len(done)))
@@ -246,6 +251,8 @@ class Pipeline:
         while self.engine.in_flight < self.job.engine.max_in_flight:
             if rollout is not None:
                 if (conv := rollout.ready()) is not None:
+                    if self.metrics:
+                        self.metrics.tools_returned(conv.turns[-1].results or ())
                     self._submit(conv)
                     continue
                 if rollout.full:
@@ -283,13 +290,14 @@ class Pipeline:
         if req.error is not None:
             self._emit(work, Parsed(req.status, error=req.error), None)
             return
+        conv = work if isinstance(work, Conversation) else None
         try:
-            params = (self.sampling.for_sample(req.sampling, req.row_index, work.sample)
+            params = (self.sampling.for_sample(req.sampling, req.row_index, work.sample,
+                                               turn=len(conv.turns) if conv else 0)
                       if self.sampling else None)
         except SamplingRejected as e:  # a row's override that vLLM refuses: this row only
             self._emit(work, Parsed(Status.INVALID_INPUT, error=str(e)), None)
             return
-        conv = work if isinstance(work, Conversation) else None
         try:
             self.engine.submit(work.key, self.rollout.request(conv) if conv else req, params)
         except EngineDied:
@@ -330,7 +338,9 @@ class Pipeline:
         trajectory = self.rollout.end(work) if isinstance(work, Conversation) else None
         row = output_row(self.job, work.req, work.sample, parsed, gen, trajectory)
         self.committer.add(shard_id, row)
-        self.progress.row_done(row["completion_tokens"] or 0)
+        self.progress.row_done(row)
+        if self.metrics:
+            self.metrics.row_done(row["status"], row["completion_tokens"] or 0)
         self._remaining[shard_id] -= 1
         if self._remaining[shard_id] == 0:
             self.committer.finish_shard(shard_id)
@@ -343,8 +353,12 @@ class Pipeline:
                  rows, shard_id, self.submitted, self.committed)
         if self.trace:
             self.trace.record(COMMITTED, shard=shard_id, rows=rows)
+        if self.metrics:
+            self.metrics.committed(rows)
 
     def _shard_done(self, shard_id: int, stats: ShardStats) -> None:
+        if self.metrics:
+            self.metrics.shard_done()
         self._futures.pop(shard_id).set_result(stats)
 
     def _fail(self, err: BaseException) -> None:

@@ -1,4 +1,10 @@
-"""Re-parsing a stored output with other parsers: a replay job over its raw text."""
+"""Re-parsing a stored output with other parsers: a replay job over its raw text.
+
+A rollout output is refused: each turn's parse chose the tools that ran and so the next
+turn's prompt, and the raw text kept is the last turn's only. Re-parsing that turn alone
+would give a row whose columns disagree with the trajectory that produced them (an answer
+that now parses as tool calls nobody ran), and re-parsing earlier turns cannot change what
+their tools returned. Other parsers for a rollout mean running it again."""
 
 from __future__ import annotations
 
@@ -22,6 +28,12 @@ def reparse_job(source: str, target: str, reasoning: str | None,
     except FileNotFoundError:
         raise JobFileError([f"{source} has no _manifest.json: only a finished output can "
                             "be re-parsed"]) from None
+    if original.get("rollout") is not None:
+        raise JobFileError([f"{source} is a rollout output: each turn's parse chose the "
+                            "tools that ran and the next turn's prompt, so a turn cannot be "
+                            "re-parsed without generating again what followed it; run the "
+                            "job again with the other parsers (parsers.reasoning, "
+                            "parsers.tool_call) and a new output.path"])
     if not original["output"]["keep_raw_text"]:
         raise JobFileError([f"{source} was written without raw text; re-parsing needs a "
                             "job run with output.keep_raw_text: true"])

@@ -10,6 +10,7 @@ their row in the engine (`RequestRejected`).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -142,13 +143,26 @@ class SamplingBuilder:
             raise SamplingRejected(str(built))
         return built
 
-    def for_sample(self, spec: SamplingSpec | None, row_index: int, sample_index: int) -> Any:
+    def for_sample(self, spec: SamplingSpec | None, row_index: int, sample_index: int,
+                   turn: int = 0) -> Any:
         """A seed becomes `seed + row_index * n + sample_index`: every sample reproducible
-        (a resumed run regenerates it the same way), no two samples alike."""
+        (a resumed run regenerates it the same way), no two samples alike. A rollout's
+        later turns (`turn` > 0) get `turn_seed` of it."""
         params = self.base(spec)
         if params.seed is None:
             return params.clone()
         n = (spec or self.job_spec).n
         one = params.clone()
-        one.seed = params.seed + row_index * n + sample_index
+        one.seed = turn_seed(params.seed + row_index * n + sample_index, turn)
         return one
+
+
+def turn_seed(seed: int, turn: int) -> int:
+    """The seed of a rollout's turn `turn` (0-based) of a sample seeded `seed`: turn 0 keeps
+    it; a later turn draws from a stream of its own (one seed for every turn would replay
+    turn 0's random draws), derived from (seed, turn) alone, so a rerun or a resumed
+    conversation draws the same. A hash, not `seed + turn`, which is another sample's."""
+    if turn == 0:
+        return seed
+    digest = hashlib.sha256(f"thinkbatch-turn:{seed}:{turn}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # [0, 2**63): a torch generator seed

@@ -10,12 +10,17 @@ is abandoned at its timeout without holding a slot or blocking the process's exi
 A failing tool never fails the row: unknown tool, arguments that are not a JSON object or
 do not match the tool's schema, an exception, a timeout, an MCP error result, a call with
 no recorded result: each is a `ToolResult` whose `content` (= `error`) is the text the
-model reads as the tool message.
+model reads as the tool message. The error texts are scrubbed of the MCP servers' secrets
+(env values, URL credentials), since they are logged and written.
+
+The job's checks open the toolbox before the model loads and keep it for the run in the
+same process (`Toolbox.keep`, `Toolbox.take`), so a run starts each MCP server once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import copy
 import hashlib
@@ -39,12 +44,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from thinkbatch.schemas.record import ToolResult
-from thinkbatch.schemas.rollout import McpServerSpec, RolloutSpec, ToolSource
+from thinkbatch.schemas.rollout import MASK, McpServerSpec, RolloutSpec, ToolSource
 from thinkbatch.schemas.tools import tool_errors
 
 log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT_S = 60.0  # start every MCP server, initialize, list its tools
+SECRET_MIN_CHARS = 8  # shorter env values (DEBUG=1) are no keys: scrubbing them garbles text
 CLOSE_TIMEOUT_S = 15.0  # the mcp package stops a stdio server within ~6 s (stdin, TERM, KILL)
 
 
@@ -76,6 +82,7 @@ class Toolbox:
         self._timeout_s = spec.tool_timeout_s
         self._recorded = spec.recorded_column is not None
         self._tools: dict[str, _Tool] = {}
+        self._secrets: list[str] = []  # MCP env values and URL credentials, longest first
         self._slots = asyncio.Semaphore(spec.max_concurrent_tools)
         self._stop = asyncio.Event()
         self._serving: asyncio.Task[None] | None = None
@@ -100,6 +107,7 @@ class Toolbox:
             tools = [(i, t) for i, s in enumerate(spec.tools) if s.python is not None
                      for t in _python_tools(s, base_dir, where[i])]
             mcp = [(i, where[i], s) for i, s in enumerate(spec.tools) if s.mcp is not None]
+            box._secrets = _secrets(mcp)
             if mcp:
                 tools += box._start_mcp(mcp, base_dir)
             box._add([t for _, t in sorted(tools, key=lambda it: it[0])])  # in source order
@@ -107,6 +115,24 @@ class Toolbox:
             box.close()
             raise
         return box
+
+    @classmethod
+    def keep(cls, spec: RolloutSpec, base_dir: Path) -> Toolbox:
+        """`open` for the job's checks, the toolbox then kept open for the run of the same
+        job in this process (`take`): each MCP server starts once per run, not once for
+        the checks and again for the run. Checking the job again (the flow checks what the
+        CLI checked) finds it kept. One toolbox is kept at a time; one never taken is
+        closed at exit."""
+        return _KEPT.get(spec, base_dir) or _KEPT.put(spec, base_dir, cls.open(spec, base_dir))
+
+    @classmethod
+    def take(cls, spec: RolloutSpec, base_dir: Path) -> Toolbox:
+        """The toolbox `keep` holds for this job, now the caller's to close; else a new one."""
+        return _KEPT.get(spec, base_dir, take=True) or cls.open(spec, base_dir)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def names(self) -> list[str]:
@@ -181,7 +207,7 @@ class Toolbox:
                     start = time.perf_counter()
                     content = await self._timed(tool, name, args)
         except _ToolFailed as e:
-            text = str(e)
+            text = self._scrub(str(e))
             return ToolResult(call_id, name, text, text, time.perf_counter() - start)
         return ToolResult(call_id, name, content, None, time.perf_counter() - start)
 
@@ -262,15 +288,22 @@ class Toolbox:
                     f"{at}: did not start within {OPEN_TIMEOUT_S:g} s"))
         except BaseException as e:
             leaf = _leaf(e)
+            what = f"{type(leaf).__name__}: {leaf}" if str(leaf) else type(leaf).__name__
             if ready.done():
-                log.warning("toolbox: an MCP session ended: %s: %s", type(leaf).__name__, leaf)
+                log.warning("toolbox: an MCP session ended: %s", self._scrub(what))
             elif isinstance(leaf, ToolboxError):
                 ready.set_exception(leaf)
             else:
-                what = f"{type(leaf).__name__}: {leaf}" if str(leaf) else type(leaf).__name__
-                ready.set_exception(ToolboxError(f"{at}: could not start: {what}"))
+                ready.set_exception(ToolboxError(self._scrub(f"{at}: could not start: {what}")))
             if not isinstance(e, Exception):
                 raise
+
+    def _scrub(self, text: str) -> str:
+        """An error's text without the MCP servers' secrets: it is logged or written as a
+        tool result, and may quote them (an HTTP error names its URL, a server its key)."""
+        for secret in self._secrets:
+            text = text.replace(secret, MASK)
+        return text
 
     async def _shutdown(self) -> None:
         """End the turns still running, then the sessions, so the loop stops with no
@@ -282,6 +315,59 @@ class Toolbox:
                 task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
         await self._loop.shutdown_asyncgens()
+
+
+class _Kept:
+    """The one toolbox the checks opened and the run has not taken yet (Toolbox.keep)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: str | None = None
+        self._box: Toolbox | None = None
+
+    @staticmethod
+    def _of(spec: RolloutSpec, base_dir: Path) -> str:
+        """The job's tools as given (secrets too: kept in memory only) and where."""
+        return f"{base_dir.resolve()}\n{spec.model_dump()!r}"
+
+    def get(self, spec: RolloutSpec, base_dir: Path, take: bool = False) -> Toolbox | None:
+        with self._lock:
+            box = self._box
+            if box is None or box.closed or self._key != self._of(spec, base_dir):
+                return None
+            if take:
+                self._key, self._box = None, None
+            return box
+
+    def put(self, spec: RolloutSpec, base_dir: Path, box: Toolbox) -> Toolbox:
+        with self._lock:
+            old, self._key, self._box = self._box, self._of(spec, base_dir), box
+        if old is not None:
+            old.close()
+        return box
+
+    def close(self) -> None:
+        with self._lock:
+            box, self._key, self._box = self._box, None, None
+        if box is not None:
+            box.close()
+
+
+_KEPT = _Kept()
+atexit.register(_KEPT.close)
+
+
+def _secrets(sources: list[tuple[int, str, ToolSource]]) -> list[str]:
+    """The MCP sources' secrets as their servers get them (raises ToolboxError for a
+    `${VAR}` not set, or a value that was masked when the job was written)."""
+    found: set[str] = set()
+    for _, at, source in sources:
+        assert source.mcp is not None
+        try:
+            found.update(s for s in source.mcp.secrets() if len(s) >= SECRET_MIN_CHARS)
+        except ValueError as e:
+            raise ToolboxError(f"{at}: {e}") from None
+    return sorted(found, key=len, reverse=True)
 
 
 def _deliver(done: Callable[[list[ToolResult]], None], results: list[ToolResult]) -> None:
@@ -309,15 +395,15 @@ async def _connect(stack: AsyncExitStack, server: McpServerSpec, base_dir: Path)
     from mcp.client.stdio import stdio_client
     from mcp.client.streamable_http import streamable_http_client
 
-    if server.url is not None:
-        read, write = await stack.enter_async_context(streamable_http_client(server.url))
+    if (url := server.resolved_url()) is not None:
+        read, write = await stack.enter_async_context(streamable_http_client(url))
     else:
         assert server.command is not None
         command, *args = server.command
         if command in ("python", "python3"):  # the interpreter (and venv) running the job
             command = sys.executable
-        params = StdioServerParameters(command=command, args=args, env=server.env or None,
-                                       cwd=base_dir)
+        params = StdioServerParameters(command=command, args=args,
+                                       env=server.resolved_env() or None, cwd=base_dir)
         read, write = await stack.enter_async_context(stdio_client(params))
     session = await stack.enter_async_context(ClientSession(read, write))
     await session.initialize()

@@ -194,7 +194,9 @@ def check_tools(job: JobSpec) -> list[str]:
 def check_rollout(job: JobSpec) -> list[str]:
     """A rollout runs the model's parsed tool calls on a generating engine; its tools
     must start now (a tool source that cannot is refused before the model loads), and
-    their names must not repeat the job's `tools` (those describe recorded tools)."""
+    their names must not repeat the job's `tools` (those describe recorded tools). A run
+    in this process takes the toolbox opened here (Toolbox.keep), so its MCP servers
+    start once; workers of their own open theirs, with the secrets of their environment."""
     if job.rollout is None:
         return []
     from thinkbatch.tasks.tools import Toolbox, ToolboxError
@@ -206,16 +208,40 @@ def check_rollout(job: JobSpec) -> list[str]:
     if not job.parsers.tool_call:
         errors.append("rollout: needs parsers.tool_call, the parser of the model's tool "
                       "calls (kimi_k2 for Kimi-K2)")
+    here = job.scale.workers == 1
+    if not here:
+        errors += _secrets_for_workers(job)
     try:
-        with Toolbox.open(job.rollout, Path.cwd()) as toolbox:
-            names = set(toolbox.names)
+        toolbox = (Toolbox.keep if here else Toolbox.open)(job.rollout, Path.cwd())
     except ToolboxError as e:
         return errors + [str(e)]
+    names = set(toolbox.names)
+    if not here:
+        toolbox.close()
     clash = sorted(names & {t["function"].get("name") for t in job.tools or ()
                             if isinstance(t, dict) and isinstance(t.get("function"), dict)})
     if clash:
         errors.append(f"tools: {', '.join(clash)} also served by rollout.tools; a tool name "
                       "must be one tool")
+    return errors
+
+
+def _secrets_for_workers(job: JobSpec) -> list[str]:
+    """K workers get the job as Prefect parameters, which hold no secret (a JSON dump
+    masks them): a secret must come from each worker's environment, as `${VAR}`."""
+    assert job.rollout is not None
+    errors = []
+    for i, source in enumerate(job.rollout.tools):
+        if source.mcp is None:
+            continue
+        written, given = source.mcp.model_dump(mode="json"), source.mcp.model_dump()
+        errors += [f"rollout.tools[{i}].mcp.env.{k}: with scale.workers > 1 a secret "
+                   "reaches the workers only from their environment: write it as ${VAR}"
+                   for k in given["env"] if written["env"][k] != given["env"][k]]
+        if written["url"] != given["url"]:
+            errors.append(f"rollout.tools[{i}].mcp.url: with scale.workers > 1 its "
+                          "credentials reach the workers only from their environment: "
+                          "write them as ${VAR}")
     return errors
 
 

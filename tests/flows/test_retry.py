@@ -224,7 +224,7 @@ def test_retry_on_s3(s3, tiny_model: str, prefect_harness, tmp_path: Path) -> No
     assert manifest.retry.source == src
     _check_retried(src, new, {"invalid_input"})
     assert {k.split("/")[1] for k in s3.keys(bucket, "new/")} == {
-        "_plan.json", "_manifest.json", "_shards", "data"}
+        "_plan.json", "_manifest.json", "_shards", "data", "report"}
 
 
 @pytest.mark.engine

@@ -47,6 +47,10 @@ def tool_call(name: str, arguments: str = r"\{\}") -> str:
 
 
 WEATHER = tool_call("get_weather", r'\{"city": "[a-z]{1,8}"\}')
+# A turn of the regex is ~30 tokens as the tokenizer would write it, but the random weights
+# may spell it a character at a time, Kimi's markers too (the regex matches text): room for
+# that where a test must see no turn truncated (each turn draws with a seed of its own).
+MARKERS_SPELLED_OUT = 256
 
 
 def regex(*alternatives: str) -> str:
@@ -207,7 +211,9 @@ def test_tools_that_raise_stall_sleep_or_do_not_exist_and_samples(
 @pytest.mark.engine
 def test_max_turns_and_a_prompt_that_outgrows_the_context_at_turn_two(
         tiny_model: str, prefect_harness, tmp_path: Path) -> None:
-    generate_dataset(_job(tmp_path, tiny_model, 4, regex(WEATHER), out="always"))
+    always = _job(tmp_path, tiny_model, 4, regex(WEATHER), out="always")
+    always["sampling"]["max_tokens"] = MARKERS_SPELLED_OUT
+    generate_dataset(always)
     generate_dataset(_job(tmp_path, tiny_model, 4, regex(tool_call("encyclopedia")),
                           out="long"))
 
@@ -248,6 +254,7 @@ def test_tools_served_by_an_mcp_stdio_server(tiny_model: str, prefect_harness,
     job = _job(tmp_path, tiny_model, 6, regex(WEATHER), rollout={
         "tools": [{"mcp": {"command": ["python", "examples/mcp_weather_server.py"]}}],
         "max_turns": 2, "tool_timeout_s": 30})
+    job["sampling"]["max_tokens"] = MARKERS_SPELLED_OUT
     generate_dataset(job)
 
     rows = _rows(tmp_path / "out" / "data")
@@ -314,3 +321,52 @@ def test_a_rollout_job_is_refused_before_any_model_loads(tmp_path: Path) -> None
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "tools: get_weather also served by rollout.tools" in r.stderr
+
+
+@pytest.mark.engine
+def test_a_run_starts_each_mcp_server_once_and_writes_no_secret(tiny_model: str,
+                                                                tmp_path: Path) -> None:
+    """`thinkbatch run`: the CLI checks the job, the flow checks it again, the worker opens
+    its tools; the MCP server starts once, with the key it was given. No file the run
+    writes (output folder, Prefect's database) and nothing it prints holds the key, and a
+    rerun with the key rotated is the same job: it resumes instead of being refused."""
+    import hashlib
+    import os
+
+    secret, rotated = "sk-live-a1b2c3d4e5f6", "sk-live-6f5e4d3c2b1a"
+    starts = tmp_path / "starts"
+
+    spec = _job(tmp_path, tiny_model, 4, regex(WEATHER), rollout={
+        "tools": [{"mcp": {"command": ["python", "tests/mcp_counting_server.py"],
+                           "env": {"STARTS_FILE": str(starts)}}}],
+        "max_turns": 2, "tool_timeout_s": 30})
+    spec["sampling"]["max_tokens"] = MARKERS_SPELLED_OUT
+
+    def run(key: str) -> subprocess.CompletedProcess[str]:
+        spec["rollout"]["tools"][0]["mcp"]["env"]["API_KEY"] = key
+        job = write_job(tmp_path / "job.yaml", spec)
+        return subprocess.run([*CLI, "run", str(job), "--no-progress"], capture_output=True,
+                              text=True, timeout=600,
+                              env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")})
+
+    def sha(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    first = run(secret)
+    assert first.returncode == 0, first.stderr
+    assert starts.read_text().split() == [sha(secret)]
+    rows = _rows(tmp_path / "out" / "data")
+    assert len(rows) == 4 and all(r["tool_calls_total"] for r in rows.values())
+    assert {r["turns"][0]["tool_results"][0]["error"] for r in rows.values()} == {None}
+
+    again = run(rotated)
+    assert again.returncode == 0, again.stderr
+    assert starts.read_text().split() == [sha(secret), sha(rotated)]  # its checks only
+    files = [p for folder in ("out", "prefect") for p in (tmp_path / folder).rglob("*")
+             if p.is_file()]
+    assert any(p.name == "_manifest.json" for p in files)
+    assert any(p.suffix == ".db" for p in files)
+    leaks = [str(p) for p in files for key in (secret, rotated) if key.encode() in p.read_bytes()]
+    leaks += [out for r in (first, again) for out in (r.stdout, r.stderr)
+              if secret in out or rotated in out]
+    assert leaks == []

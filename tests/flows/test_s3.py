@@ -67,7 +67,8 @@ def test_s3_job_killed_after_a_commit_resumes_exactly_once(s3, tiny_model: str,
     assert sorted(table.column("id").to_pylist()) == sorted(ids)  # every id exactly once
     assert set(table.column("status").to_pylist()) == {"ok"}
     keys = s3.keys(bucket, "out/")
-    assert {k.split("/")[1] for k in keys} == {"_plan.json", "_manifest.json", "_shards", "data"}
+    assert {k.split("/")[1] for k in keys} == {"_plan.json", "_manifest.json", "_shards", "data",
+                                               "report"}
     assert all(k.endswith(".parquet") for k in keys if k.startswith("out/data/"))
     manifest = s3.client().get_object(Bucket=bucket, Key="out/_manifest.json")["Body"].read()
     for text in (r.stdout, r.stderr, manifest.decode()):

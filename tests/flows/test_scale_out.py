@@ -3,6 +3,7 @@ two `prefect worker` processes, output on the local S3 endpoint, the miniature m
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -170,6 +171,24 @@ def test_two_workers_share_a_job_and_write_each_id_once(server, s3, tiny_model, 
     shards, states = _worker_shards(server)
     assert len(shards) == 2 and all(shards.values()), shards  # both workers took shards
     assert set(states.values()) == {"COMPLETED"}
+    # Each worker's figures, and the run's merged from them; the workers' files are gone.
+    body = s3.client().get_object(Bucket="two-workers", Key="out/_manifest.json")["Body"]
+    run = json.loads(body.read())["this_run"]
+    assert set(run["workers"]) == set(shards)
+    assert sum(w["rows_generated"] for w in run["workers"].values()) == run["rows_generated"] == 400
+    assert run["metrics"]["status"] == {"ok": 400} and run["metrics"]["ttft_s"]["p50"] > 0
+    assert not s3.keys("two-workers", "out/_workers/")
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with server.client() as client:
+        (table,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["test-figures"])))
+        progress = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=["test-progress", "test-progress-worker-0", "test-progress-worker-1"])))
+    assert set(json.loads(table.data)[0]) == {"figure", "output", "this run", *shards}
+    assert sorted(a.key for a in progress) == ["test-progress", "test-progress-worker-0",
+                                               "test-progress-worker-1"]
+    assert [a.data for a in progress if a.key == "test-progress"] == [100]
 
 
 def _running_worker_run(server) -> tuple[str, int] | None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -61,10 +62,15 @@ def test_committer_parts_are_atomic_and_counted(tmp_path: Path) -> None:
     assert checkpoint.committed_keys(layout, 0) == {(i, 0) for i in range(10)}
     assert checkpoint.committed_keys(layout, 1) == set()  # buffered, never committed
     assert checkpoint.done_stats(layout, 0) == done[0]
-    # The marker keeps the keys earlier versions wrote, so their outputs resume.
-    assert json.loads(LOCAL.read_bytes(layout.done_marker(0))) == {
+    # The marker keeps the keys earlier versions wrote, so their outputs resume, and adds
+    # each part's commit time (the report's throughput over the run).
+    marker = json.loads(LOCAL.read_bytes(layout.done_marker(0)))
+    committed_at = marker.pop("committed_at")
+    assert marker == {
         "rows": 10, "status": {"invalid_input": 4, "ok": 6}, "prompt_tokens": 30,
         "completion_tokens": 50, "parts": [p.rsplit("/", 1)[-1] for p in layout.parts_of(0)]}
+    assert sorted(committed_at) == marker["parts"] and len(marker["parts"]) == 3
+    assert all(0 <= time.time() - t < 60 for t in committed_at.values())
     assert list(done) == [0]
     table = pa.concat_tables(pq.read_table(p) for p in layout.parts_of(0))
     assert table.schema.names == output_schema().names

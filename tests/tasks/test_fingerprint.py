@@ -7,10 +7,12 @@ import pytest
 
 from tests.conftest import prompt_rows, write_prompts
 from thinkbatch.schemas.job_file import deep_merge, load_job
+from thinkbatch.schemas.manifest import RunFigures
 from thinkbatch.tasks import checkpoint
 from thinkbatch.tasks.checkpoint import OutputLayout, ResumeRefused
 from thinkbatch.tasks.fingerprint import describe_changes, digest, fingerprint_parts
 from thinkbatch.tasks.plan import make_plan
+from thinkbatch.tasks.report import build_manifest
 from thinkbatch.tasks.storage import FileStat, Storage
 
 FILES = [FileStat("a.parquet", 10, "1")]
@@ -108,3 +110,40 @@ def test_an_unset_rollout_adds_no_part_so_outputs_written_before_it_resume() -> 
     changes = describe_changes(_parts(), _parts({"rollout": {"tools": [{"python": "t.py"}]}}))
     assert [c.split(":")[0] for c in changes] == [
         "rollout.max_turns", "rollout.tool_timeout_s", "rollout.tools"]
+
+
+SECRET, ROTATED = "sk-live-0123456789abcdef", "sk-live-fedcba9876543210"
+
+
+def _mcp(key: str, command: str = "server.py", host: str = "search") -> dict[str, Any]:
+    """Tool sources holding secrets: a stdio server's env value, a URL's credentials."""
+    return {"rollout": {"tools": [
+        {"mcp": {"command": ["python", command], "env": {"API_KEY": key, "MODE": "fast"}}},
+        {"mcp": {"url": f"https://bot:{key}@{host}:8000/mcp?token={key}&region=eu"}}]}}
+
+
+def test_mcp_secrets_count_for_nothing_and_are_written_nowhere(tmp_path: Path) -> None:
+    """A rotated key is the same job (a resume goes on); the server, its host and its env
+    names still count. Neither the plan's fingerprint parts nor the manifest's config
+    hold a secret: both are JSON dumps, where the schema masks them."""
+    store = Storage()
+    inputs = write_prompts(tmp_path / "in.parquet", prompt_rows(4))
+    base = {"input": {"path": str(inputs)}, "engine": {"model": "m"},
+            "output": {"path": str(tmp_path / "out")}}
+    layout = OutputLayout(str(tmp_path / "out"), store)
+    job = load_job(inline=deep_merge(base, _mcp(SECRET)))
+    plan, _ = checkpoint.open_plan(layout, make_plan(job, store))
+
+    rotated = load_job(inline=deep_merge(base, _mcp(ROTATED)))
+    assert checkpoint.open_plan(layout, make_plan(rotated, store)) == (plan, True)
+    for other in (_mcp(SECRET, command="other.py"), _mcp(SECRET, host="elsewhere")):
+        with pytest.raises(ResumeRefused, match=r"rollout\.tools: "):
+            checkpoint.open_plan(layout, make_plan(load_job(inline=deep_merge(base, other)),
+                                                   store))
+    manifest = build_manifest(rotated, plan, layout, {}, RunFigures())
+    written = [(tmp_path / "out" / "_plan.json").read_text(), manifest.to_json().decode()]
+    assert not [text for text in written if SECRET in text or ROTATED in text]
+    assert ("https://**********@search:8000/mcp?token=**********&region=**********"
+            in written[0].replace("\\", ""))
+    assert manifest.config["rollout"]["tools"][0]["mcp"]["env"] == {"API_KEY": "**********",
+                                                                    "MODE": "**********"}

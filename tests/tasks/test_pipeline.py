@@ -153,9 +153,12 @@ def test_shards_complete_with_every_row_its_status_and_a_marker_of_their_parts(
     assert pipe.submitted == 7 and pipe.committed == 8 and pipe.progress.rows == 8
     for shard_id, shard_stats in enumerate(stats):
         marker = json.loads(layout.store.read_bytes(layout.done_marker(shard_id)))
+        committed_at = marker.pop("committed_at")
         assert marker == {"rows": shard_stats.rows, "status": shard_stats.status,
                           "prompt_tokens": 0, "completion_tokens": 0,
                           "parts": sorted(_parts(layout, shard_id))}
+        assert sorted(committed_at) == marker["parts"]
+        assert all(time.time() - 60 < t <= time.time() for t in committed_at.values())
     assert checkpoint.done_shards(layout) == {0, 1}
     out = {r["row_index"]: r for s in (0, 1) for part in _parts(layout, s).values() for r in part}
     assert sorted(out) == list(range(8))
@@ -261,8 +264,9 @@ def test_a_rerun_skips_committed_rows_and_a_done_shard_gets_its_marker(
 
     layout.store.delete(layout.done_marker(0))  # a crash between the last part and the marker
     third = _pipeline(job, layout, plan)
-    assert _run(third, 0) == [stats]
-    assert third.submitted == 0 and checkpoint.done_stats(layout, 0) == stats
+    unknown = stats.model_copy(update={"committed_at": None})  # times died with the crash
+    assert _run(third, 0) == [unknown]
+    assert third.submitted == 0 and checkpoint.done_stats(layout, 0) == unknown
 
 
 def test_a_zombies_part_that_slipped_in_is_compacted_away_when_the_shard_is_done(

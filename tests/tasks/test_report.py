@@ -7,7 +7,9 @@ from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.commit import Committer
-from thinkbatch.tasks.report import sample_rows
+from thinkbatch.schemas.manifest import Manifest, RunFigures
+from thinkbatch.tasks.figures import RunTally
+from thinkbatch.tasks.report import Progress, figure_rows, sample_rows, summary
 from thinkbatch.tasks.storage import Storage
 
 
@@ -37,3 +39,61 @@ def test_sample_rows_show_each_output_shape_before_repeats(tmp_path: Path) -> No
     assert shown[0]["reasoning"] == "why " * 5 + "…"
     assert shown[0]["tool_calls"][0]["name"] == "get_weather" and shown[1]["answer"] == "93 pens."
     assert sample_rows(job, 0) == []
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _done_row(tokens: int = 10) -> dict:
+    return {"status": "ok", "prompt_tokens": 5, "completion_tokens": tokens,
+            "reasoning_tokens": 4, "finish_reason": "stop", "ttft_s": 0.1, "latency_s": 1.0}
+
+
+def test_the_time_left_of_a_resumed_run_counts_only_its_own_work() -> None:
+    """1,000 rows: 600 in shards done before, 100 an earlier run committed in the shards
+    this run resumes, 50 a retry copies. This run does 100 rows in 10 s: 150 are left,
+    15 s at its 10 rows/s. tqdm's own figures (rows since the bar began / elapsed, and
+    total minus the bar's count) took in the copied rows' jump and never the committed
+    rows, which the feeder skips: the bar stopped short of 100% and its time left ran
+    on."""
+    clock = _Clock()
+    progress = Progress(total=1000, already_done=600, enabled=True, clock=clock)
+    assert progress.eta_s() is None
+    progress.committed_before(100)
+    progress.carried(50)
+    clock.now += 10
+    for _ in range(100):
+        progress.row_done(_done_row())
+    assert progress.remaining() == 150
+    assert progress.eta_s() == 15.0
+    assert progress.percent() == 85.0
+    assert progress.rates() == "00:15 left, 10.0 rows/s, 100 out tok/s"
+    bar = str(progress._bar)  # tqdm's own time left ("<00:30") is not shown
+    assert "850/1000" in bar and " left, " in bar and "<" not in bar, bar
+    progress.close()
+
+
+def test_the_summary_ends_with_the_seed_table() -> None:
+    tally = RunTally()
+    for i in range(4):
+        tally.add(_done_row(10 * (i + 1)))
+    run = RunFigures(rows_generated=4, output_tokens=100, generation_s=2.0, wall_s=3.0,
+                     rows_per_s=2.0, output_tokens_per_s=50.0, engine_load_s=1.0,
+                     resumed=False, metrics=tally.metrics(2.0))
+    manifest = Manifest(job="j", rows=4, input_rows=4, status_counts={"ok": 4},
+                        prompt_tokens=20, completion_tokens=100, shards=1, fingerprint="f",
+                        this_run=run, config={}, versions={}, data="out/data")
+    text = summary(manifest)
+    lines = {line.rsplit(None, 1)[0].strip(): line.rsplit(None, 1)[1]
+             for line in text.splitlines()[5:]}
+    assert lines["requests/s"] == "2" and lines["output tok/s"] == "50.0"
+    assert lines["TTFT median (s)"] == "0.1" and lines["latency p99 (s)"] == "1"
+    assert lines["reasoning tokens mean"] == "4" and lines["answer tokens mean"] == "21.0"
+    rows = {r["figure"]: r for r in figure_rows(manifest)}
+    assert rows["rows ok"] == {"figure": "rows ok", "output": 4, "this run": 4}
+    assert rows["answer tokens total"]["this run"] == 84

@@ -398,3 +398,42 @@ def test_history_is_rendered_as_vllm_serve_passes_it_and_never_changed() -> None
     assert served[0] is history[0]
     assert served[1]["reasoning"] == "think" and "reasoning_content" not in served[1]
     assert json.dumps(history) == before
+
+
+class Seeds(Script):
+    """Records the seed each (row, sample, turn) was asked with."""
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self.seeds: dict[tuple[int, int, int], int] = {}
+
+    def submit(self, key: str, req: RowRequest, params: Any) -> None:
+        row, sample, turn = map(int, key.split(":"))
+        self.seeds[row, sample, turn] = params.seed
+        super().submit(key, req, params)
+
+
+def test_each_turn_draws_from_its_own_seed_the_same_on_every_run(tmp_path: Path) -> None:
+    """Turn 0 keeps the sample's seed (single-turn jobs' rule); a later turn gets one
+    derived from (that seed, turn), so it does not replay turn 0's random draws, and a
+    rerun asks every turn with the same seed as before."""
+    job = _job(tmp_path, 2)
+    job.engine.kind = "vllm"  # the pipeline seeds a vLLM engine's requests only
+    job.sampling.seed, job.sampling.temperature, job.sampling.n = 100, 1.0, 2
+    script = [call(("get_weather", {"city": "x"})), call(("get_weather", {"city": "y"})),
+              answer("done")]
+    first = Seeds(job, {0: script, 1: script})
+    _run(job, first)
+    again = Seeds(job, {0: script, 1: script})
+    _run(job.model_copy(update={"output": job.output.model_copy(
+        update={"path": str(tmp_path / "again")})}), again)
+
+    assert len(first.seeds) == 2 * 2 * 3 and again.seeds == first.seeds
+    assert {k: s for k, s in first.seeds.items() if k[2] == 0} == {
+        (row, sample, 0): 100 + row * 2 + sample for row in range(2) for sample in range(2)}
+    assert len(set(first.seeds.values())) == len(first.seeds)  # no two turns alike
+    assert all(0 <= s < 2**63 for s in first.seeds.values())
+    from thinkbatch.tasks.sampling import turn_seed
+
+    assert all(seed == turn_seed(100 + row * 2 + sample, turn)
+               for (row, sample, turn), seed in first.seeds.items())

@@ -180,3 +180,25 @@ def test_planning_reuses_the_footers_validation_read(tmp_path: Path) -> None:
     assert make_plan(job, store).total_rows == 8
     assert sorted(store.opened) == [str(inputs / "part-0.parquet"),
                                     str(inputs / "part-1.parquet")]
+
+
+def test_scale_out_refuses_mcp_secrets_the_workers_would_not_get(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """K workers get the job as Prefect parameters, a JSON dump where secrets are masked:
+    a literal secret is refused up front (the workers would start the server with the
+    mask); one named from the environment (`${VAR}`) reaches each worker from its own."""
+    monkeypatch.setenv("TB_TEST_TOKEN", "tok-123456789")
+    write_prompts(tmp_path / "in.parquet", prompt_rows(2))
+    server = ["python", str(Path(__file__).resolve().parents[1] / "mcp_counting_server.py")]
+
+    def job(env: dict[str, str]) -> dict[str, Any]:
+        return _job(tmp_path / "in.parquet", tmp_path / "out", parsers={"tool_call": "kimi_k2"},
+                    scale={"workers": 2},
+                    rollout={"tools": [{"mcp": {"command": server, "env": env}}]})
+
+    starts = str(tmp_path / "starts")
+    assert _errors(job({"STARTS_FILE": starts, "API_KEY": "sk-literal-123"})) == [
+        f"rollout.tools[0].mcp.env.{k}: with scale.workers > 1 a secret reaches the workers "
+        "only from their environment: write it as ${VAR}" for k in ("STARTS_FILE", "API_KEY")]
+    monkeypatch.setenv("TB_TEST_STARTS", starts)
+    assert _errors(job({"STARTS_FILE": "${TB_TEST_STARTS}", "API_KEY": "${TB_TEST_TOKEN}"})) == []
