@@ -6,6 +6,10 @@ server died first, and a run that then stopped cleanly spent minutes retrying it
 state updates ("ConnectError: [Errno 111] Connection refused"). Started here in its own
 session, it outlives the stop; Prefect stops it when the command exits (atexit), and
 the guardian (tasks/guardian.py) kills it if thinkbatch itself is killed.
+
+It gets at least STARTUP_S to answer, not Prefect's 20 s: with a fresh PREFECT_HOME it
+first builds its database, which took longer than 20 s on a busy 2-core machine and
+failed the run ("Timed out while attempting to connect to ephemeral Prefect API server").
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from typing import Any
 import prefect
 from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
+                              PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
                               get_current_settings)
+
+STARTUP_S = 180
 
 
 class _SessionServer(SubprocessASGIServer):
@@ -42,4 +49,5 @@ def start_temporary_api() -> None:
     Nothing to do when a server is configured."""
     if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
         return
-    _SessionServer().start()
+    _SessionServer().start(
+        timeout=max(STARTUP_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))

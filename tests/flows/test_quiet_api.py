@@ -8,17 +8,16 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import prefect
 import pytest
 
 from tests.conftest import CLI, job_dict, prompt_rows, write_job, write_prompts
+from tests.prefect_server import free_port, wait_until_up
 
 PER_SHARD = 4  # the goal: API requests per shard
 REQUEST = re.compile(r'uvicorn\.access - \S+ - "(\w+) (\S+) HTTP')
@@ -28,9 +27,7 @@ class AccessLoggedServer:
     """`prefect server`'s app under uvicorn with its access log in a file."""
 
     def __init__(self, home: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}/api"
         self.log = home / "access.log"
         env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "false",
@@ -42,15 +39,7 @@ class AccessLoggedServer:
              "--port", str(port), "--log-level", "info", "--access-log"],
             env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
             start_new_session=True)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2)
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("prefect server did not start")
-                time.sleep(0.5)
+        wait_until_up(self.url, self.proc)
 
     def requests(self) -> list[tuple[str, str]]:
         return REQUEST.findall(self.log.read_text())

@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -18,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import CLI, engine_section, job_dict, prompt_rows, write_job, write_prompts
+from tests.prefect_server import free_port, wait_until_up
 
 pytestmark = pytest.mark.engine
 
@@ -25,15 +24,9 @@ REPO = Path(__file__).resolve().parents[2]
 PREFECT = [str(Path(sys.executable).parent / "prefect")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PrefectServer:
     def __init__(self, home: Path, s3_env: dict[str, str]):
-        port = _free_port()
+        port = free_port()
         self.env = {**os.environ, **s3_env, "PREFECT_HOME": str(home),
                     "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
@@ -44,15 +37,7 @@ class PrefectServer:
                                       "--port", str(port)], env=self.env, cwd=REPO,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("prefect server did not start")
-                time.sleep(1)
+        wait_until_up(self.env["PREFECT_API_URL"], self.proc)
         self.workers: dict[str, subprocess.Popen] = {}
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:

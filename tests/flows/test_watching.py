@@ -11,12 +11,10 @@ import math
 import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import pytest
 import yaml
 
 from tests.conftest import CLI, engine_section, job_dict, prompt_rows, write_job, write_prompts
+from tests.prefect_server import free_port, wait_until_up
 from thinkbatch.flows import artifacts, events
 from thinkbatch.flows.job import generate_dataset
 from thinkbatch.schemas.job_file import load_job
@@ -43,9 +42,7 @@ class Server:
     """`prefect server start` with a PREFECT_HOME of its own."""
 
     def __init__(self, home: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}/api"
         env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": self.url,
                "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -53,15 +50,7 @@ class Server:
             [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
              "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2)
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("prefect server did not start")
-                time.sleep(0.5)
+        wait_until_up(self.url, self.proc)
 
     def client(self):
         from prefect.client.orchestration import SyncPrefectClient
@@ -264,9 +253,7 @@ def test_watching_never_fails_a_job(tmp_path: Path, caplog) -> None:
     from prefect.settings import (PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES,
                                   temporary_settings)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}/api"
+    dead = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
     spec = load_job(inline=_replay_job(tmp_path, "No API", rows=4))
     layout = OutputLayout(spec.output.path, Storage())
     manifest = Manifest(job=spec.name, rows=0, input_rows=0, status_counts={},
