@@ -11,7 +11,8 @@ model, engine arguments, SamplingParams and rows, in one benchmark run.
 - Resume: each side killed (SIGKILL of its process group) halfway through its own
   uninterrupted generation time on the efficiency rows, then run again: rows on disk
   at the kill, rows the rerun generated, and the time the kill cost. Ray resumes through
-  Ray Data's checkpointing by the id column, as its docs set it up; thinkbatch as it is.
+  Ray Data's checkpointing by the id column, as its docs set it up, with blocks and files
+  of thinkbatch's commit size (see _resume); thinkbatch as it is.
 - What each gives the user: the columns each writes for the same Kimi-format
   completions (the random-miniature regex), and what a null prompt and a prompt longer
   than max_model_len do to each.
