@@ -77,7 +77,7 @@ def test_a_sigkilled_worker_run_takes_its_engine_with_it(server, tmp_path: Path,
     started = tree(pid)
     assert any("EngineCore" in cmdline(p) for p in started), [cmdline(p) for p in started]
     os.kill(pid, signal.SIGKILL)
-    assert not left_alive(started, 10)
+    assert not left_alive(started, 30)  # a busy 2-core machine: 10 s was too tight
 
 
 def test_a_cancelled_worker_run_stops_cleanly_and_shows_cancelled(server, tmp_path: Path,
@@ -100,4 +100,4 @@ def test_a_cancelled_worker_run_stops_cleanly_and_shows_cancelled(server, tmp_pa
     committed = pq.read_table(out / "data", columns=["row_index"]).num_rows
     assert committed == int(stopped.group(1)) > 0
     assert not list((out / "_claims").glob("*.json"))  # freed for other workers
-    assert not left_alive(started, 10)
+    assert not left_alive(started, 30)  # a busy 2-core machine: 10 s was too tight
