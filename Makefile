@@ -1,5 +1,5 @@
 # The two commands of the README. Both do all set-up on a fresh machine.
-.PHONY: setup demo demo-random test bench-peers
+.PHONY: setup demo demo-rollout demo-random test bench-peers
 
 setup:
 	bash scripts/setup.sh
@@ -10,6 +10,14 @@ demo: setup
 	.venv/bin/python -m miniature.tiny_tasks examples/data 300
 	rm -rf out/demo
 	.venv/bin/thinkbatch run examples/demo.yaml
+
+# The same prompts as agentic rollouts: the trained miniature calls the Python tools of
+# examples/tools.py, reads their results and answers; then the conversations' figures.
+demo-rollout: setup
+	.venv/bin/python -m miniature.tiny_tasks examples/data 300
+	rm -rf out/demo-rollout
+	.venv/bin/thinkbatch run examples/demo-rollout.yaml
+	.venv/bin/python -m miniature.eval_tiny_model --score out/demo-rollout
 
 # The random-weight miniature, forced into Kimi's format by a regex: plumbing only.
 # Also writes the model and rows that examples/features.yaml uses.

@@ -47,4 +47,5 @@ def convert_units(value: float, from_unit: str, to_unit: str) -> str:
     if rule is None:
         raise ValueError(f"cannot convert {from_unit} to {to_unit}")
     result = rule(value) if callable(rule) else value * rule
-    return f"{result:.1f} {to_unit}"
+    # Rounded as people quote a conversion: whole from 100, one decimal below.
+    return f"{result:.0f} {to_unit}" if abs(result) >= 100 else f"{result:.1f} {to_unit}"

@@ -1,4 +1,5 @@
-"""Synthetic tasks that the trained miniature Kimi-K2 learns, and a scorer for its output rows.
+"""Synthetic tasks that the trained miniature Kimi-K2 learns, the tools it calls, and
+scorers for its output rows and conversations.
 
 Two kinds of prompt, each with the completion Kimi-K2-Thinking would give:
 
@@ -6,7 +7,13 @@ Two kinds of prompt, each with the completion Kimi-K2-Thinking would give:
   names what is counted and works the sum column by column, so a 2-layer model can
   learn it, then the answer states the number and the item;
 - ``tool``: a weather, local-time or unit-conversion question; the thinking names the
-  tool, then one Kimi tool call carries the arguments copied from the question.
+  tool, then one Kimi tool call carries the arguments copied from the question. Given
+  the tool's result (a ``tool`` message), the second turn thinks once more and answers
+  with the returned value ("It is 21 °C and sunny in Vienna."), or says the tool failed.
+
+The tools (`get_weather`, `get_time`, `convert_units`) are examples/tools.py's, which the
+rollout demo serves: plain, deterministic functions of their arguments, so a rollout's
+expected answer is known (`tool_result`).
 
 Every task has a key: for math the operation and the two numbers, for tools the tool, its
 arguments and the question's template. A stable hash of the key puts it in the train or
@@ -18,12 +25,14 @@ held-out split, so no held-out sum and no held-out question is ever trained on.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import random
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 NAMES = ("Sam", "Ana", "Li", "Omar", "Mia", "Ravi", "Zoe", "Ken", "Ada", "Tom")
@@ -75,6 +84,52 @@ _NUMBER = re.compile(r"-?\d+")
 Kind = Literal["math", "tool"]
 
 
+def _example_tools() -> ModuleType:
+    """examples/tools.py, the rollout demo's tools (examples/ is not a package): the one
+    definition of what the tools return, for the trainer, the scorer and the jobs."""
+    spec = importlib.util.spec_from_file_location(
+        "example_tools", Path(__file__).resolve().parent.parent / "examples" / "tools.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_TOOLS_MODULE = _example_tools()
+SKIES: tuple[str, ...] = _TOOLS_MODULE.SKIES
+get_weather, get_time, convert_units = (_TOOLS_MODULE.get_weather, _TOOLS_MODULE.get_time,
+                                        _TOOLS_MODULE.convert_units)
+
+
+def _num(value: float) -> str:
+    """A number as people write it: 843, 2.5 (no trailing .0)."""
+    return f"{value:g}" if float(value).is_integer() else f"{value}"
+
+
+TOOLS = {f.__name__: f for f in (get_weather, get_time, convert_units)}
+
+
+def _schema(fn: Any, params: dict[str, str]) -> dict[str, Any]:
+    return {"type": "function", "function": {
+        "name": fn.__name__, "description": " ".join(fn.__doc__.split()),
+        "parameters": {"additionalProperties": False,
+                       "properties": {k: {"type": t} for k, t in params.items()},
+                       "required": list(params), "type": "object"}}}
+
+
+# The tools as a rollout job declares them to the model: the schemas thinkbatch's Python
+# toolbox derives from examples/tools.py. The trainer also varies their wording.
+TOOL_SCHEMAS: list[dict[str, Any]] = [
+    _schema(get_weather, {"city": "string"}), _schema(get_time, {"city": "string"}),
+    _schema(convert_units, {"value": "number", "from_unit": "string", "to_unit": "string"}),
+]
+
+
+def tool_result(name: str, args: dict[str, Any]) -> str:
+    """What tool `name` returns for `args`: the one source of the tools' results."""
+    return TOOLS[name](**args)
+
+
 @dataclass(frozen=True, slots=True)
 class Task:
     """One prompt with the completion to learn and what a correct output contains."""
@@ -96,6 +151,45 @@ class Task:
         call = (f"<|tool_call_begin|>functions.{self.tool_name}:0<|tool_call_argument_begin|>"
                 f"{json.dumps(self.tool_args)}<|tool_call_end|>")
         return f"{head}<|tool_calls_section_begin|>{call}<|tool_calls_section_end|><|im_end|>"
+
+    @property
+    def call_id(self) -> str:
+        return f"functions.{self.tool_name}:0"
+
+    def call_message(self, *, keep_reasoning: bool = True) -> dict[str, Any]:
+        """The first turn as the rollout loop records it (OpenAI format, Kimi's call id)."""
+        return {"role": "assistant", "content": "",
+                "reasoning_content": self.reasoning if keep_reasoning else "",
+                "tool_calls": [{"id": self.call_id, "type": "function", "function": {
+                    "name": self.tool_name, "arguments": json.dumps(self.tool_args)}}]}
+
+    def result_message(self, content: str, *, named: bool = True) -> dict[str, Any]:
+        """The tool's result (or error text) as the `tool` message that answers the call."""
+        name = {"name": self.tool_name} if named else {}
+        return {"role": "tool", "tool_call_id": self.call_id, **name, "content": content}
+
+    def final(self, content: str, *, failed: bool) -> tuple[str, str]:
+        """The second turn's reasoning and answer: the returned value restated, or that
+        the tool failed. The thinking copies the value from the tool's message into the
+        answer's own sentence, which the answer then repeats word for word: a small
+        model copies a token by matching the tokens before it, so the same words before
+        each digit make the second copy safe ("it is -2" thought, "It is 2" answered)."""
+        args = self.tool_args or {}
+        if self.tool_name == "convert_units":
+            fact = f"{_num(args['value'])} {args['from_unit']} is {content}"
+            miss = f"convert {_num(args['value'])} {args['from_unit']} to {args['to_unit']}"
+        else:
+            what = "weather" if self.tool_name == "get_weather" else "local time"
+            fact = f"It is {content} in {args['city']}"
+            miss = f"get the {what} in {args['city']}"
+        if failed:
+            return (f"{self.tool_name} failed, so I cannot {miss}.",
+                    f"Sorry, I could not {miss}.")
+        return f"{self.tool_name} says: {fact}.", f"{fact}."
+
+    def final_completion(self, content: str, *, failed: bool) -> str:
+        reasoning, answer = self.final(content, failed=failed)
+        return f"<think>{reasoning}</think>{answer}<|im_end|>"
 
     @property
     def expected(self) -> str:
@@ -156,7 +250,7 @@ def _tool_task(rng: random.Random) -> Task:
         (src, dst), value = rng.choice(UNITS), rng.randint(1, 999)
         t = rng.randrange(len(CONVERT_TEMPLATES))
         prompt = CONVERT_TEMPLATES[t].format(value=value, src=src, dst=dst)
-        args: dict[str, Any] = {"value": value, "from": src, "to": dst}
+        args: dict[str, Any] = {"value": value, "from_unit": src, "to_unit": dst}
         reasoning = f"The user wants {value} {src} in {dst}. I will call convert_units."
         key = f"tool:{tool}:{value}:{src}:{dst}"
     else:
@@ -221,19 +315,61 @@ def _json(text: str | None) -> Any:
         return None
 
 
+def _rate(scores: list[tuple[str, dict[str, bool]]], kind: str | None, field: str) -> float:
+    """The share of scores (of `kind`, or all) whose `field` holds, to 4 places."""
+    picked = [s[field] for k, s in scores if kind is None or k == kind]
+    return round(sum(picked) / len(picked), 4) if picked else 0.0
+
+
 def summarize(scores: list[tuple[str, dict[str, bool]]]) -> dict[str, Any]:
     """The evaluation's figures from (kind, score) pairs."""
-    def rate(kind: str | None, field: str) -> float:
-        picked = [s[field] for k, s in scores if kind is None or k == kind]
-        return round(sum(picked) / len(picked), 4) if picked else 0.0
-
     return {
         "rows": len(scores),
         "math_rows": sum(k == "math" for k, _ in scores),
         "tool_rows": sum(k == "tool" for k, _ in scores),
-        "formatted_rate": rate(None, "formatted"),
-        "tool_call_accuracy": rate("tool", "correct"),
-        "math_accuracy": rate("math", "correct"),
+        "formatted_rate": _rate(scores, None, "formatted"),
+        "tool_call_accuracy": _rate(scores, "tool", "correct"),
+        "math_accuracy": _rate(scores, "math", "correct"),
+    }
+
+
+def score_rollout(row: dict[str, Any], kind: str, expected: str) -> dict[str, bool]:
+    """Check a rollout's output row (one conversation: `turns`, final `answer`, `status`).
+
+    `answered`: status ok and the last turn answers (text, no tool call pending);
+    `called_right`: for tools the first turn makes exactly the expected call, for math it
+    makes none; `states_value`: for tools the final answer contains the text a tool call
+    of the conversation returned (not an error), for math its last number is the result;
+    `correct`: all three. A row without `turns` counts as one turn.
+    """
+    turns = row.get("turns") or [{"tool_calls": row.get("tool_calls"), "tool_results": []}]
+    answer = (row.get("answer") or "").strip()
+    answered = row.get("status") == "ok" and bool(answer) and not turns[-1].get("tool_calls")
+    first = score({"reasoning": "-", "answer": answer if len(turns) == 1 else "",
+                   "tool_calls": turns[0].get("tool_calls")}, kind, expected)
+    if kind == "math":
+        called_right = not turns[0].get("tool_calls")
+        states_value = first["correct"]
+    else:
+        called_right = first["correct"]
+        returned = [r["content"] for t in turns for r in t.get("tool_results") or []
+                    if not r.get("error") and (r.get("content") or "").strip()]
+        states_value = any(value.strip() in answer for value in returned)
+    return {"answered": answered, "called_right": called_right, "states_value": states_value,
+            "correct": answered and called_right and states_value}
+
+
+def summarize_rollouts(scores: list[tuple[str, dict[str, bool]]]) -> dict[str, Any]:
+    """The rollout evaluation's figures from (kind, score_rollout) pairs."""
+    return {
+        "conversations": len(scores),
+        "tool_conversations": sum(k == "tool" for k, _ in scores),
+        "answered_rate": _rate(scores, None, "answered"),
+        "tool_answered_rate": _rate(scores, "tool", "answered"),
+        "tool_call_accuracy": _rate(scores, "tool", "called_right"),
+        "states_value_rate": _rate(scores, "tool", "states_value"),
+        "math_accuracy": _rate(scores, "math", "correct"),
+        "correct_rate": _rate(scores, None, "correct"),
     }
 
 

@@ -273,10 +273,10 @@ def test_kill_mid_rollout_then_resume_writes_every_conversation_once_and_whole(
         tiny_model: str, tmp_path: Path) -> None:
     """Tools sleep a random time, so at the first commit conversations are at every
     stage; the rerun redoes only those in flight, each from its first turn."""
-    n, in_flight, flush = 120, 16, 8
+    n, in_flight, flush = 64, 16, 8
     spec = _job(tmp_path, tiny_model, n, regex(ANSWER, WEATHER, tool_call("nap")),
                 rollout={"max_turns": 4, "max_concurrent_tools": 4},
-                output={"flush_rows": flush}, shards={"rows_per_shard": 60})
+                output={"flush_rows": flush}, shards={"rows_per_shard": 32})
     spec["engine"]["max_in_flight"] = in_flight
     job = write_job(tmp_path / "job.yaml", spec)
     submitted = kill_after_first_commit(job)

@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from miniature import tiny_tasks
 from tests import processes
 from thinkbatch.schemas.record import ToolResult
 from thinkbatch.schemas.rollout import RolloutSpec
@@ -156,6 +157,13 @@ def test_schemas_come_from_signatures_and_docstrings():
     assert convert["required"] == ["value", "from_unit", "to_unit"]
     assert convert["properties"]["value"] == {"type": "number"}
     assert "title" not in json.dumps(schemas)
+
+
+def test_example_tools_are_declared_as_the_miniature_learned_them():
+    """The rollout demo's toolbox declares examples/tools.py with the schemas the trained
+    miniature saw in training."""
+    with Toolbox.open(spec({"python": "tools.py"}), EXAMPLES) as box:
+        assert box.schemas() == tiny_tasks.TOOL_SCHEMAS
 
 
 def test_python_tools_ok_raise_invalid_unknown(tools_file: Path):
