@@ -91,6 +91,16 @@ def _thousands(ax: Axes, axis: str = "y") -> None:
     (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(fmt)
 
 
+def _count_axis(ax: Axes, label: str) -> None:
+    """The x axis of a horizontal bar chart: whole counts with thousands separators,
+    vertical grid lines only."""
+    ax.grid(axis="y", visible=False)
+    ax.grid(axis="x", color="#e4e7eb", linewidth=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(6, integer=True))
+    _thousands(ax, "x")
+    ax.set_xlabel(label, color=INK)
+
+
 def status_chart(status: Counter[str]) -> Chart:
     rows = sum(status.values())
     items = sorted(status.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -106,11 +116,7 @@ def status_chart(status: Counter[str]) -> Chart:
                    height=0.6)
     ax.bar_label(bars, [f" {c:,} ({c / rows:.1%})" for c in counts], color=INK, fontsize=9)
     ax.set_xlim(0, max(counts) * 1.28)
-    ax.grid(axis="y", visible=False)
-    ax.grid(axis="x", color="#e4e7eb", linewidth=0.8)
-    ax.xaxis.set_major_locator(MaxNLocator(6, integer=True))
-    _thousands(ax, "x")
-    ax.set_xlabel("rows", color=INK)
+    _count_axis(ax, "rows")
     return Chart("status", "Rows by status", caption, _png(fig))
 
 
@@ -301,11 +307,7 @@ def tools_chart(tools: Counter[str], failures: Counter[str], rollout: bool) -> C
         ax.text(c, y, f" {c:,}" + (f" ({f:,} failed)" if f else ""), va="center",
                 color=INK, fontsize=9)
     ax.set_xlim(0, counts.max() * 1.3)
-    ax.grid(axis="y", visible=False)
-    ax.grid(axis="x", color="#e4e7eb", linewidth=0.8)
-    ax.xaxis.set_major_locator(MaxNLocator(6, integer=True))
-    _thousands(ax, "x")
-    ax.set_xlabel("calls", color=INK)
+    _count_axis(ax, "calls")
     return Chart("tools", "Tool calls by name", caption, _png(fig))
 
 
