@@ -95,10 +95,10 @@ def _example_tools() -> ModuleType:
     return module
 
 
-_TOOLS_MODULE = _example_tools()
-SKIES: tuple[str, ...] = _TOOLS_MODULE.SKIES
-get_weather, get_time, convert_units = (_TOOLS_MODULE.get_weather, _TOOLS_MODULE.get_time,
-                                        _TOOLS_MODULE.convert_units)
+EXAMPLE_TOOLS = _example_tools()
+SKIES: tuple[str, ...] = EXAMPLE_TOOLS.SKIES
+get_weather, get_time, convert_units = (EXAMPLE_TOOLS.get_weather, EXAMPLE_TOOLS.get_time,
+                                        EXAMPLE_TOOLS.convert_units)
 
 
 def _num(value: float) -> str:

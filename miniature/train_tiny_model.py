@@ -308,6 +308,12 @@ def greedy_check(model: DeepseekV3ForCausalLM, tokenizer: PreTrainedTokenizerFas
             "second": hits["second"] / tool_tasks}
 
 
+def stage1_config(config: DeepseekV3Config) -> DeepseekV3Config:
+    """The model's config without the layer that stage 2 inserts: what stage 1 trains."""
+    return DeepseekV3Config.from_dict({**config.to_dict(), "num_hidden_layers": STAGE1_LAYERS,
+                                       "first_k_dense_replace": INSERTED})
+
+
 def grown(model: DeepseekV3ForCausalLM, config: DeepseekV3Config) -> DeepseekV3ForCausalLM:
     """Stage 1's model with a dense layer inserted at INSERTED that passes its input
     through (its output projections zero), so the grown model computes what stage 1's
@@ -362,9 +368,7 @@ def build(out_dir: Path, single_steps: int, steps: int, stage1: Path | None = No
     (out / MARKER).unlink()  # the marker means "config only"; this folder has weights
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
     config = DeepseekV3Config.from_dict(json.loads((out / "config.json").read_text()))
-    small = DeepseekV3Config.from_dict({**config.to_dict(), "num_hidden_layers": STAGE1_LAYERS,
-                                        "first_k_dense_replace": INSERTED})
-    model = DeepseekV3ForCausalLM(small).float()
+    model = DeepseekV3ForCausalLM(stage1_config(config)).float()
     start = time.monotonic()
     rng = single_stage(model, tokenizer, single_steps, stage1)
     model = grown(model, config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -98,6 +99,13 @@ def write_job(path: Path, job: dict[str, Any]) -> Path:
 
 
 CLI = [sys.executable, "-m", "thinkbatch.flows.cli"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def kill_after_first_commit(job: Path | list[str], env: dict[str, str] | None = None) -> set[int]:

@@ -1,18 +1,11 @@
-"""Starting a real Prefect API server on 127.0.0.1 for a test: a free port, and waiting
-until it answers (or failing fast when it died)."""
+"""Starting a real Prefect API server on 127.0.0.1 for a test: waiting until it answers
+(or failing fast when it died)."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 import urllib.request
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until_up(api_url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 import prefect
 import pytest
 
-from tests.conftest import CLI, job_dict, prompt_rows, write_job, write_prompts
-from tests.prefect_server import free_port, wait_until_up
+from tests.conftest import CLI, free_port, job_dict, prompt_rows, write_job, write_prompts
+from tests.prefect_server import wait_until_up
 
 PER_SHARD = 4  # the goal: API requests per shard
 REQUEST = re.compile(r'uvicorn\.access - \S+ - "(\w+) (\S+) HTTP')

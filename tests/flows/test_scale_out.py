@@ -15,8 +15,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import CLI, engine_section, job_dict, prompt_rows, write_job, write_prompts
-from tests.prefect_server import free_port, wait_until_up
+from tests.conftest import (CLI, engine_section, free_port, job_dict, prompt_rows, write_job,
+                            write_prompts)
+from tests.prefect_server import wait_until_up
 
 pytestmark = pytest.mark.engine
 

@@ -60,7 +60,7 @@ def test_a_tool_conversation_is_call_result_answer(rows: list[dict]) -> None:
     tool under the call's id, then an answer; `messages` is that trajectory. Arithmetic
     is answered in one turn, with no tool."""
     tools = [r for r in rows if r["kind"] == "tool" and r["status"] == "ok"]
-    assert len(tools) >= 0.9 * ROWS // 2
+    assert len(tools) >= 0.9 * (ROWS // 2)
     for r in tools:
         assert r["num_turns"] == 2 and r["tool_calls_total"] == 1, r
         first, second = r["turns"]

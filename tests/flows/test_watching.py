@@ -22,8 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import CLI, engine_section, job_dict, prompt_rows, write_job, write_prompts
-from tests.prefect_server import free_port, wait_until_up
+from tests.conftest import (CLI, engine_section, free_port, job_dict, prompt_rows, write_job,
+                            write_prompts)
+from tests.prefect_server import wait_until_up
 from thinkbatch.flows import artifacts, events
 from thinkbatch.flows.job import generate_dataset
 from thinkbatch.schemas.job_file import load_job

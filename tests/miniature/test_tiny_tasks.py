@@ -127,17 +127,27 @@ def test_the_trainer_learns_both_turns_of_the_rendered_conversation(tokenizer):
         assert ids == tokenizer.encode(whole, add_special_tokens=False)
 
 
-def test_stage1_saved_then_loaded_continues_alike(tokenizer, tmp_path):
-    """`--stage1 DIR`: a second run starts stage 2 from the same weights and data rng."""
-    import torch
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory):
+    """The trainer's model settings, narrower: a config that trains in a blink."""
+    from transformers import DeepseekV3Config
 
     from miniature.tiny_model import write_tiny_model
-    from miniature.train_tiny_model import SETTINGS, single_stage
+    from miniature.train_tiny_model import SETTINGS
 
     small = {**SETTINGS, "hidden_size": 64, "routed_experts": 2}
-    config = DeepseekV3Config.from_dict(json.loads(
-        (write_tiny_model(tmp_path / "m", **small) / "config.json").read_text()))
+    folder = write_tiny_model(tmp_path_factory.mktemp("small") / "m", **small)
+    return DeepseekV3Config.from_dict(json.loads((folder / "config.json").read_text()))
+
+
+def test_stage1_saved_then_loaded_continues_alike(tokenizer, small_config, tmp_path):
+    """`--stage1 DIR`: a second run starts stage 2 from the same weights and data rng."""
+    import torch
+    from transformers import DeepseekV3ForCausalLM
+
+    from miniature.train_tiny_model import single_stage
+
+    config = small_config
     torch.manual_seed(0)
     trained = DeepseekV3ForCausalLM(config).float()
     rng = single_stage(trained, tokenizer, 1, tmp_path / "s1")
@@ -148,22 +158,17 @@ def test_stage1_saved_then_loaded_continues_alike(tokenizer, tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_growing_inserts_a_dense_layer_that_changes_nothing_yet(tmp_path):
+def test_growing_inserts_a_dense_layer_that_changes_nothing_yet(small_config):
     """Stage 2 starts from stage 1's two layers with the middle dense layer inserted: the
     grown model's logits are stage 1's, and stage 1's layers keep their weights."""
     import torch
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers import DeepseekV3ForCausalLM
 
-    from miniature.tiny_model import write_tiny_model
-    from miniature.train_tiny_model import INSERTED, SETTINGS, STAGE1_LAYERS, grown
+    from miniature.train_tiny_model import INSERTED, STAGE1_LAYERS, grown, stage1_config
 
-    config = DeepseekV3Config.from_dict(json.loads((write_tiny_model(
-        tmp_path / "m", **{**SETTINGS, "hidden_size": 64, "routed_experts": 2}
-    ) / "config.json").read_text()))
-    small = DeepseekV3Config.from_dict({**config.to_dict(), "num_hidden_layers": STAGE1_LAYERS,
-                                        "first_k_dense_replace": INSERTED})
+    config = small_config
     torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(small).float()
+    model = DeepseekV3ForCausalLM(stage1_config(config)).float()
     for p in model.parameters():  # trained-looking weights, not the initial ones
         p.data += 0.05 * torch.randn_like(p)
     big = grown(model, config)

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import free_port
 from tests.tasks import test_pipeline as single
 from tests.tasks import test_rollout as rollouts
 from thinkbatch.schemas.job import JobSpec
@@ -30,12 +31,6 @@ from thinkbatch.tasks.parse import OutputParser
 from thinkbatch.tasks.pipeline import Pipeline
 from thinkbatch.tasks.read import input_schema
 from thinkbatch.tasks.report import Progress
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -4,7 +4,6 @@ server over stdio and streamable HTTP, recorded results. No engine needed."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -22,16 +21,14 @@ import pytest
 
 from miniature import tiny_tasks
 from tests import processes
+from tests.conftest import free_port
 from thinkbatch.schemas.record import ToolResult
 from thinkbatch.schemas.rollout import RolloutSpec
 from thinkbatch.schemas.tools import tool_errors
 from thinkbatch.tasks.tools import Toolbox, ToolboxError, parse_recorded
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-_spec = importlib.util.spec_from_file_location("example_tools", EXAMPLES / "tools.py")
-assert _spec is not None and _spec.loader is not None
-example_tools = importlib.util.module_from_spec(_spec)  # examples/ is not a package
-_spec.loader.exec_module(example_tools)
+example_tools = tiny_tasks.EXAMPLE_TOOLS  # examples/tools.py (not a package), loaded once
 
 TEST_TOOLS = '''
 """Tools for tests."""
@@ -445,14 +442,8 @@ def test_mcp_stdio_server_dies_with_a_killed_owner():
     assert processes.left_alive(servers, 5) == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mcp_streamable_http_server():
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, str(EXAMPLES / "mcp_weather_server.py"),
                                "--http", str(port)], stderr=subprocess.DEVNULL)
     try:
