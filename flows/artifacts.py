@@ -34,11 +34,13 @@ def artifact_key(job_name: str, what: str) -> str:
     return f"{slug}-{what}"
 
 
-def _safely(what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+def safely(logger: logging.Logger, what: str, call: Callable[..., T], *args: Any,
+           **kwargs: Any) -> T | None:
+    """`call`, or a warning on `logger` if it raises: artifacts and events are not the job."""
     try:
         return call(*args, **kwargs)
     except Exception as e:  # the API's trouble is no reason to fail a job
-        log.warning("could not %s (the job goes on): %s: %s", what, type(e).__name__, e)
+        logger.warning("could not %s (the job goes on): %s: %s", what, type(e).__name__, e)
         return None
 
 
@@ -51,7 +53,7 @@ class ProgressArtifact:
 
         self._percent, self._at = percent, time.monotonic()
         self._latest: report.Progress | None = None
-        self.id: UUID | None = _safely("create the progress artifact", create_progress_artifact,
+        self.id: UUID | None = safely(log, "create the progress artifact", create_progress_artifact,
                                        percent, key=artifact_key(job_name, what),
                                        description=description)
 
@@ -72,7 +74,7 @@ class ProgressArtifact:
         if self.id is None or percent == self._percent:
             return
         self._percent = percent
-        _safely("update the progress artifact", update_progress_artifact, self.id, percent)
+        safely(log, "update the progress artifact", update_progress_artifact, self.id, percent)
 
 
 def publish_results(manifest: Manifest, layout: OutputLayout, markers: dict[int, ShardStats],
@@ -80,11 +82,11 @@ def publish_results(manifest: Manifest, layout: OutputLayout, markers: dict[int,
     """The figures table and the summary with sample rows, as the run ends."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    _safely("create the figures table", create_table_artifact, report.figure_rows(manifest),
+    safely(log, "create the figures table", create_table_artifact, report.figure_rows(manifest),
             key=artifact_key(manifest.job, "figures"),
             description=f"{manifest.job}: this run's figures (`{layout.manifest}`)")
-    samples = _safely("read sample rows", report.sample_shapes, layout, markers) or {}
-    _safely("create the summary", create_markdown_artifact,
+    samples = safely(log, "read sample rows", report.sample_shapes, layout, markers) or {}
+    safely(log, "create the summary", create_markdown_artifact,
             report.markdown_summary(manifest, layout, samples, report_page),
             key=artifact_key(manifest.job, "summary"),
             description=f"{manifest.job}: {manifest.rows:,} rows in {layout.root}")

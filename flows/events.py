@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from thinkbatch.flows.artifacts import safely
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.manifest import Manifest
 from thinkbatch.schemas.output import Status
@@ -39,10 +40,7 @@ def resource(job: JobSpec, layout: OutputLayout, **labels: str) -> dict[str, str
 def _emit(event: str, res: dict[str, str], payload: dict[str, Any]) -> None:
     from prefect.events import emit_event
 
-    try:
-        emit_event(event, resource=res, payload=payload)
-    except Exception as e:  # the API's trouble is no reason to fail a job
-        log.warning("could not emit %s (the job goes on): %s: %s", event, type(e).__name__, e)
+    safely(log, f"emit {event}", emit_event, event, resource=res, payload=payload)
 
 
 def started(job: JobSpec, layout: OutputLayout, input_rows: int, shards: int,

@@ -52,7 +52,7 @@ def finalize(job: JobSpec, layout: OutputLayout, plan: Plan, run: RunFigures) ->
     run.orphan_parts_removed = checkpoint.sweep_orphans(layout, markers)
     manifest = report.build_manifest(job, plan, layout, markers, run)
     checkpoint.write_manifest(layout, manifest)
-    page = html_report.write_report_of_run(layout)  # a failure is a warning, not the job's
+    page = html_report.write_report_of_run(layout, manifest, markers.values())  # failure: a warning
     artifacts.publish_results(manifest, layout, markers, page)
     events.finished(job, layout, manifest, page)
     return manifest
@@ -75,8 +75,7 @@ def _wait_round(run_ids: list[Any], layout: OutputLayout, plan: Plan, grace_s: f
             if not live:
                 return {r.name: r.state.type.value for r in runs}
             done = checkpoint.done_shards(layout)
-            progress.set(100 * sum(s.num_rows for s in plan.shards if s.shard_id in done)
-                         / max(plan.total_rows, 1))
+            progress.set(plan.percent_in(done))
             if len(done) == len(plan.shards):
                 done_at = done_at or time.monotonic()
                 if time.monotonic() - done_at > grace_s:
@@ -152,10 +151,9 @@ def generate_dataset(job: JobParameter | str, force_resume: bool = False,
                               " (resuming)" if resumed else "")
         events.started(spec, layout, plan.total_rows, len(plan.shards), len(done_before),
                        resumed)
-        done_rows = sum(s.num_rows for s in plan.shards if s.shard_id in done_before)
         progress = artifacts.ProgressArtifact(
             spec.name, "progress", f"{spec.name}: rows done in {layout.root}",
-            100 * done_rows / max(plan.total_rows, 1))
+            plan.percent_in(done_before))
         if spec.scale.workers == 1:
             guardian.start()  # the engine's processes die with this one (a deployment run)
             run, _ = work_shards(spec, layout, plan, owner=f"run-{lease.owner}",

@@ -90,7 +90,7 @@ def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: Shard
                            if job.input.passthrough_columns else None,
                            rollout=job.rollout is not None)
     done = checkpoint.done_shards(layout)
-    done_rows = sum(s.num_rows for s in plan.shards if s.shard_id in done)
+    done_rows = plan.rows_in(done)
     n = job.sampling.n  # each sample is an output row
     progress = report.Progress(total=plan.total_rows * n, already_done=done_rows * n,
                                enabled=show_progress)

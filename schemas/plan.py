@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from pydantic import BaseModel
 
 
@@ -35,3 +37,11 @@ class Plan(BaseModel):
     total_rows: int
     fingerprint: str
     fingerprint_parts: dict[str, str]
+
+    def rows_in(self, shard_ids: Collection[int]) -> int:
+        """Input rows of these shards (the done ones, say)."""
+        return sum(s.num_rows for s in self.shards if s.shard_id in shard_ids)
+
+    def percent_in(self, shard_ids: Collection[int]) -> float:
+        """These shards' share of the input rows, in percent (0 for an empty input)."""
+        return 100 * self.rows_in(shard_ids) / max(self.total_rows, 1)

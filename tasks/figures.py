@@ -98,12 +98,6 @@ class RunTally:
         _merge_seconds(self.ttft, state.ttft_s)
         _merge_seconds(self.latency, state.latency_s)
 
-    @classmethod
-    def from_state(cls, state: TallyState) -> RunTally:
-        tally = cls()
-        tally.merge(state)
-        return tally
-
 
 def _spread(seconds: Seconds) -> Spread | None:
     if not seconds.n:

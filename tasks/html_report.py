@@ -11,14 +11,15 @@ from __future__ import annotations
 import base64
 import html
 import logging
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from thinkbatch.schemas.manifest import Manifest
+from thinkbatch.schemas.manifest import Manifest, ShardStats
 from thinkbatch.tasks import checkpoint
 from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.storage import join
-from thinkbatch.tasks.tally import Seconds, Tally, TokenCounts, tally_output
+from thinkbatch.tasks.tally import Seconds, Tally, TokenCounts, tally_markers, tally_output
 
 if TYPE_CHECKING:
     from thinkbatch.tasks.charts import Chart
@@ -134,14 +135,17 @@ def page(manifest: Manifest, output: str, tally: Tally, drawn: list[Chart]) -> s
 def write_report(layout: OutputLayout, to: str | None = None) -> str:
     """Tally a finished output, draw its charts, write the page and the PNGs into `to`
     (default: the output's report folder); returns the page's path. FileNotFoundError
-    for an output with no manifest (not finished). matplotlib loads here, when a report is
+    for an output with no manifest (not finished)."""
+    return _draw(layout, to or report_dir(layout.root), checkpoint.read_manifest(layout),
+                 tally_output(layout))
+
+
+def _draw(layout: OutputLayout, folder: str, manifest: Manifest, tally: Tally) -> str:
+    """The charts and the page into `folder`. matplotlib loads here, when a report is
     drawn, not when a run starts."""
     from thinkbatch.tasks import charts
 
-    manifest = checkpoint.read_manifest(layout)
-    tally = tally_output(layout)
     drawn = charts.draw(tally)
-    folder = to or report_dir(layout.root)
     for chart in drawn:
         layout.store.write_atomic(join(folder, f"{chart.name}.png"), chart.png)
     target = join(folder, PAGE)
@@ -149,11 +153,13 @@ def write_report(layout: OutputLayout, to: str | None = None) -> str:
     return target
 
 
-def write_report_of_run(layout: OutputLayout) -> str | None:
-    """The report at the end of a run: a failure to draw or write it is a warning, never a
-    failed job (the data and the manifest are already written)."""
+def write_report_of_run(layout: OutputLayout, manifest: Manifest,
+                        markers: Iterable[ShardStats]) -> str | None:
+    """The report at the end of a run, from the manifest finalize wrote and the markers it
+    read (at 100k shards on S3, reading them again is minutes). A failure to draw or write
+    it is a warning, never a failed job (the data and the manifest are already written)."""
     try:
-        return write_report(layout)
+        return _draw(layout, report_dir(layout.root), manifest, tally_markers(layout, markers))
     except Exception as e:
         log.warning("the report was not written: %s: %s", type(e).__name__, e)
         return None

@@ -12,6 +12,7 @@ manifest (tasks/figures.py) use the same bins, so both read the same percentiles
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -207,10 +208,14 @@ def tally_output(layout: OutputLayout) -> Tally:
     """Every part its shards' done markers list (orphans are not the output's), one at
     a time."""
     markers = checkpoint.read_markers(layout, sorted(checkpoint.done_shards(layout)))
+    return tally_markers(layout, [m for m in markers.values() if m is not None])
+
+
+def tally_markers(layout: OutputLayout, markers: Iterable[ShardStats]) -> Tally:
+    """The parts these markers list: what finalize tallies from the markers it has read."""
     tally = Tally()
-    for marker in markers.values():
-        if marker is not None:
-            _add_marker(tally, layout, marker)
+    for marker in markers:
+        _add_marker(tally, layout, marker)
     tally.commits.sort(key=lambda c: c.at)
     return tally
 
