@@ -162,16 +162,17 @@ def shard_stats(layout: OutputLayout, parts: list[str]) -> ShardStats:
         t = file.read(columns=["status", "prompt_tokens", "completion_tokens", *sums])
         rows += t.num_rows
         statuses.update(t.column("status").to_pylist())
-        prompt_tokens += _sum(t.column("prompt_tokens"))
-        completion_tokens += _sum(t.column("completion_tokens"))
+        prompt_tokens += sum_ints(t.column("prompt_tokens"))
+        completion_tokens += sum_ints(t.column("completion_tokens"))
         for c in sums:
-            rollout[ROLLOUT_SUMS[c]] = rollout.get(ROLLOUT_SUMS[c], 0) + _sum(t.column(c))
+            rollout[ROLLOUT_SUMS[c]] = rollout.get(ROLLOUT_SUMS[c], 0) + sum_ints(t.column(c))
     return ShardStats(rows=rows, status=dict(statuses), prompt_tokens=prompt_tokens,
                       completion_tokens=completion_tokens, **rollout,
                       parts=[p.rsplit("/", 1)[-1] for p in parts])
 
 
-def _sum(col: pa.ChunkedArray) -> int:
+def sum_ints(col: pa.Array | pa.ChunkedArray) -> int:
+    """A column's sum as an int (0 for an empty or all-null column)."""
     return int(pc.sum(col).as_py() or 0)
 
 

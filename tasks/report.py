@@ -45,7 +45,6 @@ class Progress:
         self.total = total
         self.before = already_done
         self.rows = 0
-        self.tokens = 0
         self.tally = RunTally()
         self._bar = None
         if enabled:
@@ -54,12 +53,16 @@ class Progress:
 
     def row_done(self, row: dict[str, Any]) -> None:
         self.rows += 1
-        self.tokens += row["completion_tokens"] or 0
         self.tally.add(row)
         if self._bar is not None:
             self._bar.update(1)
             if self.rows % 16 == 0:
                 self._bar.set_postfix_str(self.rates(), refresh=False)
+
+    @property
+    def tokens(self) -> int:
+        """Output tokens of this run's rows."""
+        return self.tally.completion_tokens
 
     def committed_before(self, rows: int) -> None:
         """Rows an earlier run committed in a shard this run resumes (the feeder skips them)."""

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from thinkbatch.schemas.manifest import ShardStats
 from thinkbatch.tasks import checkpoint
-from thinkbatch.tasks.checkpoint import ROLLOUT_SUMS, OutputLayout
+from thinkbatch.tasks.checkpoint import ROLLOUT_SUMS, OutputLayout, sum_ints
 from thinkbatch.tasks.storage import join
 
 BATCH_ROWS = 16_384
@@ -138,10 +138,6 @@ class Tally:
         return sum(self.status.values())
 
 
-def _ints(col: pa.Array | pa.ChunkedArray) -> int:
-    return int(pc.sum(col).as_py() or 0)
-
-
 def _add_tokens(tally: Tally, batch: pa.RecordBatch) -> int:
     """Reasoning and answer tokens of the rows that had a completion; returns the batch's
     output tokens. A row with no reasoning parsed has zero reasoning tokens."""
@@ -152,7 +148,7 @@ def _add_tokens(tally: Tally, batch: pa.RecordBatch) -> int:
         pc.fill_null(pc.filter(batch.column("reasoning_tokens"), done), 0), total)
     tally.reasoning.add(reasoning.to_numpy(zero_copy_only=False).astype(np.int64))
     tally.answer.add(pc.subtract(total, reasoning).to_numpy(zero_copy_only=False).astype(np.int64))
-    return _ints(total)
+    return sum_ints(total)
 
 
 def _seconds(col: pa.Array) -> np.ndarray:
@@ -167,7 +163,7 @@ def _add_tools(tally: Tally, batch: pa.RecordBatch) -> None:
         failed = pc.is_valid(results.field("error"))
         tally.tool_failures.update(_value_counts(pc.filter(names, failed)))
         for column, name in ROLLOUT_SUMS.items():
-            tally.rollout_sums[name] += _ints(batch.column(column))
+            tally.rollout_sums[name] += sum_ints(batch.column(column))
     else:
         tally.tools.update(_value_counts(pc.list_flatten(batch.column("tool_calls")).field("name")))
 
@@ -191,7 +187,7 @@ def _add_part(tally: Tally, layout: OutputLayout, part: str, committed_at: float
         rows += batch.num_rows
         tally.status.update(_value_counts(batch.column("status")))
         prompt = batch.column("prompt_tokens")
-        tally.prompt_tokens += _ints(prompt)
+        tally.prompt_tokens += sum_ints(prompt)
         tally.prompted += len(prompt) - prompt.null_count
         tokens += _add_tokens(tally, batch)
         tally.ttft.add(_seconds(batch.column("ttft_s")))
