@@ -21,9 +21,13 @@ WORKDIR ${THINKBATCH_HOME}
 COPY . .
 
 # thinkbatch with the `gpu` extra, editable: the code that runs is the checkout above (the
-# deployments' entrypoints are its files). The base image's GPU stack is held where it
-# is (constraints), so vllm==0.32.0 must be the base's vLLM, or the build fails here.
-RUN python3 -m pip list --format=freeze \
+# deployments' entrypoints are its files), in the Python that has vLLM (`python3`: a venv
+# or the system's, ours to install into; pip is bootstrapped where the base has uv only).
+# The base's GPU stack is held where it is (constraints): vllm==0.32.0 must be the base's
+# vLLM, or the build fails here.
+RUN export PIP_BREAK_SYSTEM_PACKAGES=1 \
+    && (python3 -m pip --version >/dev/null 2>&1 || python3 -m ensurepip) \
+    && python3 -m pip list --format=freeze \
       | grep -iE '^(vllm|torch|triton|xformers|flashinfer[-_a-z]*|deep[-_]gemm|nvidia-[-_a-z0-9]+)==' \
       > /tmp/gpu-stack.txt \
     && python3 -m pip install --no-cache-dir --constraint /tmp/gpu-stack.txt -e ".[gpu]" \

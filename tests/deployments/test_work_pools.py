@@ -24,7 +24,7 @@ from uuid import uuid4
 import pytest
 from prefect.client.schemas.objects import FlowRun
 from prefect.server.schemas.actions import validate_base_job_template
-from prefect.utilities.schema_tools import ValidationError, validate
+from prefect.utilities.schema_tools import ValidationError, is_valid_schema, validate
 from prefect.workers.base import BaseJobConfiguration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,6 +69,7 @@ class NoApi:
 def template(name: str) -> dict[str, Any]:
     t = json.loads((POOLS / name).read_text())
     validate_base_job_template(t)  # what `prefect work-pool create` has the server check
+    is_valid_schema(t["variables"], preprocess=False)  # and a deployment's job variables
     return t
 
 
