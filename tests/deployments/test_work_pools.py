@@ -193,18 +193,24 @@ def _docker_engine() -> bool:
         ["docker", "info"], capture_output=True, timeout=30).returncode == 0
 
 
+@pytest.mark.image
 @pytest.mark.skipif(not _docker_engine(),
                     reason="no Docker engine answers here (`docker info` fails): the image "
                            "is not built")
-def test_the_image_builds_and_starts_a_worker(tmp_path: Path) -> None:
-    tag = "thinkbatch-test:build"
+def test_the_image_builds_and_starts_a_worker() -> None:
+    tag = f"thinkbatch-test:{uuid4().hex[:12]}"
     subprocess.run(["docker", "build", "-t", tag, str(ROOT)], check=True, timeout=3600)
-    out = subprocess.run(
-        ["docker", "run", "--rm", "--entrypoint", "python3", tag, "-c",
-         "import os, vllm, prefect, thinkbatch.flows.cli; print(os.environ['THINKBATCH_HOME'])"],
-        capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split()[-1] == "/opt/thinkbatch"
-    help_ = subprocess.run(["docker", "run", "--rm", tag, "prefect", "flow-run", "execute",
-                            "--help"], capture_output=True, text=True, timeout=600)
-    assert help_.returncode == 0 and "Execute a flow run" in help_.stdout, help_.stderr
+    try:
+        out = subprocess.run(
+            ["docker", "run", "--rm", "--entrypoint", "python3", tag, "-c",
+             "import os, vllm, prefect, thinkbatch.flows.cli; "
+             "print(os.environ['THINKBATCH_HOME'], os.environ['HF_HUB_OFFLINE'])"],
+            capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[-2:] == ["/opt/thinkbatch", "1"]
+        # Through the entrypoint, as Prefect's workers start it.
+        help_ = subprocess.run(["docker", "run", "--rm", tag, "prefect", "flow-run", "execute",
+                                "--help"], capture_output=True, text=True, timeout=600)
+        assert help_.returncode == 0 and "Execute a flow run" in help_.stdout, help_.stderr
+    finally:
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, timeout=300)
