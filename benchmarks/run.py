@@ -30,6 +30,7 @@ BENCHMARKS = {  # name: (module, title)
     "host_path": ("host_path", "host path without a model (replay engine)"),
     "resume_cost": ("resume_cost", "rows regenerated after a kill"),
     "startup": ("startup", "start-up overhead to the first request"),
+    "clean_stop": ("clean_stop", "a clean stop: SIGTERM to exit (sets the work pools' grace)"),
     "rollouts": ("rollouts", "agentic rollouts with heavy-tailed tool latency"),
     "scale_costs": ("scale_costs", "bookkeeping at 1k-100k shards (no model)"),
     "report_memory": ("report_memory", "the report's memory at 100k and 1M rows (no model)"),

@@ -1,5 +1,5 @@
-"""The wheel carries what an installed thinkbatch needs: `pip install .` (as the Docker and
-Kubernetes images do) must find presets by name, not only a source checkout."""
+"""The wheel carries what an installed thinkbatch needs: `pip install .` (an image or a venv
+without the checkout) must find presets by name, not only a source checkout."""
 
 from __future__ import annotations
 
