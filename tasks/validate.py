@@ -264,7 +264,10 @@ def _secrets_for_workers(job: JobSpec) -> list[str]:
 def check_platform(job: JobSpec) -> list[str]:
     """What the installed vLLM build cannot run, said before the model loads: on the CPU
     build, decode context parallel fails at engine start (its MLA attention backend
-    returns no softmax LSE, which DCP needs to merge partial attention)."""
+    returns no softmax LSE, which DCP needs to merge partial attention). It speaks for
+    this machine only: check_job runs it where the engine loads in this process, and a
+    scale-out worker runs it on its own node before its first claim (flows/worker.py),
+    since a parent flow on a CPU node plans jobs for GPU workers."""
     if job.engine.kind != "vllm" or job.engine.decode_context_parallel_size == 1:
         return []
     from vllm.platforms import current_platform
@@ -304,7 +307,7 @@ def check_job(job: JobSpec, failed: frozenset[str] = frozenset()) -> list[str]:
             errors.append(f"storage: {e}")
     if not {"engine", "parsers", "sampling"} <= failed:
         errors += check_vllm(job)
-    if valid("engine"):
+    if valid("engine", "scale") and job.scale.workers == 1:
         errors += check_platform(job)
     if valid("rollout", "engine", "parsers", "tools"):
         errors += check_rollout(job)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,6 +142,30 @@ def test_workers_need_their_deployment_on_the_server(server, s3, tiny_model, tmp
                        env=server.env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "'thinkbatch-worker/missing' is not deployed on http://127.0.0.1:" in r.stderr
+
+
+def test_a_worker_refuses_an_engine_its_platform_cannot_run(server, s3, tiny_model,
+                                                            tmp_path) -> None:
+    """The parent flows run on a CPU (deployments/prefect.yaml): a parent on the CPU build
+    plans the Kimi preset (TP8 + DCP8) for two workers; each worker, here on the CPU build
+    too, refuses it before its first claim (no model loads), and the parent says why."""
+    s3.bucket("dcp-workers")
+    write_prompts(tmp_path / "in.parquet", prompt_rows(20))
+    job = write_job(tmp_path / "job.yaml", {
+        "preset": "kimi-k2-thinking",
+        "input": {"path": str(tmp_path / "in.parquet"), "id_column": "id"},
+        "engine": {"model": tiny_model},  # the preset's layout; no hub for a refused job
+        "shards": {"rows_per_shard": 10}, "output": {"path": "s3://dcp-workers/out"},
+        "scale": {"workers": 2, "worker_retries": 0, "claim_ttl_s": 15,
+                  "worker_deployment": "thinkbatch-worker/gpu"}})
+    r = subprocess.run([*CLI, "run", str(job), "--no-progress"], env=server.env, cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert s3.keys("dcp-workers", "out/_plan.json")  # the parent planned it
+    assert not s3.keys("dcp-workers", "out/data/")
+    assert re.search(r"2 shards are unfinished after 1 round\(s\) of workers; [\w-]+, [\w-]+ "
+                     r"failed: .*\n *- engine\.decode_context_parallel_size: 8 needs a GPU "
+                     r"build of vLLM", r.stderr), r.stderr[-3000:]
 
 
 def _run_parent(server, job: Path) -> subprocess.Popen:
