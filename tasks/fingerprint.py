@@ -6,9 +6,10 @@ It is derived from the job schema: every field counts unless schemas/job.py mark
 so a field added later counts without anyone remembering to list it here. A field that
 came to count later (an optional section, `rollout`; a field once speed-only,
 `engine.decode_context_parallel_size`) is marked `counts_when_set`: at its default it adds
-no part, so outputs written before it counted still resume. Values are taken from the job's JSON dump, where
-the schema masks secrets (an MCP server's env values and URL credentials, see
-schemas/rollout.py): they count for nothing and are never written into `_plan.json`.
+no part, so outputs written before it counted still resume. Values are taken from the
+job's JSON dump, where the schema masks secrets (an MCP server's env values and URL
+credentials, see schemas/rollout.py): they count for nothing and are never written into
+`_plan.json`.
 """
 
 from __future__ import annotations
