@@ -85,7 +85,7 @@ def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: Shard
                    show_progress: bool, toolbox: Toolbox | None,
                    live: metrics.RunMetrics | None) -> tuple[Pipeline, float]:
     started = time.monotonic()
-    engine = get_engine(job.engine)
+    engine = get_engine(job.engine, job.parsers)
     load_s = time.monotonic() - started
     parser = OutputParser(job.parsers, engine.tokenizer, job.engine.model)
     schema = output_schema(input_schema(layout.store, plan, job.input.passthrough_columns)
@@ -98,7 +98,7 @@ def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: Shard
                                enabled=show_progress)
     pipeline = Pipeline(job, plan, layout, engine, parser, schema, progress,
                         may_commit=claims.still_ours,
-                        restart_engine=lambda dead: restart_engine(job.engine, dead),
+                        restart_engine=lambda dead: restart_engine(job.engine, job.parsers, dead),
                         toolbox=toolbox, metrics=live)
     return pipeline, load_s
 
