@@ -24,6 +24,7 @@ from thinkbatch.schemas.job import EngineSpec, ParserSpec
 from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.record import Generation, RowRequest
 from thinkbatch.tasks.prompt_tokens import ControlTokens, chat_prompt
+from thinkbatch.tasks.vllm_env import engine_logging
 
 log = logging.getLogger("thinkbatch.engine")
 
@@ -166,8 +167,8 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         bind_cpu_threads(spec)
-        with sigint_blocked():
-            self.llm = LLM(**llm_kwargs(spec, parsers))
+        with sigint_blocked(), engine_logging() as logging_config:
+            self.llm = LLM(**llm_kwargs(spec, parsers), logging_config=logging_config)
         self.tokenizer = self.llm.get_tokenizer()
         self._control = ControlTokens(self.tokenizer)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
