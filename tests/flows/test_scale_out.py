@@ -118,14 +118,16 @@ def _ids(s3, bucket: str) -> list[str]:
     return pq.read_table(f"{bucket}/out/data", filesystem=fs, columns=["id"]).column(0).to_pylist()
 
 
-def _worker_shards(server) -> dict[str, list[str]]:
-    """Shard task runs per worker flow run, as Prefect recorded them."""
+def _worker_shards(server, bucket: str) -> dict[str, list[str]]:
+    """Shard task runs per worker flow run of the job writing to `bucket` (the module's
+    other jobs' workers are on the same server), as Prefect recorded them."""
     from prefect.client.schemas.filters import FlowRunFilter, TaskRunFilter
 
     with server.client() as client:
         dep = client.read_deployment_by_name("thinkbatch-worker/gpu")
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            deployment_id={"any_": [dep.id]}))
+        runs = [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    deployment_id={"any_": [dep.id]}))
+                if r.parameters["job"]["output"]["path"] == f"s3://{bucket}/out"]
         return {r.name: sorted(t.name for t in client.read_task_runs(
                     flow_run_filter=FlowRunFilter(id={"any_": [r.id]}),
                     task_run_filter=TaskRunFilter(name={"like_": "shard-"})))
@@ -179,7 +181,7 @@ def test_two_workers_share_a_job_and_write_each_id_once(server, s3, tiny_model, 
     out, err = parent.communicate(timeout=900)
     assert parent.returncode == 0, err[-3000:]
     assert sorted(_ids(s3, "two-workers")) == sorted(r["id"] for r in prompt_rows(400))
-    shards, states = _worker_shards(server)
+    shards, states = _worker_shards(server, "two-workers")
     assert len(shards) == 2 and all(shards.values()), shards  # both workers took shards
     assert set(states.values()) == {"COMPLETED"}
     # Each worker's figures, and the run's merged from them; the workers' files are gone.
@@ -243,7 +245,7 @@ def test_a_worker_killed_mid_shard_loses_nothing(server, s3, tiny_model, tmp_pat
     out, err = parent.communicate(timeout=900)
     assert parent.returncode == 0, err[-3000:]
     assert sorted(_ids(s3, "killed-worker")) == sorted(r["id"] for r in prompt_rows(400))
-    shards, states = _worker_shards(server)
+    shards, states = _worker_shards(server, "killed-worker")
     assert states[victim_run] == "CRASHED"
     survivors = [n for n in shards if n != victim_run and states[n] == "COMPLETED"]
     assert survivors
