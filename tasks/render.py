@@ -32,33 +32,38 @@ class InvalidRow(ValueError):
     pass
 
 
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+
+
 def _template(job: JobSpec) -> tuple[jinja2.Template | None, list[str]]:
     """Raises jinja2.TemplateError for a template that does not compile (template_errors
     says why, before any model loads)."""
     source = job.input.prompt_template
     if not source:
         return None, []
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+    env = _environment()
     return env.from_string(source), sorted(jinja2.meta.find_undeclared_variables(env.parse(source)))
 
 
 def template_errors(job: JobSpec) -> list[str]:
-    """The prompt template compiled as the renderer compiles it, and every filter and test
-    it names looked up: Jinja defers an unknown one inside a block to render time, where
-    it would fail every row that reaches it."""
+    """The prompt template parsed and compiled as the renderer compiles it, and every filter
+    and test it names looked up: Jinja defers an unknown one inside a block to render time,
+    where it would fail every row that reaches it."""
     source = job.input.prompt_template
     if not source:
         return []
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+    env = _environment()
     try:
-        env.from_string(source)
         tree = env.parse(source)
+        unknown = [(f"no filter named {n.name!r}", n.lineno)
+                   for n in tree.find_all(jinja2.nodes.Filter) if n.name not in env.filters]
+        unknown += [(f"no test named {n.name!r}", n.lineno)
+                    for n in tree.find_all(jinja2.nodes.Test) if n.name not in env.tests]
+        if not unknown:
+            env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        return [f"input.prompt_template: {e.message} (line {e.lineno})"]
-    unknown = [(f"no filter named {n.name!r}", n.lineno)
-               for n in tree.find_all(jinja2.nodes.Filter) if n.name not in env.filters]
-    unknown += [(f"no test named {n.name!r}", n.lineno)
-                for n in tree.find_all(jinja2.nodes.Test) if n.name not in env.tests]
+        unknown = [(e.message or type(e).__name__, e.lineno)]
     return [f"input.prompt_template: {what} (line {line})"
             for what, line in dict.fromkeys(unknown)]
 
