@@ -83,7 +83,7 @@ def main(job_path: str, out_path: str, modes: list[str]) -> None:
     job = JobSpec.model_validate(json.loads(open(job_path).read()))
     messages, params = _requests(job)
     started = time.perf_counter()
-    llm = LLM(**llm_kwargs(job.engine))
+    llm = LLM(**llm_kwargs(job.engine, job.parsers))
     result: dict[str, Any] = {"engine_load_s": time.perf_counter() - started}
     ctk = dict(job.chat_template_kwargs)
     for mode in modes:

@@ -122,7 +122,7 @@ def main(spec_path: str, result_path: str) -> None:
     from thinkbatch.tasks.sampling import keep_special
 
     job = JobSpec.model_validate(json.loads(Path(spec["job"]).read_text()))
-    engine_kwargs = llm_kwargs(job.engine)
+    engine_kwargs = llm_kwargs(job.engine, job.parsers)
     model = engine_kwargs.pop("model")
     keep = keep_special(job)
     defaults = job.sampling.model_dump(by_alias=True)

@@ -73,7 +73,7 @@ def main(job_path: str, out_path: str) -> None:
     ctk = dict(job.chat_template_kwargs) or None
 
     started = time.perf_counter()
-    llm = LLM(**llm_kwargs(job.engine))
+    llm = LLM(**llm_kwargs(job.engine, job.parsers))
     result: dict[str, Any] = {"engine_load_s": time.perf_counter() - started}
     parser = OutputParser(job.parsers, llm.get_tokenizer(), job.engine.model)
     pool = ThreadPoolExecutor(spec.max_concurrent_tools)

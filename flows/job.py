@@ -59,7 +59,7 @@ def finalize(job: JobSpec, layout: OutputLayout, plan: Plan, run: RunFigures) ->
 
 
 def _wait_round(run_ids: list[Any], layout: OutputLayout, plan: Plan, grace_s: float,
-                progress: artifacts.ProgressArtifact) -> dict[str, str]:
+                progress: artifacts.ProgressArtifact) -> list[Any]:
     """Until every worker run ends, or the job is done. A SIGKILLed worker never reports
     an end, so once all shards are done its run gets `grace_s` (its claims' TTL) to end
     by itself, then is marked Crashed: the state in the UI tells the truth. The job's
@@ -73,7 +73,7 @@ def _wait_round(run_ids: list[Any], layout: OutputLayout, plan: Plan, grace_s: f
             runs = [client.read_flow_run(i) for i in run_ids]
             live = [r for r in runs if r.state is None or not r.state.is_final()]
             if not live:
-                return {r.name: r.state.type.value for r in runs}
+                return runs
             done = checkpoint.done_shards(layout)
             progress.set(plan.percent_in(done))
             if len(done) == len(plan.shards):
@@ -90,7 +90,8 @@ def run_workers(spec: JobSpec, layout: OutputLayout, plan: Plan,
                 progress: artifacts.ProgressArtifact) -> RunFigures:
     """K worker flow runs, in rounds while shards remain; Prefect shows each one's truth.
     The run's figures are the workers' (each writes its own as it ends), their rates
-    over the time the rounds took."""
+    over the time the rounds took. Shards left after the last round fail the job with
+    what the failed workers said (a worker that cannot run the engine says why)."""
     from prefect.deployments import run_deployment
 
     logger = get_run_logger()
@@ -98,19 +99,29 @@ def run_workers(spec: JobSpec, layout: OutputLayout, plan: Plan,
     started = time.monotonic()
     rounds: list[dict[str, str]] = []
     run_ids: list[Any] = []
+    failures: dict[str, list[str]] = {}  # a failed worker's message -> the runs that gave it
     for round_no in range(spec.scale.worker_retries + 1):
         runs = [run_deployment(spec.scale.worker_deployment, timeout=0,
                                parameters={"job": spec, "worker_index": i},
                                idempotency_key=f"{parent}-round{round_no}-worker{i}")
                 for i in range(spec.scale.workers)]
         run_ids += [r.id for r in runs]
-        rounds.append(_wait_round([r.id for r in runs], layout, plan, spec.scale.claim_ttl_s,
-                                  progress))
+        ended = _wait_round([r.id for r in runs], layout, plan, spec.scale.claim_ttl_s,
+                            progress)
+        rounds.append({r.name: r.state.type.value for r in ended})
+        for r in ended:
+            if r.state.is_failed():
+                failures.setdefault(r.state.message or "no message", []).append(r.name)
         left = len(plan.shards) - len(checkpoint.done_shards(layout))
         logger.info("round %d: workers %s; %d shards left", round_no, rounds[-1], left)
         if not left:
             break
     run = merge_workers(_worker_figures(layout, run_ids), time.monotonic() - started)
+    if left:  # what the workers said, not only that shards are left
+        raise RuntimeError(
+            f"{left} shards are unfinished after {len(rounds)} round(s) of workers"
+            + "".join(f"; {', '.join(names)} failed: {message}"
+                      for message, names in failures.items()))
     run.worker_rounds = rounds
     return run
 

@@ -27,6 +27,7 @@ from pydantic import WithJsonSchema
 
 from thinkbatch.flows import artifacts
 from thinkbatch.schemas.job import JobSpec
+from thinkbatch.schemas.job_file import JobFileError
 from thinkbatch.schemas.manifest import RunFigures, ShardStats, WorkerFigures
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.schemas.plan import Plan
@@ -41,6 +42,7 @@ from thinkbatch.tasks.read import input_schema
 from thinkbatch.tasks.stop import Stopped, StopSignals
 from thinkbatch.tasks.storage import Storage
 from thinkbatch.tasks.tools import Toolbox
+from thinkbatch.tasks.validate import check_platform
 from thinkbatch.tasks.vllm_env import prepare_vllm_env
 
 # The job as a flow parameter: Prefect validates it into a JobSpec before the flow runs.
@@ -83,7 +85,7 @@ def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: Shard
                    show_progress: bool, toolbox: Toolbox | None,
                    live: metrics.RunMetrics | None) -> tuple[Pipeline, float]:
     started = time.monotonic()
-    engine = get_engine(job.engine)
+    engine = get_engine(job.engine, job.parsers)
     load_s = time.monotonic() - started
     parser = OutputParser(job.parsers, engine.tokenizer, job.engine.model)
     schema = output_schema(input_schema(layout.store, plan, job.input.passthrough_columns)
@@ -96,7 +98,7 @@ def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: Shard
                                enabled=show_progress)
     pipeline = Pipeline(job, plan, layout, engine, parser, schema, progress,
                         may_commit=claims.still_ours,
-                        restart_engine=lambda dead: restart_engine(job.engine, dead),
+                        restart_engine=lambda dead: restart_engine(job.engine, job.parsers, dead),
                         toolbox=toolbox, metrics=live)
     return pipeline, load_s
 
@@ -183,8 +185,12 @@ def shard_worker(job: JobParameter, worker_index: int = 0) -> RunFigures | State
     """One GPU node's share of a job started by `generate-dataset` with workers > 1.
 
     Its engine's processes end with this flow-run process however it ends (the guardian
-    covers a SIGKILL); Prefect's cancellation (SIGTERM) stops it cleanly, shown Cancelled."""
+    covers a SIGKILL); Prefect's cancellation (SIGTERM) stops it cleanly, shown Cancelled.
+    A node whose vLLM build cannot run the engine (DCP on the CPU build) fails the run
+    before it claims a shard, with the message `thinkbatch validate` gives on that node."""
     prepare_vllm_env()  # first: a deployment run enters here, before anything imports vLLM
+    if errors := check_platform(job):  # the parent planned it on a machine of its own
+        raise JobFileError(errors)
     guardian.start()
     layout = OutputLayout(job.output.path, Storage(job.storage))
     plan = checkpoint.read_plan(layout)

@@ -90,11 +90,16 @@ SPEED_ONLY_ENGINE_ARGS = frozenset({
 
 
 class EngineSpec(_Strict):
-    """Parallelism (`tensor_`, `decode_context_`, `pipeline_parallel_size`) is speed-only:
-    it splits the same math over more devices. It does change floating-point reduction
-    order, as batch size (`max_in_flight`) does, and vLLM promises bitwise batch
-    invariance for neither; counting it would refuse resuming a TP8 run with DCP8 (the
-    reason the two Kimi presets exist) for a difference two runs of one job already have."""
+    """`tensor_` and `pipeline_parallel_size` are speed-only: they split the same math over
+    more devices, changing floating-point reduction order as batch size (`max_in_flight`)
+    does, which vLLM promises bitwise stable for neither.
+
+    `decode_context_parallel_size` counts: DCP shards the KV cache and merges partial
+    attention from each rank's softmax LSE, another attention computation, and one with
+    an open accuracy bug (vLLM issue #41623: Kimi's outputs drift at long context with
+    TP8/DCP8). A DCP8 output resumed with DCP1 would mix the two in one dataset. At its
+    default (1) it adds no part (`counts_when_set`), so outputs written before it counted
+    resume."""
 
     kind: Literal["vllm", "replay"] = "vllm"
     model: str | None = Field(default=None, validate_default=True)
@@ -102,7 +107,7 @@ class EngineSpec(_Strict):
     revision: str | None = None
     tensor_parallel_size: int = Field(default=1, ge=1, json_schema_extra={"speed_only": True})
     decode_context_parallel_size: int = Field(default=1, ge=1,
-                                              json_schema_extra={"speed_only": True})
+                                              json_schema_extra={"counts_when_set": True})
     pipeline_parallel_size: int = Field(default=1, ge=1, json_schema_extra={"speed_only": True})
     max_model_len: int | None = Field(default=None, gt=0)
     trust_remote_code: bool = False

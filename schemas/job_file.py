@@ -139,14 +139,30 @@ def validate_job(data: dict[str, Any]) -> JobSpec:
 
 
 def _partial(data: dict[str, Any], failed: frozenset[str]) -> JobSpec:
-    """Each section validated on its own; a failed one is its model's defaults, unvalidated
-    (so a check reading it sees neutral values) and must not be checked itself."""
+    """Each section validated on its own. A failed one keeps each of its fields that
+    validates alone, the rest at its model's defaults (so a check reading it sees the
+    given values or neutral ones); checks of the section itself are skipped, but one that
+    reads only a valid field still reports (engine.extra_args beside a bad TP/DCP pair)."""
     sections: dict[str, Any] = {}
     for name, field in JobSpec.model_fields.items():
         kind = field.annotation
         if name in failed:
             if isinstance(kind, type) and issubclass(kind, BaseModel):
-                sections[name] = kind.model_construct()
+                sections[name] = _valid_fields(kind, data.get(name))
         elif name in data:
             sections[name] = TypeAdapter(kind).validate_python(data[name])
     return JobSpec.model_construct(**sections)
+
+
+def _valid_fields(kind: type[BaseModel], given: Any) -> BaseModel:
+    """`kind` at its defaults with each field of `given` that validates alone, in order (a
+    field validator sees the fields kept before it, as in a whole validation)."""
+    section = kind.model_construct()
+    for key, value in (given.items() if isinstance(given, dict) else ()):
+        candidate = section.model_copy()
+        try:
+            kind.__pydantic_validator__.validate_assignment(candidate, key, value)
+        except ValidationError:
+            continue
+        section = candidate
+    return section

@@ -20,10 +20,11 @@ from contextlib import contextmanager
 from multiprocessing import connection, resource_tracker
 from typing import Any, Protocol
 
-from thinkbatch.schemas.job import EngineSpec
+from thinkbatch.schemas.job import EngineSpec, ParserSpec
 from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.record import Generation, RowRequest
 from thinkbatch.tasks.prompt_tokens import ControlTokens, chat_prompt
+from thinkbatch.tasks.vllm_env import engine_logging
 
 log = logging.getLogger("thinkbatch.engine")
 
@@ -54,8 +55,11 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def llm_kwargs(spec: EngineSpec) -> dict[str, Any]:
-    """vllm.LLM arguments, named as `vllm serve` flags are (`--decode-context-parallel-size`)."""
+def llm_kwargs(spec: EngineSpec, parsers: ParserSpec) -> dict[str, Any]:
+    """vllm.LLM arguments, named as `vllm serve` flags are (`--decode-context-parallel-size`).
+    The reasoning parser too, as `--reasoning-parser` gives it: vLLM's structured-output
+    manager then starts a row's grammar where its reasoning ends, so a constrained answer
+    leaves the thinking free (without it the grammar forces the thinking as well)."""
     kwargs: dict[str, Any] = dict(
         model=spec.model,
         tokenizer=spec.tokenizer,
@@ -73,6 +77,8 @@ def llm_kwargs(spec: EngineSpec) -> dict[str, Any]:
         # Stats on, so RequestOutput.metrics carries first-token times.
         disable_log_stats=False,
     )
+    if parsers.reasoning:
+        kwargs["reasoning_parser"] = parsers.reasoning
     kwargs.update(spec.extra_args)
     return kwargs
 
@@ -156,13 +162,13 @@ def sigint_blocked() -> Iterator[None]:
 
 
 class VllmEngine:
-    def __init__(self, spec: EngineSpec):
+    def __init__(self, spec: EngineSpec, parsers: ParserSpec):
         from vllm import LLM
         from vllm.sampling_params import RequestOutputKind
 
         bind_cpu_threads(spec)
-        with sigint_blocked():
-            self.llm = LLM(**llm_kwargs(spec))
+        with sigint_blocked(), engine_logging() as logging_config:
+            self.llm = LLM(**llm_kwargs(spec, parsers), logging_config=logging_config)
         self.tokenizer = self.llm.get_tokenizer()
         self._control = ControlTokens(self.tokenizer)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
@@ -288,19 +294,21 @@ class ReplayEngine:
 _ENGINES: dict[str, Engine] = {}
 
 
-def get_engine(spec: EngineSpec) -> Engine:
+def get_engine(spec: EngineSpec, parsers: ParserSpec) -> Engine:
     """One engine per process and spec: loaded once, reused by every shard and flow run.
 
     Keyed by what the engine is built from (the `vllm.LLM` arguments), not by the
     fingerprint's speed-only marks: those answer another question (`replay_column`
     changes rows but not the engine; `gpu_memory_utilization` the engine but not rows)."""
-    key = json.dumps({"kind": spec.kind, **llm_kwargs(spec)}, sort_keys=True, default=str)
+    key = json.dumps({"kind": spec.kind, **llm_kwargs(spec, parsers)}, sort_keys=True,
+                     default=str)
     if key not in _ENGINES:
-        _ENGINES[key] = VllmEngine(spec) if spec.kind == "vllm" else ReplayEngine(spec)
+        _ENGINES[key] = (VllmEngine(spec, parsers) if spec.kind == "vllm"
+                         else ReplayEngine(spec))
     return _ENGINES[key]
 
 
-def restart_engine(spec: EngineSpec, dead: Engine) -> Engine:
+def restart_engine(spec: EngineSpec, parsers: ParserSpec, dead: Engine) -> Engine:
     """A fresh engine in place of one whose processes died (what is left of it is shut
     down first, so two engines never hold the accelerators at once)."""
     for key in [k for k, e in _ENGINES.items() if e is dead]:
@@ -309,7 +317,7 @@ def restart_engine(spec: EngineSpec, dead: Engine) -> Engine:
         dead.close()
     except Exception as e:  # its processes are gone already: nothing left to stop
         log.info("closing the dead engine: %s: %s", type(e).__name__, e)
-    return get_engine(spec)
+    return get_engine(spec, parsers)
 
 
 def close_engines() -> None:

@@ -3,11 +3,13 @@ refused resume can name exactly what changed.
 
 It is derived from the job schema: every field counts unless schemas/job.py marks it
 `speed_only` (and `speed_only_keys` drops those keys of a mapping, e.g. engine.extra_args),
-so a field added later counts without anyone remembering to list it here. An optional
-section added later is marked `counts_when_set`: unset, it adds no part, so outputs
-written before it existed still resume. Values are taken from the job's JSON dump, where
-the schema masks secrets (an MCP server's env values and URL credentials, see
-schemas/rollout.py): they count for nothing and are never written into `_plan.json`.
+so a field added later counts without anyone remembering to list it here. A field that
+came to count later (an optional section, `rollout`; a field once speed-only,
+`engine.decode_context_parallel_size`) is marked `counts_when_set`: at its default it adds
+no part, so outputs written before it counted still resume. Values are taken from the
+job's JSON dump, where the schema masks secrets (an MCP server's env values and URL
+credentials, see schemas/rollout.py): they count for nothing and are never written into
+`_plan.json`.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def _walk(prefix: str, model: BaseModel, out: dict[str, str]) -> None:
         marks = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         if marks.get("speed_only"):
             continue
-        if marks.get("counts_when_set") and getattr(model, name) is None:
-            continue  # a section added later: unset, outputs written before it still resume
+        if marks.get("counts_when_set") and getattr(model, name) == info.get_default(
+                call_default_factory=True):
+            continue  # came to count later: at its default, older outputs still resume
         [(key, value)] = model.model_dump(mode="json", by_alias=True, include={name}).items()
         if isinstance(getattr(model, name), BaseModel):
             _walk(f"{prefix}{key}.", getattr(model, name), out)
@@ -66,11 +69,30 @@ def digest(parts: dict[str, str]) -> str:
     return hashlib.sha256(_canon(parts).encode()).hexdigest()
 
 
+def _defaults(prefix: str, kind: type[BaseModel], out: dict[str, str]) -> dict[str, str]:
+    """The value a `counts_when_set` field has where it adds no part (a section's None
+    reads as unset), so a change to its default reads `8 -> 1`."""
+    for name, info in kind.model_fields.items():
+        marks = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        key = f"{prefix}{info.alias or name}"
+        if marks.get("counts_when_set"):
+            default = info.get_default(call_default_factory=True)
+            if default is not None:
+                out[key] = _canon(default)
+        elif isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            _defaults(f"{key}.", info.annotation, out)
+    return out
+
+
+_AT_DEFAULT = _defaults("", JobSpec, {})
+
+
 def describe_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
     """Human lines naming each changed field, e.g. `sampling.temperature: 0.6 -> 1.0`."""
     lines = []
     for key in sorted(old.keys() | new.keys()):
-        before, after = old.get(key, "(unset)"), new.get(key, "(unset)")
+        unset = _AT_DEFAULT.get(key, "(unset)")
+        before, after = old.get(key, unset), new.get(key, unset)
         if before == after:
             continue
         if key == "input.files":

@@ -13,6 +13,7 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
+import jinja2.nodes
 import pyarrow as pa
 from pydantic import ValidationError
 
@@ -31,18 +32,51 @@ class InvalidRow(ValueError):
     pass
 
 
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+
+
 def _template(job: JobSpec) -> tuple[jinja2.Template | None, list[str]]:
+    """Raises jinja2.TemplateError for a template that does not compile (template_errors
+    says why, before any model loads)."""
     source = job.input.prompt_template
     if not source:
         return None, []
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+    env = _environment()
     return env.from_string(source), sorted(jinja2.meta.find_undeclared_variables(env.parse(source)))
 
 
+def template_errors(job: JobSpec) -> list[str]:
+    """The prompt template parsed and compiled as the renderer compiles it, and every filter
+    and test it names looked up: Jinja defers an unknown one inside a block to render time,
+    where it would fail every row that reaches it."""
+    source = job.input.prompt_template
+    if not source:
+        return []
+    env = _environment()
+    try:
+        tree = env.parse(source)
+        unknown = [(f"no filter named {n.name!r}", n.lineno)
+                   for n in tree.find_all(jinja2.nodes.Filter) if n.name not in env.filters]
+        unknown += [(f"no test named {n.name!r}", n.lineno)
+                    for n in tree.find_all(jinja2.nodes.Test) if n.name not in env.tests]
+        if not unknown:
+            env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        unknown = [(e.message or type(e).__name__, e.lineno)]
+    return [f"input.prompt_template: {what} (line {line})"
+            for what, line in dict.fromkeys(unknown)]
+
+
 def needed_columns(job: JobSpec) -> list[str]:
-    """Every input column the renderer reads: nothing else is ever loaded."""
+    """Every input column the renderer reads: nothing else is ever loaded. A template that
+    does not compile adds none (template_errors reports it)."""
     inp = job.input
-    cols = [inp.id_column, inp.messages_column, inp.prompt_column, *_template(job)[1],
+    try:
+        template_columns = _template(job)[1]
+    except jinja2.TemplateError:
+        template_columns = []
+    cols = [inp.id_column, inp.messages_column, inp.prompt_column, *template_columns,
             inp.sampling_column, inp.tools_column, inp.chat_template_kwargs_column,
             inp.sample_index_column, inp.status_column, inp.error_column,
             *inp.passthrough_columns, job.rollout.recorded_column if job.rollout else None]
@@ -212,8 +246,12 @@ class Renderer:
             req.messages = _messages(cols[inp.messages_column][i])
         elif inp.prompt_column or self.template is not None:
             prompt = self._prompt(cols, i, req.row_id)
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise InvalidRow("prompt is null or empty" if not prompt else "prompt is not a string")
+            if not prompt:
+                raise InvalidRow("prompt is null or empty")
+            if not isinstance(prompt, str):
+                raise InvalidRow("prompt is not a string")
+            if not prompt.strip():
+                raise InvalidRow("prompt is blank: only whitespace")
             system = [{"role": "system", "content": inp.system_prompt}] if inp.system_prompt else []
             req.messages = [*system, {"role": "user", "content": prompt}]
         if inp.sampling_column:

@@ -21,7 +21,7 @@ from thinkbatch.schemas.tools import tool_errors
 from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.plan import read_footers
 from thinkbatch.tasks.storage import Storage, StorageError, is_s3
-from thinkbatch.tasks.render import needed_columns
+from thinkbatch.tasks.render import needed_columns, template_errors
 from thinkbatch.tasks.sampling import job_sampling_errors
 from thinkbatch.tasks.retry import check_retry
 
@@ -66,6 +66,8 @@ def _column_errors(job: JobSpec, column: str, schemas: dict[str, pa.Schema]) -> 
     typed = [(path, schema.field(column).type) for path, schema in schemas.items()
              if path not in lacking]
     text = _text_types(job, column)
+    if column == job.input.id_column:
+        errors += _not_scalar(column, typed)
     return errors + (_not_text(column, typed, *text) if text else _mixed(job, column, typed))
 
 
@@ -85,6 +87,20 @@ def _not_text(column: str, typed: list[tuple[str, pa.DataType]],
             by_type.setdefault(kind, []).append(path)
     names = "/".join(str(t) for t in allowed)
     return [f"input: column {column!r} is {kind} in {_files(paths)}; {what} must be {names}"
+            for kind, paths in by_type.items()]
+
+
+def _not_scalar(column: str, typed: list[tuple[str, pa.DataType]]) -> list[str]:
+    """A row id is read as text (tasks/read.py casts it); a type that Arrow cannot cast to
+    text (a list, a struct) would fail the run at its first batch. Found by casting."""
+    by_type: dict[pa.DataType, list[str]] = {}
+    for path, kind in typed:
+        try:
+            pa.array([], kind).cast(pa.string())
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+            by_type.setdefault(kind, []).append(path)
+    return [f"input: column {column!r} is {kind} in {_files(paths)}; an id column must be "
+            "a scalar that reads as text (string, integer, ...)"
             for kind, paths in by_type.items()]
 
 
@@ -248,7 +264,10 @@ def _secrets_for_workers(job: JobSpec) -> list[str]:
 def check_platform(job: JobSpec) -> list[str]:
     """What the installed vLLM build cannot run, said before the model loads: on the CPU
     build, decode context parallel fails at engine start (its MLA attention backend
-    returns no softmax LSE, which DCP needs to merge partial attention)."""
+    returns no softmax LSE, which DCP needs to merge partial attention). It speaks for
+    this machine only: check_job runs it where the engine loads in this process, and a
+    scale-out worker runs it on its own node before its first claim (flows/worker.py),
+    since a parent flow on a CPU node plans jobs for GPU workers."""
     if job.engine.kind != "vllm" or job.engine.decode_context_parallel_size == 1:
         return []
     from vllm.platforms import current_platform
@@ -272,6 +291,7 @@ def check_job(job: JobSpec, failed: frozenset[str] = frozenset()) -> list[str]:
         errors += check_tools(job)
     if valid("input"):
         errors += check_passthrough(job)
+        errors += template_errors(job)
     if valid("output"):
         errors += check_compression(job)
     if valid("storage"):
@@ -287,7 +307,7 @@ def check_job(job: JobSpec, failed: frozenset[str] = frozenset()) -> list[str]:
             errors.append(f"storage: {e}")
     if not {"engine", "parsers", "sampling"} <= failed:
         errors += check_vllm(job)
-    if valid("engine"):
+    if valid("engine", "scale") and job.scale.workers == 1:
         errors += check_platform(job)
     if valid("rollout", "engine", "parsers", "tools"):
         errors += check_rollout(job)

@@ -2,11 +2,13 @@
 its tensor-parallel workers, Prefect's temporary server, multiprocessing's resource
 tracker. Run again, it resumes: every row exactly once, and little generated twice. Run with
 TP=2 on vLLM's CPU build, which also shows that thinkbatch binds the ranks' threads itself
-(VLLM_CPU_OMP_THREADS_BIND unset) and that TP=2 runs end to end."""
+(VLLM_CPU_OMP_THREADS_BIND unset) and that TP=2 runs end to end, its engine's load shown
+at the default log level."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -68,6 +70,16 @@ def test_a_sigkilled_run_leaves_no_process_behind_then_tp2_finishes(
     r = subprocess.run([*CLI, "run", str(job), "--no-progress"], env=env, capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    # The load shows at the default log level, from the engine's own processes (engine
+    # core, the TP workers): its steps (one start per rank) and the KV cache size in
+    # tokens, in thinkbatch's format, and no other INFO line.
+    loaded = [line.split("] ", 1)[1] for line in r.stderr.splitlines()
+              if re.match(r"INFO [\d:]+ \[vllm\] ", line)]
+    steps = ["Starting to load model", "Starting to load model", "CPU KV cache size: ",
+             "init engine ("]
+    assert len(loaded) == len(steps) and all(
+        line.startswith(step) for line, step in zip(loaded, steps)), r.stderr[-3000:]
+    assert re.match(r"CPU KV cache size: [\d,]+ tokens", loaded[2]), loaded
     second = _rows_of(sorted(set(data.glob("*.parquet")) - first_parts))
     assert sorted(committed + second) == list(range(n))  # every row, exactly once
     assert set(pq.read_table(data, columns=["status"]).column(0).to_pylist()) == {"ok"}

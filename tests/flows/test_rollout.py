@@ -145,7 +145,7 @@ def test_each_turn_is_vllms_chat_rendering_of_the_trajectory(tiny_model: str,
                                rollout={"max_turns": 4}))
     layout = OutputLayout(job.output.path, Storage(job.storage))
     plan, _ = checkpoint.open_plan(layout, make_plan(job, layout.store))
-    engine = get_engine(job.engine)
+    engine = get_engine(job.engine, job.parsers)
     recording = Recording(engine)
     pipe = Pipeline(job, plan, layout, recording,
                     OutputParser(job.parsers, engine.tokenizer, job.engine.model),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,14 +118,16 @@ def _ids(s3, bucket: str) -> list[str]:
     return pq.read_table(f"{bucket}/out/data", filesystem=fs, columns=["id"]).column(0).to_pylist()
 
 
-def _worker_shards(server) -> dict[str, list[str]]:
-    """Shard task runs per worker flow run, as Prefect recorded them."""
+def _worker_shards(server, bucket: str) -> dict[str, list[str]]:
+    """Shard task runs per worker flow run of the job writing to `bucket` (the module's
+    other jobs' workers are on the same server), as Prefect recorded them."""
     from prefect.client.schemas.filters import FlowRunFilter, TaskRunFilter
 
     with server.client() as client:
         dep = client.read_deployment_by_name("thinkbatch-worker/gpu")
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            deployment_id={"any_": [dep.id]}))
+        runs = [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    deployment_id={"any_": [dep.id]}))
+                if r.parameters["job"]["output"]["path"] == f"s3://{bucket}/out"]
         return {r.name: sorted(t.name for t in client.read_task_runs(
                     flow_run_filter=FlowRunFilter(id={"any_": [r.id]}),
                     task_run_filter=TaskRunFilter(name={"like_": "shard-"})))
@@ -143,6 +146,30 @@ def test_workers_need_their_deployment_on_the_server(server, s3, tiny_model, tmp
     assert "'thinkbatch-worker/missing' is not deployed on http://127.0.0.1:" in r.stderr
 
 
+def test_a_worker_refuses_an_engine_its_platform_cannot_run(server, s3, tiny_model,
+                                                            tmp_path) -> None:
+    """The parent flows run on a CPU (deployments/prefect.yaml): a parent on the CPU build
+    plans the Kimi preset (TP8 + DCP8) for two workers; each worker, here on the CPU build
+    too, refuses it before its first claim (no model loads), and the parent says why."""
+    s3.bucket("dcp-workers")
+    write_prompts(tmp_path / "in.parquet", prompt_rows(20))
+    job = write_job(tmp_path / "job.yaml", {
+        "preset": "kimi-k2-thinking",
+        "input": {"path": str(tmp_path / "in.parquet"), "id_column": "id"},
+        "engine": {"model": tiny_model},  # the preset's layout; no hub for a refused job
+        "shards": {"rows_per_shard": 10}, "output": {"path": "s3://dcp-workers/out"},
+        "scale": {"workers": 2, "worker_retries": 0, "claim_ttl_s": 15,
+                  "worker_deployment": "thinkbatch-worker/gpu"}})
+    r = subprocess.run([*CLI, "run", str(job), "--no-progress"], env=server.env, cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert s3.keys("dcp-workers", "out/_plan.json")  # the parent planned it
+    assert not s3.keys("dcp-workers", "out/data/")
+    assert re.search(r"2 shards are unfinished after 1 round\(s\) of workers; [\w-]+, [\w-]+ "
+                     r"failed: .*\n *- engine\.decode_context_parallel_size: 8 needs a GPU "
+                     r"build of vLLM", r.stderr), r.stderr[-3000:]
+
+
 def _run_parent(server, job: Path) -> subprocess.Popen:
     return subprocess.Popen([*CLI, "run", str(job), "--no-progress"], env=server.env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -154,7 +181,7 @@ def test_two_workers_share_a_job_and_write_each_id_once(server, s3, tiny_model, 
     out, err = parent.communicate(timeout=900)
     assert parent.returncode == 0, err[-3000:]
     assert sorted(_ids(s3, "two-workers")) == sorted(r["id"] for r in prompt_rows(400))
-    shards, states = _worker_shards(server)
+    shards, states = _worker_shards(server, "two-workers")
     assert len(shards) == 2 and all(shards.values()), shards  # both workers took shards
     assert set(states.values()) == {"COMPLETED"}
     # Each worker's figures, and the run's merged from them; the workers' files are gone.
@@ -218,7 +245,7 @@ def test_a_worker_killed_mid_shard_loses_nothing(server, s3, tiny_model, tmp_pat
     out, err = parent.communicate(timeout=900)
     assert parent.returncode == 0, err[-3000:]
     assert sorted(_ids(s3, "killed-worker")) == sorted(r["id"] for r in prompt_rows(400))
-    shards, states = _worker_shards(server)
+    shards, states = _worker_shards(server, "killed-worker")
     assert states[victim_run] == "CRASHED"
     survivors = [n for n in shards if n != victim_run and states[n] == "COMPLETED"]
     assert survivors

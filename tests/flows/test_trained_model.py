@@ -82,3 +82,30 @@ def test_arithmetic_is_worked_from_the_question_and_answered_right(rows: list[di
     assert figures["math_accuracy"] >= 0.7, [
         (r["id"], r["expected"], r["reasoning"], r["answer"]) for r in math
         if not score(r, "math", r["expected"])["correct"]]
+
+
+# A JSON schema for the answer that the trained model never saw: its answer is forced.
+ANSWER_SCHEMA = {"type": "string", "pattern": "^[0-9]+ [a-z]+[.]$"}
+
+
+def test_a_structured_answer_leaves_the_thinking_free(rows: list[dict], tmp_path: Path) -> None:
+    """The engine knows the reasoning parser (`--reasoning-parser kimi_k2`), so the
+    grammar starts after `</think>`: the thinking is the model's own free text, the same
+    as without the schema (greedy), and the answer is what the schema allows."""
+    math = [r for r in heldout_rows(ROWS) if r["kind"] == "math"]
+    write_prompts(tmp_path / "in.parquet", math)
+    job = job_dict(
+        tmp_path / "in.parquet", tmp_path / "out",
+        engine_section(str(MODEL), "trained-miniature"),  # the rows fixture's engine
+        input={"passthrough_columns": ["kind", "expected"]},
+        sampling={"temperature": 0.0, "max_tokens": 160,
+                  "structured_outputs": {"json": ANSWER_SCHEMA}})
+    generate_dataset(job)
+    constrained = ds.dataset(tmp_path / "out" / "data", format="parquet").to_table().to_pylist()
+    assert len(constrained) == len(math)
+    assert all(r["status"] == "ok" for r in constrained), constrained  # else schema_error
+    assert all(re.fullmatch(r"\d+ [a-z]+\.", json.loads(r["answer"])) for r in constrained)
+    assert all(WORKING.search(r["reasoning"] or "") for r in constrained), constrained
+    free = {r["id"]: r["reasoning"] for r in rows}
+    same = [r["id"] for r in constrained if r["reasoning"] == free[r["id"]]]
+    assert len(same) >= 0.9 * len(math), [(r["reasoning"], free[r["id"]]) for r in constrained]

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import engine_section, job_dict
+from tests.conftest import engine_section, job_dict, prompt_rows, write_prompts
 from thinkbatch.schemas.job import JobSpec
+from thinkbatch.schemas.job_file import load_job
 from thinkbatch.tasks.engine import cpu_groups
-from thinkbatch.tasks.validate import check_platform
+from thinkbatch.tasks.validate import check_job, check_platform
 
 
 def test_cpus_are_split_into_one_contiguous_group_per_rank() -> None:
@@ -28,3 +29,19 @@ def test_dcp_is_refused_on_the_cpu_build_with_the_reason(tmp_path: Path) -> None
     assert error.startswith("engine.decode_context_parallel_size: 2 needs a GPU build")
     assert "softmax LSE" in error
     assert check_platform(job()) == []
+
+
+def test_a_cpu_parent_leaves_the_platform_check_to_the_workers(tmp_path: Path) -> None:
+    """The parent flows run on a CPU node (deployments/prefect.yaml): there, the Kimi
+    preset's DCP8 is refused only for a job whose engine loads in this process; with
+    workers each GPU node checks its own platform (tests/flows/test_scale_out.py)."""
+    write_prompts(tmp_path / "in.parquet", prompt_rows(2))
+
+    def errors(workers: int) -> list[str]:
+        return check_job(load_job(inline={
+            "input": {"path": str(tmp_path / "in.parquet")}, "engine": {"model": "m"},
+            "output": {"path": str(tmp_path / "out")}, "scale": {"workers": workers}},
+            preset="kimi-k2-thinking"))
+
+    assert [e.split(":")[0] for e in errors(1)] == ["engine.decode_context_parallel_size"]
+    assert errors(2) == []

@@ -73,7 +73,8 @@ SPEED_ONLY = [
     {"scale": {"workers": 4, "claim_ttl_s": 10}},
     {"storage": {"max_attempts": 3, "endpoint_url": "http://127.0.0.1:5000"}},
     {"engine": {"extra_args": {"enforce_eager": True, "gpu_memory_utilization": 0.5}}},
-    {"engine": {"tensor_parallel_size": 8, "decode_context_parallel_size": 8}},
+    {"engine": {"tensor_parallel_size": 8, "pipeline_parallel_size": 2}},
+    {"engine": {"decode_context_parallel_size": 1}},  # its default: no part, as before
     {"name": "renamed"},
 ]
 
@@ -101,6 +102,24 @@ def test_resume_refuses_a_changed_template_and_accepts_a_speed_change(tmp_path: 
                               "output": {"flush_rows": 2}, "scale": {"workers": 2}})
     resumed_plan, resumed = checkpoint.open_plan(layout, make_plan(load_job(inline=faster), store))
     assert resumed and resumed_plan == plan
+
+
+def test_a_dcp8_output_is_not_resumed_with_dcp1(tmp_path: Path) -> None:
+    """DCP is another attention computation (with an open drift bug at long context, vLLM
+    #41623), not only a split: the two Kimi presets' outputs do not mix. TP alone may
+    change; DCP1 jobs keep the fingerprint they had when DCP was speed-only."""
+    store = Storage()
+    inputs = write_prompts(tmp_path / "in.parquet", prompt_rows(4))
+    job = {"input": {"path": str(inputs)}, "output": {"path": str(tmp_path / "out")},
+           "engine": {"model": "m", "tensor_parallel_size": 8,
+                      "decode_context_parallel_size": 8}}
+    layout = OutputLayout(str(tmp_path / "out"), store)
+    checkpoint.open_plan(layout, make_plan(load_job(inline=job), store))
+    tp8 = deep_merge(job, {"engine": {"decode_context_parallel_size": 1}})
+    with pytest.raises(ResumeRefused) as refused:
+        checkpoint.open_plan(layout, make_plan(load_job(inline=tp8), store))
+    assert "  - engine.decode_context_parallel_size: 8 -> 1\n" in str(refused.value)
+    assert digest(_parts({"engine": {"tensor_parallel_size": 8}})) == digest(_parts())
 
 
 def test_an_unset_rollout_adds_no_part_so_outputs_written_before_it_resume() -> None:

@@ -31,6 +31,7 @@ def test_bad_prompts_become_rows_with_reasons() -> None:
     reqs = _render("prompt", [None, "", "   ", "fine"])
     assert [r.error is not None for r in reqs] == [True, True, True, False]
     assert "null or empty" in reqs[0].error
+    assert reqs[2].error == "prompt is blank: only whitespace"
     assert [r.row_id for r in reqs] == ["r0", "r1", "r2", "r3"]
 
 

@@ -165,6 +165,49 @@ def test_schema_errors_come_with_every_other_check_in_one_error(tmp_path: Path) 
     assert "part-1.parquet is not readable Parquet" in str(e.value)
 
 
+def test_a_prompt_template_that_does_not_compile_is_reported_with_the_other_errors(
+        tmp_path: Path) -> None:
+    """A syntax error, and an unknown filter or test even where Jinja would only find it
+    while rendering (inside a block), come in the same answer as an unreadable input."""
+    inputs = _inputs(tmp_path, b"not parquet at all")
+    for template, expected in [
+            ("Weather in {{ city }", "input.prompt_template: unexpected '}'"),
+            ("{% if city %}{{ city | shout }}{% endif %}",
+             "input.prompt_template: no filter named 'shout' (line 1)"),
+            ("{% if city is loud %}{{ city }}{% endif %}",
+             "input.prompt_template: no test named 'loud' (line 1)")]:
+        job = _job(inputs, tmp_path / "out",
+                   input={"prompt_column": None, "prompt_template": template})
+        with pytest.raises(JobFileError) as e:
+            checked_job(lambda: load_job(inline=job))
+        assert [err for err in e.value.errors if err.startswith(expected)], e.value.errors
+        assert "part-1.parquet is not readable Parquet" in str(e.value)
+
+
+def test_an_id_column_of_a_list_type_is_refused(tmp_path: Path) -> None:
+    """Ids are read as text: a list (or struct) id would fail the run at its first batch."""
+    listed = tmp_path / "listed.parquet"
+    pq.write_table(pa.table({"id": [["x", "1"]], "prompt": ["p"], "topic": ["t"]}), listed)
+    errors = _errors(_job(listed, tmp_path / "out"))
+    assert errors == [f"input: column 'id' is list<element: string> in {listed}; an id "
+                      "column must be a scalar that reads as text (string, integer, ...)"]
+    numbers = write_prompts(tmp_path / "n.parquet", [{**r, "id": i} for i, r in
+                                                     enumerate(prompt_rows(2))])
+    assert _errors(_job(numbers, tmp_path / "out")) == []
+
+
+def test_unknown_extra_args_are_reported_beside_another_engine_error(tmp_path: Path) -> None:
+    inputs = write_prompts(tmp_path / "in.parquet", prompt_rows(2))
+    job = _job(inputs, tmp_path / "out", engine={
+        "model": "m", "tensor_parallel_size": 8, "decode_context_parallel_size": 3,
+        "extra_args": {"enforce_eager": True, "not_an_engine_arg": 1}})
+    with pytest.raises(JobFileError) as e:
+        checked_job(lambda: load_job(inline=job))
+    where = [err.split(":")[0] for err in e.value.errors]
+    assert where == ["engine.decode_context_parallel_size",
+                     "engine.extra_args.not_an_engine_arg"], e.value.errors
+
+
 def test_planning_reuses_the_footers_validation_read(tmp_path: Path) -> None:
     class CountingStorage(Storage):
         opened: list[str] = []
