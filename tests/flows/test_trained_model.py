@@ -74,6 +74,17 @@ def test_every_row_is_well_formed_kimi_output(rows: list[dict]) -> None:
             assert r["answer"] is None, r
             (call,) = r["tool_calls"]
             assert call["id"] == f"functions.{call['name']}:0", r
+        # The columns are the raw text, marker for marker, and nothing else: no space
+        # before `<think>` (vLLM's slow-tokenizer detokenizer adds one unless told not to).
+        assert r["raw_text"] == _kimi_text(r), r
+
+
+def _kimi_text(row: dict) -> str:
+    """The completion Kimi-K2-Thinking writes for the row's columns."""
+    calls = "".join(f"<|tool_call_begin|>{c['id']}<|tool_call_argument_begin|>{c['arguments']}"
+                    "<|tool_call_end|>" for c in row["tool_calls"] or ())
+    section = f"<|tool_calls_section_begin|>{calls}<|tool_calls_section_end|>" if calls else ""
+    return f"<think>{row['reasoning']}</think>{row['answer'] or ''}{section}"
 
 
 def test_tool_calls_name_the_right_function_with_the_arguments(rows: list[dict]) -> None:
@@ -126,7 +137,7 @@ def test_vllms_own_chat_path_gives_our_ids_and_columns(jobs, runs) -> None:
     from thinkbatch.tasks.sampling import SamplingBuilder
 
     prompts = heldout_rows(CHAT_ROWS)
-    ids = {}
+    ids, columns = {}, {}
     for name in TOKENIZERS:
         job = load_job(inline=jobs[name])
         engine = get_engine(job.engine)
@@ -138,15 +149,17 @@ def test_vllms_own_chat_path_gives_our_ids_and_columns(jobs, runs) -> None:
         assert [list(o.prompt_token_ids) for o in outs] == ours, name
         parser = OutputParser(job.parsers, engine.tokenizer, job.engine.model)
         written = {r["id"]: r for r in runs[name]}
+        columns[name] = []
         for p, out in zip(prompts, outs):
             row, comp = written[p["id"]], out.outputs[0]
             assert (comp.text, len(comp.token_ids)) == (row["raw_text"], row["completion_tokens"])
             parsed = parser.parse(Generation(p["id"], comp.text, comp.token_ids,
                                              comp.finish_reason, out.prompt_token_ids,
                                              None, None), None, {})
-            assert (parsed.status.value, parsed.reasoning, parsed.answer, parsed.tool_calls,
-                    parsed.reasoning_tokens) == (row["status"], row["reasoning"],
-                                                 row["answer"], row["tool_calls"],
-                                                 row["reasoning_tokens"])
+            columns[name].append((parsed.status.value, parsed.reasoning, parsed.answer,
+                                  parsed.tool_calls, parsed.reasoning_tokens))
+            assert columns[name][-1] == (row["status"], row["reasoning"], row["answer"],
+                                         row["tool_calls"], row["reasoning_tokens"])
         ids[name] = [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outs]
     assert ids["tiktoken"] == ids["hf"]
+    assert columns["tiktoken"] == columns["hf"]
