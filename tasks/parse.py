@@ -20,7 +20,7 @@ from typing import Any
 from thinkbatch.schemas.job import ParserSpec
 from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.record import Generation, Parsed
-from thinkbatch.tasks.prompt_tokens import ControlTokens, one_token
+from thinkbatch.tasks.prompt_tokens import control_tokens, one_token
 
 NO_ANSWER = "finished without an answer or a tool call"
 
@@ -41,6 +41,7 @@ def parser_class(spec: ParserSpec, tokenizer: Any, model_name: str | None) -> An
 
 
 def _strings(obj: Any, *names: str) -> set[str]:
+    """The attributes `names` of a parser that are set to text."""
     out = set()
     for name in names:
         try:
@@ -86,19 +87,19 @@ class OutputParser:
         self.spec = spec
         self.tokenizer = tokenizer
         self.cls = parser_class(spec, tokenizer, model_name)
-        named, needed = parser_markers(self.cls, tokenizer) if self.cls else (set(), set())
+        named, needed = (parser_markers(self.cls, tokenizer)
+                         if self.cls and tokenizer is not None else (set(), set()))
         vocab = tokenizer.get_vocab() if needed else {}
         lacking = sorted(m for m in needed if one_token(tokenizer, vocab, m) is None)
         if lacking:
             raise MarkersMissing(
                 f"parsers ({_parser_names(spec)}) look for {', '.join(map(repr, lacking))} as "
-                f"one token, and the tokenizer of {model_name!r} has no such token: the "
-                "model does not write the format these parsers read")
-        # The control tokens, the parsers' markers among them, found by name: what the
-        # engine tokenizes as text in data (VllmEngine.guard) and what may not leak here.
-        self.control = ControlTokens(tokenizer, named) if tokenizer is not None else None
-        self.markers = sorted(m for m in self.control.ids if len(m) > 1) \
-            if self.cls and self.control else []
+                f"one token, which the tokenizer of {model_name!r} does not have: the model "
+                "does not write the format these parsers read")
+        # The control tokens, the parsers' markers among them found by name: none may leak
+        # into a column, and the engine tokenizes them as text in data (VllmEngine.guard).
+        self.markers = (sorted(m for m in control_tokens(tokenizer, named) if len(m) > 1)
+                        if self.cls and tokenizer is not None else [])
         # Longest first, so no marker hides a longer one that starts the same way.
         self._marker_re = re.compile("({})".format("|".join(
             re.escape(m) for m in sorted(self.markers, key=len, reverse=True)) or "(?!)"))
