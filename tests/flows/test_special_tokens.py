@@ -8,7 +8,6 @@ its data, to the same token count either way, and the rows come out the same
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
@@ -41,7 +40,8 @@ def runs(tiny_model: str, tiny_tiktoken_model: str, prefect_harness,
             generate_dataset(job_dict(root / "in.parquet", path, engines[name],
                                       input={"allow_special_tokens": allow},
                                       output={"keep_raw_text": True}))
-            out[name, allow] = {r["id"]: r for r in ds.dataset(path / "data").to_table().to_pylist()}
+            rows = ds.dataset(path / "data").to_table().to_pylist()
+            out[name, allow] = {r["id"]: r for r in rows}
     return out
 
 
