@@ -20,7 +20,7 @@ from typing import Any
 from thinkbatch.schemas.job import ParserSpec
 from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.record import Generation, Parsed
-from thinkbatch.tasks.prompt_tokens import control_tokens, one_token
+from thinkbatch.tasks.prompt_tokens import control_tokens
 
 NO_ANSWER = "finished without an answer or a tool call"
 
@@ -56,7 +56,7 @@ def _strings(obj: Any, *names: str) -> set[str]:
 def parser_markers(cls: Any, tokenizer: Any) -> tuple[set[str], set[str]]:
     """The markers the composed parser splits on, by the names the parsers give them, and
     those of them it looks for as token ids (a parser engine's `token_id_terminals`), which
-    the tokenizer must have as one token each. From a parser built for the tokenizer: an
+    the vocabulary must have as one token each. From a parser built for the tokenizer: an
     engine parser's config, else a reasoning parser's start and end strings."""
     parser = cls(tokenizer, None, chat_template_kwargs={})
     named: set[str] = set()
@@ -89,17 +89,18 @@ class OutputParser:
         self.cls = parser_class(spec, tokenizer, model_name)
         named, needed = (parser_markers(self.cls, tokenizer)
                          if self.cls and tokenizer is not None else (set(), set()))
-        vocab = tokenizer.get_vocab() if needed else {}
-        lacking = sorted(m for m in needed if one_token(tokenizer, vocab, m) is None)
+        vocab = tokenizer.get_vocab() if named else {}
+        lacking = sorted(needed - vocab.keys())  # looked up by name, as vLLM's parsers do
         if lacking:
             raise MarkersMissing(
                 f"parsers ({_parser_names(spec)}) look for {', '.join(map(repr, lacking))} as "
                 f"one token, which the tokenizer of {model_name!r} does not have: the model "
                 "does not write the format these parsers read")
-        # The control tokens, the parsers' markers among them found by name: none may leak
+        # The control tokens and the parsers' markers the vocabulary has: none may leak
         # into a column, and the engine tokenizes them as text in data (VllmEngine.guard).
-        self.markers = (sorted(m for m in control_tokens(tokenizer, named) if len(m) > 1)
-                        if self.cls and tokenizer is not None else [])
+        found = {*control_tokens(tokenizer, named), *(named & vocab.keys())} \
+            if self.cls and tokenizer is not None else set()
+        self.markers = sorted(m for m in found if len(m) > 1)
         # Longest first, so no marker hides a longer one that starts the same way.
         self._marker_re = re.compile("({})".format("|".join(
             re.escape(m) for m in sorted(self.markers, key=len, reverse=True)) or "(?!)"))
