@@ -34,7 +34,7 @@ from thinkbatch.schemas.plan import Plan
 from thinkbatch.tasks import checkpoint, guardian, metrics, report
 from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.claims import ShardClaims
-from thinkbatch.tasks.engine import close_engines, get_engine, restart_engine
+from thinkbatch.tasks.engine import Engine, close_engines, get_engine, restart_engine
 from thinkbatch.tasks.figures import RunTally
 from thinkbatch.tasks.parse import OutputParser
 from thinkbatch.tasks.pipeline import Pipeline
@@ -88,6 +88,13 @@ def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: Shard
     engine = get_engine(job.engine, job.parsers)
     load_s = time.monotonic() - started
     parser = OutputParser(job.parsers, engine.tokenizer, job.engine.model)
+    engine.guard(parser.markers)
+
+    def restart(dead: Engine) -> Engine:
+        fresh = restart_engine(job.engine, job.parsers, dead)
+        fresh.guard(parser.markers)
+        return fresh
+
     schema = output_schema(input_schema(layout.store, plan, job.input.passthrough_columns)
                            if job.input.passthrough_columns else None,
                            rollout=job.rollout is not None)
@@ -98,7 +105,7 @@ def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: Shard
                                enabled=show_progress)
     pipeline = Pipeline(job, plan, layout, engine, parser, schema, progress,
                         may_commit=claims.still_ours,
-                        restart_engine=lambda dead: restart_engine(job.engine, job.parsers, dead),
+                        restart_engine=restart,
                         toolbox=toolbox, metrics=live)
     return pipeline, load_s
 

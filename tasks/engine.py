@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from multiprocessing import connection, resource_tracker
 from typing import Any, Protocol
@@ -51,6 +51,8 @@ class Engine(Protocol):
     def submit(self, key: str, req: RowRequest, params: Any) -> None: ...
 
     def poll(self) -> list[Generation]: ...
+
+    def guard(self, markers: Iterable[str]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -185,6 +187,12 @@ class VllmEngine:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    def guard(self, markers: Iterable[str]) -> None:
+        """Data that spells `markers` (the parsers', tasks/parse.py) is tokenized as text
+        too: a tokenizer may know them only by name (Kimi-K2-Thinking's keeps `<think>`
+        and its tool-call markers out of its added tokens)."""
+        self._control = ControlTokens(self.tokenizer, markers)
+
     def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                 kwargs: dict[str, Any]) -> dict[str, Any]:
         return self.llm._preprocess_chat_one(as_served(messages), tools=tools,
@@ -286,6 +294,9 @@ class ReplayEngine:
         done = list(self._done)
         self._done.clear()
         return done
+
+    def guard(self, markers: Iterable[str]) -> None:
+        """Nothing to guard: no prompt is tokenized."""
 
     def close(self) -> None:
         pass

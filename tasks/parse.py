@@ -5,6 +5,8 @@ vLLM's parse is the source of the columns; a row is `ok` only if those columns h
 whole completion. That is checked against the raw text without knowing the format: the
 pieces the parser returned are traced through the text in order, and what is left must
 be markers and whitespace, each marker no more often than the structure has room for.
+The markers are the tokenizer's control tokens and the parsers' own marker names, looked
+up in its vocabulary: Kimi-K2-Thinking's tokenizer lists `<think>` nowhere else.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from thinkbatch.schemas.job import ParserSpec
 from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.record import Generation, Parsed
+from thinkbatch.tasks.prompt_tokens import control_tokens
 
 NO_ANSWER = "finished without an answer or a tool call"
 
@@ -37,11 +40,46 @@ def parser_class(spec: ParserSpec, tokenizer: Any, model_name: str | None) -> An
     )
 
 
-def marker_strings(tokenizer: Any) -> list[str]:
-    """Added tokens (think tags, tool-call markers...): none may leak into a column."""
-    if tokenizer is None:
-        return []
-    return sorted(t for t in tokenizer.get_added_vocab() if len(t) > 1)
+def _strings(obj: Any, *names: str) -> set[str]:
+    """The attributes `names` of a parser that are set to text."""
+    out = set()
+    for name in names:
+        try:
+            value = getattr(obj, name, None)
+        except NotImplementedError:  # a base parser's property its subclass did not set
+            continue
+        if isinstance(value, str) and value:
+            out.add(value)
+    return out
+
+
+def parser_markers(cls: Any, tokenizer: Any) -> tuple[set[str], set[str]]:
+    """The markers the composed parser splits on, by the names the parsers give them, and
+    those of them it looks for as token ids (a parser engine's `token_id_terminals`), which
+    the vocabulary must have as one token each. From a parser built for the tokenizer: an
+    engine parser's config, else a reasoning parser's start and end strings."""
+    parser = cls(tokenizer, None, chat_template_kwargs={})
+    named: set[str] = set()
+    needed: set[str] = set()
+    for part in (parser, getattr(parser, "_reasoning_parser", None),
+                 getattr(parser, "_tool_parser", None)):
+        config = (getattr(part, "parser_engine_config", None)
+                  or getattr(getattr(part, "_parser_engine", None), "parser_engine_config", None))
+        if config is not None:
+            named |= set(config.terminal_literals)
+            needed |= set(config.token_id_terminals.values())
+        elif part is not None:
+            named |= _strings(part, "reasoning_start_str", "reasoning_end_str")
+    return named, needed
+
+
+class MarkersMissing(ValueError):
+    """The tokenizer lacks a marker the chosen parsers look for as one token."""
+
+
+def _parser_names(spec: ParserSpec) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in (("reasoning", spec.reasoning),
+                                             ("tool_call", spec.tool_call)) if v)
 
 
 class OutputParser:
@@ -49,7 +87,20 @@ class OutputParser:
         self.spec = spec
         self.tokenizer = tokenizer
         self.cls = parser_class(spec, tokenizer, model_name)
-        self.markers = marker_strings(tokenizer) if self.cls else []
+        named, needed = (parser_markers(self.cls, tokenizer)
+                         if self.cls and tokenizer is not None else (set(), set()))
+        vocab = tokenizer.get_vocab() if named else {}
+        lacking = sorted(needed - vocab.keys())  # looked up by name, as vLLM's parsers do
+        if lacking:
+            raise MarkersMissing(
+                f"parsers ({_parser_names(spec)}) look for {', '.join(map(repr, lacking))} as "
+                f"one token, which the tokenizer of {model_name!r} does not have: the model "
+                "does not write the format these parsers read")
+        # The control tokens and the parsers' markers the vocabulary has: none may leak
+        # into a column, and the engine tokenizes them as text in data (VllmEngine.guard).
+        found = {*control_tokens(tokenizer, named), *(named & vocab.keys())} \
+            if self.cls and tokenizer is not None else set()
+        self.markers = sorted(m for m in found if len(m) > 1)
         # Longest first, so no marker hides a longer one that starts the same way.
         self._marker_re = re.compile("({})".format("|".join(
             re.escape(m) for m in sorted(self.markers, key=len, reverse=True)) or "(?!)"))

@@ -8,13 +8,19 @@ occurrence replaced by a unique placeholder, so every control token left in the 
 text is the template's own; the text between them is tokenized with special tokens split,
 the placeholders put back as the text they stood for. A template that branches on a marker
 in the data (Qwen3 splitting `</think>` out of assistant content) sees plain text instead.
+
+Which strings are control tokens is not the tokenizer's word alone: Kimi-K2-Thinking's
+tokenizer keeps `<think>` and its tool-call markers in tiktoken's special table and tells
+transformers only of a few others, and it ignores `split_special_tokens`. So the parsers'
+own marker names count too, looked up in the vocabulary, and text is known to be text by
+its token ids, not by what the tokenizer was asked to do.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,10 +52,34 @@ def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
     return value
 
 
-def control_tokens(tokenizer: Any) -> dict[str, int]:
-    """The tokenizer's special added tokens, plus non-special added tokens the chat template
-    writes itself (Qwen3 and DeepSeek-R1 keep `<think>` non-special). Other added tokens
-    (whole words, runs of spaces) are vocabulary, not structure."""
+def one_token(tokenizer: Any, vocab: dict[str, int], marker: str) -> int | None:
+    """The id of `marker` if the tokenizer has it as one token: found by name in the
+    vocabulary (as vLLM's parsers find their markers) and encoded as that one id."""
+    i = vocab.get(marker)
+    if i is None or list(tokenizer.encode(marker, add_special_tokens=False)) != [i]:
+        return None
+    return i
+
+
+def tiktoken_specials(tokenizer: Any) -> dict[str, int]:
+    """The special-token table of a slow tokenizer over tiktoken (Kimi-K2's, Qwen-1's):
+    every entry is a control token the tokenizer encodes from its spelling, whether or not
+    transformers was told of it (Kimi's tells it of eight)."""
+    try:
+        import tiktoken
+    except ImportError:
+        return {}
+    for value in vars(tokenizer).values():
+        if isinstance(value, tiktoken.Encoding):
+            return {t: value.encode_single_token(t) for t in value.special_tokens_set}
+    return {}
+
+
+def control_tokens(tokenizer: Any, markers: Iterable[str] = ()) -> dict[str, int]:
+    """The tokenizer's special added tokens (and tiktoken special tokens), non-special
+    added tokens the chat template writes itself (Qwen3 and DeepSeek-R1 keep `<think>`
+    non-special), and the `markers` (the parsers' names) the vocabulary holds as one token.
+    Other added tokens (whole words, runs of spaces) are vocabulary, not structure."""
     added: dict[str, int] = tokenizer.get_added_vocab()
     special = set(tokenizer.all_special_tokens)
     special |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
@@ -57,8 +87,24 @@ def control_tokens(tokenizer: Any) -> dict[str, int]:
     template = getattr(tokenizer, "chat_template", None) or ""
     if isinstance(template, dict):
         template = "".join(template.values())
-    return {t: i for t, i in added.items()
-            if t in special or (t.strip() and t in template)}
+    found = {t: i for t, i in added.items() if t in special or (t.strip() and t in template)}
+    found |= tiktoken_specials(tokenizer)
+    vocab = tokenizer.get_vocab()
+    for m in markers:
+        if m not in found and (i := one_token(tokenizer, vocab, m)) is not None:
+            found[m] = i
+    return found
+
+
+def _cut(marker: str) -> int:
+    """Where a marker splits as text in every byte-level pre-tokenizer in use (GPT-2's,
+    cl100k's, Kimi's): after its first letter or digit that punctuation or a space follows
+    (`<think` `>`, `<|im` `_end|>`). Cut there, the text around the marker tokenizes as it
+    would with split_special_tokens honoured; with no such place, after its first character."""
+    for i in range(1, len(marker)):
+        if marker[i - 1].isalnum() and not marker[i].isalnum() and marker[i] != "'":
+            return i
+    return 1
 
 
 @dataclass(slots=True)
@@ -77,11 +123,12 @@ class Masked:
 
 
 class ControlTokens:
-    """One tokenizer's control tokens, compiled once into one alternation."""
+    """One tokenizer's control tokens (with the parsers' `markers`), compiled once into one
+    alternation."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, markers: Iterable[str] = ()):
         self.tokenizer = tokenizer
-        self.ids = control_tokens(tokenizer)
+        self.ids = control_tokens(tokenizer, markers)
         self._id_set = frozenset(self.ids.values())
         # Longest first: at one position the longest marker wins, as in the tokenizer.
         alternatives = sorted(self.ids, key=len, reverse=True)
@@ -109,20 +156,23 @@ class ControlTokens:
                       _map_strings(kwargs, fn), nonce, markers)
 
     def _text_ids(self, text: str) -> list[int]:
-        """Token ids of `text` with every control-token spelling as plain text."""
+        """Token ids of `text` with every control-token spelling as plain text, checked by
+        the ids."""
         if not text:
             return []
         ids = self._plain(text)
         if not self._id_set.intersection(ids):
             return ids
-        # The tokenizer kept a marker whole (a non-special added token, or a tokenizer
-        # that ignores split_special_tokens): tokenize each marker as two halves.
-        ids, pos = [], 0
+        # The tokenizer kept a marker whole (a non-special added token, or a tokenizer that
+        # ignores split_special_tokens, as Kimi's does): cut each marker in two and tokenize
+        # the pieces between the cuts.
+        pieces, pos = [], 0
         for m in self.pattern.finditer(text):  # type: ignore[union-attr]
-            ids += self._plain(text[pos:m.start()])
-            ids += self._plain(m.group()[:1]) + self._plain(m.group()[1:])
-            pos = m.end()
-        ids += self._plain(text[pos:])
+            cut = m.start() + _cut(m.group())
+            pieces.append(text[pos:cut])
+            pos = cut
+        pieces.append(text[pos:])
+        ids = [i for piece in pieces for i in self._plain(piece)]
         if self._id_set.intersection(ids):
             raise ValueError("the tokenizer turns data text into control tokens even when "
                              "split; set input.allow_special_tokens: true to pass them through")

@@ -34,7 +34,10 @@ def _fields(s: SamplingSpec, keep_special_tokens: bool) -> dict[str, Any]:
         fields["structured_outputs"] = StructuredOutputsParams(
             regex=so.regex, json=so.json_schema, choice=so.choice, grammar=so.grammar)
     if keep_special_tokens:
+        # vLLM's detokenizer for slow tokenizers (Kimi-K2-Thinking's) otherwise writes a
+        # space after each added token it keeps: ` <think>`, a reasoning with a leading space.
         fields["skip_special_tokens"] = False
+        fields["spaces_between_special_tokens"] = False
     return fields
 
 

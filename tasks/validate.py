@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import io
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePath
@@ -279,6 +280,60 @@ def check_platform(job: JobSpec) -> list[str]:
             "softmax LSE, which decode context parallel needs (use 1 on CPU)"]
 
 
+def _shipped_tokenizer(folder: Path) -> str | None:
+    """The tokenizer class a model folder ships as code (`auto_map` in its
+    tokenizer_config.json, as Kimi-K2-Thinking's `tokenization_kimi.TikTokenTokenizer`)
+    when no tokenizer.json stands beside it for transformers to load instead."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    auto = (config.get("auto_map") or {}).get("AutoTokenizer") if isinstance(config, dict) else None
+    names = [a for a in (auto if isinstance(auto, list) else [auto]) if isinstance(a, str)]
+    if not names or (folder / "tokenizer.json").exists():
+        return None
+    return names[0]
+
+
+def check_tokenizer(job: JobSpec) -> list[str]:
+    """The model's tokenizer, when it is a folder on this machine (a hub id's is checked as
+    the engine loads, tasks/parse.py): the class the model ships, and one that has every
+    marker the chosen parsers look for as one token.
+
+    Without trust_remote_code, transformers 5 does not refuse a tokenizer that `auto_map`
+    names: it builds another class from the folder's files (from Kimi's `tiktoken.model`,
+    a fast tokenizer with a split pattern of its own and other special tokens), so which
+    tokenizer a job gets would hang on a flag."""
+    source = job.engine.tokenizer or job.engine.model
+    if not source or not Path(source).is_dir():
+        return []
+    if not job.engine.trust_remote_code and (shipped := _shipped_tokenizer(Path(source))):
+        return [f"engine.trust_remote_code: {source} ships its own tokenizer ({shipped}, "
+                "named by auto_map in tokenizer_config.json) and no tokenizer.json; without "
+                "trust_remote_code transformers builds another tokenizer from its files, with "
+                "its own special tokens and split pattern. Set engine.trust_remote_code: "
+                "true, as the model's own deployment does (vllm serve --trust-remote-code)"]
+    if not (job.parsers.reasoning or job.parsers.tool_call):
+        return []
+    from vllm.tokenizers import get_tokenizer
+
+    from thinkbatch.tasks.parse import MarkersMissing, OutputParser
+
+    try:
+        tokenizer = get_tokenizer(
+            source, trust_remote_code=job.engine.trust_remote_code,
+            tokenizer_mode=job.engine.extra_args.get("tokenizer_mode", "auto"))
+    except Exception as e:
+        return [f"engine: the tokenizer of {source} does not load: {type(e).__name__}: {e}"]
+    try:
+        OutputParser(job.parsers, tokenizer, source)
+    except MarkersMissing as e:
+        return [f"parsers: {e}"]
+    except TypeError:  # a parser name check_vllm refuses, or a parser vLLM refuses for
+        return []      # this tokenizer: it says why as the engine loads
+    return []
+
+
 def check_job(job: JobSpec, failed: frozenset[str] = frozenset()) -> list[str]:
     """Every problem at once. `failed` names the sections that did not validate (their
     values are defaults, see JobFileError.partial): a check that needs one is skipped,
@@ -309,6 +364,8 @@ def check_job(job: JobSpec, failed: frozenset[str] = frozenset()) -> list[str]:
         errors += check_vllm(job)
     if valid("engine", "scale") and job.scale.workers == 1:
         errors += check_platform(job)
+    if valid("engine", "parsers"):
+        errors += check_tokenizer(job)
     if valid("rollout", "engine", "parsers", "tools"):
         errors += check_rollout(job)
     if not failed:

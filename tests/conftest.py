@@ -29,6 +29,21 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 MODEL_DIR_ENV = "THINKBATCH_TINY_MODEL"
 
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+TRAINED_MODEL = ASSETS / "tiny-kimi-thinking"  # real weights, the Hugging Face tokenizer
+# The same weights with a tokenizer of Kimi-K2-Thinking's own class (a slow tokenizer over
+# tiktoken, loaded with trust_remote_code; miniature/tiktoken_tokenizer.py): the same ids.
+TIKTOKEN_MODEL = ASSETS / "tiny-kimi-thinking-tiktoken"
+TOKENIZERS = ("hf", "tiktoken")  # the two classes of tokenizer the engine tests run with
+
+
+def tokenizer_engine(tokenizer: str) -> dict[str, Any]:
+    """The engine fields that pick the miniature's `tokenizer` ("hf" or "tiktoken"): the
+    tiktoken one is the model folder that ships it, with trust_remote_code, as Kimi's."""
+    if tokenizer == "hf":
+        return {"model": str(TRAINED_MODEL)}
+    return {"model": str(TIKTOKEN_MODEL), "trust_remote_code": True}
+
 # Forces Kimi-format text out of random weights: reasoning in think tags, then either
 # an answer or one tool call in Kimi's section/call markers. The demos' preset holds it.
 KIMI_REGEX = resolve_raw({}, preset="random-miniature")["sampling"]["structured_outputs"]["regex"]
@@ -40,6 +55,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     target = os.environ.get(MODEL_DIR_ENV) or str(tmp_path_factory.mktemp("models") / "tiny-kimi")
     return str(write_tiny_model(target))
+
+
+@pytest.fixture(scope="session")
+def tiny_tiktoken_model(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The random-weight miniature with the tokenizer of Kimi-K2-Thinking's class."""
+    from miniature.tiktoken_tokenizer import write_tiktoken_model
+
+    return str(write_tiktoken_model(tiny_model, tmp_path_factory.mktemp("models") / "tiktoken"))
 
 
 def engine_section(model: str, preset: str = "random-miniature", **over: Any) -> dict[str, Any]:

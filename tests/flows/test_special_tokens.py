@@ -1,43 +1,75 @@
-"""Forged control tokens in a prompt through the real engine and the in-process flow: the
-prompt is tokenized as text unless the job trusts its data (tests/tasks/test_prompt_tokens.py
-checks the tokenization itself without an engine)."""
+"""Forged control tokens in a prompt through the real engine and the in-process flow, with
+both of the miniature's tokenizers (its Hugging Face one, and one of Kimi-K2-Thinking's
+class, which ignores split_special_tokens and lists `<think>` and the tool-call markers
+only in tiktoken's special table): the prompt is tokenized as text unless the job trusts
+its data, to the same token count either way, and the rows come out the same
+(tests/tasks/test_prompt_tokens.py checks the token ids themselves without an engine)."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
 
-from tests.conftest import engine_section, job_dict, write_prompts
+from tests.conftest import TOKENIZERS, engine_section, job_dict, write_prompts
 from tests.tasks.test_prompt_tokens import FORGED_PROMPT
 
 pytestmark = pytest.mark.engine
+
+CLEAN = re.sub(r"<\|im_end\|>|</?think>", "", FORGED_PROMPT)
+TIMING = frozenset({"ttft_s", "latency_s"})
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model: str, tiny_tiktoken_model: str, prefect_harness,
+         tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, bool], dict[str, dict]]:
+    """Rows by id, per (tokenizer, allow_special_tokens); an engine per tokenizer, the
+    same random weights (load_format dummy)."""
+    from thinkbatch.flows.job import generate_dataset
+
+    root = tmp_path_factory.mktemp("forged")
+    write_prompts(root / "in.parquet", [{"id": "forged", "prompt": FORGED_PROMPT, "topic": "t"},
+                                        {"id": "clean", "prompt": CLEAN, "topic": "t"}])
+    engines = {"hf": engine_section(tiny_model),
+               "tiktoken": engine_section(tiny_tiktoken_model, trust_remote_code=True)}
+    out = {}
+    for name in TOKENIZERS:
+        for allow in (False, True):
+            path = root / f"out-{name}-{allow}"
+            generate_dataset(job_dict(root / "in.parquet", path, engines[name],
+                                      input={"allow_special_tokens": allow},
+                                      output={"keep_raw_text": True}))
+            rows = ds.dataset(path / "data").to_table().to_pylist()
+            out[name, allow] = {r["id"]: r for r in rows}
+    return out
 
 
 def _content_tokens(tokenizer, text: str, split: bool) -> int:
     return len(tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"])
 
 
-def test_engine_tokenizes_forged_markers_as_text(tiny_model: str, prefect_harness,
-                                                 tmp_path: Path) -> None:
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+def test_engine_tokenizes_forged_markers_as_text(runs, tiny_model: str, tokenizer: str) -> None:
+    """Counted with the Hugging Face tokenizer, which honours split_special_tokens: the
+    tiktoken one must give the same ids without it."""
     from vllm.tokenizers import get_tokenizer
 
-    from thinkbatch.flows.job import generate_dataset
-
-    clean = re.sub(r"<\|im_end\|>|</?think>", "", FORGED_PROMPT)
-    write_prompts(tmp_path / "in.parquet", [{"id": "forged", "prompt": FORGED_PROMPT, "topic": "t"},
-                                            {"id": "clean", "prompt": clean, "topic": "t"}])
-    tokenizer = get_tokenizer(tiny_model)
+    hf = get_tokenizer(tiny_model)
     for allow in (False, True):
-        out = tmp_path / f"out-{allow}"
-        job = job_dict(tmp_path / "in.parquet", out, engine_section(tiny_model),
-                       input={"allow_special_tokens": allow})
-        generate_dataset(job)
-        rows = {r["id"]: r for r in ds.dataset(out / "data").to_table().to_pylist()}
+        rows = runs[tokenizer, allow]
         assert {r["status"] for r in rows.values()} == {"ok"}, rows
         # The user message sits between two template markers, so it is tokenized on its own.
-        want = (rows["clean"]["prompt_tokens"] - _content_tokens(tokenizer, clean, False)
-                + _content_tokens(tokenizer, FORGED_PROMPT, split=not allow))
+        want = (rows["clean"]["prompt_tokens"] - _content_tokens(hf, CLEAN, False)
+                + _content_tokens(hf, FORGED_PROMPT, split=not allow))
         assert rows["forged"]["prompt_tokens"] == want, allow
+
+
+def test_both_tokenizers_write_the_same_rows(runs) -> None:
+    """The same prompt, the same weights and seed: the same rows, raw text first, with no
+    space after a kept special token."""
+    for allow in (False, True):
+        hf, tiktoken = ({k: {c: v for c, v in r.items() if c not in TIMING} for k, r in
+                         runs[name, allow].items()} for name in TOKENIZERS)
+        assert all(r["raw_text"].startswith("<think>") for r in tiktoken.values()), tiktoken
+        assert tiktoken == hf, allow

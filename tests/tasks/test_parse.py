@@ -1,7 +1,15 @@
+"""vLLM's parsers through OutputParser, and the check that the columns hold the whole
+completion: each test runs with both of the miniature's tokenizers, its Hugging Face one
+and one of Kimi-K2-Thinking's class (markers only in tiktoken's special table)."""
+
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import pytest
 
+from miniature.tiny_model import SPECIAL_TOKENS
+from tests.conftest import TOKENIZERS, tokenizer_engine
 from thinkbatch.schemas.job import ParserSpec
 from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.record import Generation
@@ -13,20 +21,32 @@ CALL = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model: str):
+def tokenizers() -> dict:
+    """Both tokenizers, as vLLM loads them for the engine."""
     from vllm.tokenizers import get_tokenizer
 
-    return get_tokenizer(tiny_model)
+    out = {}
+    for name in TOKENIZERS:
+        engine = tokenizer_engine(name)
+        out[name] = get_tokenizer(engine["model"],
+                                  trust_remote_code=engine.get("trust_remote_code", False))
+    return out
 
 
-def _gen(text: str, finish: str = "stop") -> Generation:
-    return Generation(key="0:0", text=text, token_ids=(), finish_reason=finish,
+@pytest.fixture(scope="module", params=TOKENIZERS)
+def tokenizer(request, tokenizers: dict):
+    return tokenizers[request.param]
+
+
+def _gen(text: str, finish: str = "stop", token_ids: Sequence[int] = ()) -> Generation:
+    return Generation(key="0:0", text=text, token_ids=token_ids, finish_reason=finish,
                       prompt_token_ids=None, ttft_s=None, latency_s=None)
 
 
 def _parse(tokenizer, text: str, finish: str = "stop", spec: ParserSpec = KIMI, **ctk):
-    return OutputParser(spec, tokenizer, "tiny").parse(
-        _gen(text, finish), None, ctk)
+    """The text as the model writes it: the markers as their control tokens."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return OutputParser(spec, tokenizer, "tiny").parse(_gen(text, finish, ids), None, ctk)
 
 
 def test_reasoning_and_answer_are_separated(tokenizer) -> None:
@@ -158,3 +178,18 @@ def test_well_formed_completions_stay_ok(tokenizer, text, thinking, calls) -> No
     p = _parse(tokenizer, text, thinking=thinking)
     assert (p.status, p.error) == (Status.OK, None)
     assert len(p.tool_calls or ()) == calls
+
+
+def test_both_tokenizers_give_the_same_ids_and_columns(tokenizers: dict) -> None:
+    """A completion is the same ids with either tokenizer (each marker one control token),
+    and the parse the same columns and reasoning tokens, counted from those ids."""
+    texts = ["<think>two plus two</think>The answer is 4.", "<think>weather</think>" + CALL,
+             "<think>a</think>answer <|tool_call_end|> junk", "<think>still thinking about"]
+    hf, tiktoken = (tokenizers[name] for name in TOKENIZERS)
+    control = set(hf.convert_tokens_to_ids(list(SPECIAL_TOKENS)))
+    for text in texts:
+        ids = hf.encode(text, add_special_tokens=False)
+        assert tiktoken.encode(text, add_special_tokens=False) == ids
+        assert sum(i in control for i in ids) == text.count("<")  # each marker one id
+        assert _parse(hf, text) == _parse(tiktoken, text)
+        assert _parse(tiktoken, text).reasoning_tokens is not None

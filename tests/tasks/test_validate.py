@@ -4,6 +4,8 @@ tools, all reported at once. Real Parquet files in tmp_path; no engine."""
 from __future__ import annotations
 
 import io
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import prompt_rows, write_prompts
+from tests.conftest import (TIKTOKEN_MODEL, TOKENIZERS, TRAINED_MODEL, prompt_rows,
+                            tokenizer_engine, write_prompts)
 from thinkbatch.schemas.job_file import JobFileError, load_job
 from thinkbatch.tasks.plan import make_plan
 from thinkbatch.tasks.storage import Storage
@@ -245,3 +248,56 @@ def test_scale_out_refuses_mcp_secrets_the_workers_would_not_get(
         "only from their environment: write it as ${VAR}" for k in ("STARTS_FILE", "API_KEY")]
     monkeypatch.setenv("TB_TEST_STARTS", starts)
     assert _errors(job({"STARTS_FILE": "${TB_TEST_STARTS}", "API_KEY": "${TB_TEST_TOKEN}"})) == []
+
+
+def _tokenizer_copy(source: Path, to: Path) -> Path:
+    """A model folder's tokenizer files (no weights) to edit."""
+    to.mkdir()
+    for f in source.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copyfile(f, to / f.name)
+    return to
+
+
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+def test_a_tokenizer_without_a_marker_the_parsers_need_is_refused(tmp_path: Path,
+                                                                  tokenizer: str) -> None:
+    """kimi_k2 looks for `</think>` as one token id; a tokenizer of either class that lacks
+    it is refused, the marker named; the same folder with it is accepted."""
+    engine = tokenizer_engine(tokenizer)
+    folder = _tokenizer_copy(Path(engine["model"]), tmp_path / "model")
+    inputs = write_prompts(tmp_path / "in.parquet", prompt_rows(2))
+    job = _job(inputs, tmp_path / "out", engine={**engine, "model": str(folder)},
+               parsers={"reasoning": "kimi_k2", "tool_call": "kimi_k2"})
+    assert _errors(job) == []
+    if tokenizer == "hf":  # the added token gone from tokenizer.json
+        data = json.loads((folder / "tokenizer.json").read_text())
+        data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "</think>"]
+        (folder / "tokenizer.json").write_text(json.dumps(data))
+    else:  # gone from the added_tokens_decoder that fills tiktoken's special table
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        del config["added_tokens_decoder"]["1022"]
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    errors = _errors(job)
+    assert len(errors) == 1 and errors[0].startswith("parsers: "), errors
+    assert "'</think>' as one token" in errors[0] and "<think>'" not in errors[0], errors
+
+
+def test_a_tokenizer_shipped_as_code_needs_trust_remote_code(tmp_path: Path) -> None:
+    """Kimi's layout: tokenizer_config.json names the class (auto_map), no tokenizer.json.
+    Without trust_remote_code transformers would build another tokenizer in its place
+    (tests/miniature/test_tiktoken_tokenizer.py), so the job is refused, the flag named."""
+    inputs = write_prompts(tmp_path / "in.parquet", prompt_rows(2))
+    folder = _tokenizer_copy(TIKTOKEN_MODEL, tmp_path / "model")
+
+    def errors(trust: bool) -> list[str]:
+        return _errors(_job(inputs, tmp_path / "out", parsers={"reasoning": "kimi_k2"},
+                            engine={"model": str(folder), "trust_remote_code": trust}))
+
+    (refused,) = errors(False)
+    assert refused.startswith("engine.trust_remote_code: ")
+    assert "tokenization_tiny_kimi.TikTokenTokenizer" in refused
+    assert errors(True) == []
+    # A tokenizer.json beside it is what transformers loads without the code: accepted.
+    shutil.copyfile(TRAINED_MODEL / "tokenizer.json", folder / "tokenizer.json")
+    assert errors(False) == []
