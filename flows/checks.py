@@ -39,4 +39,5 @@ def check_scale(job: JobSpec) -> list[str]:
 def checked_job(load: Callable[[], JobSpec]) -> JobSpec:
     """The job `load` reads, or one JobFileError with every problem, the server's and the
     metrics port's too."""
-    return validate.checked_job(load, more=(check_scale, check_metrics_port))
+    return validate.checked_job(load, more=((check_scale, ("scale",)),
+                                             (check_metrics_port, ("observability", "scale"))))

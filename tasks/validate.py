@@ -374,12 +374,13 @@ def check_job(job: JobSpec, failed: frozenset[str] = frozenset()) -> list[str]:
 
 
 def checked_job(load: Callable[[], JobSpec],
-                more: Sequence[Callable[[JobSpec], list[str]]] = ()) -> JobSpec:
+                more: Sequence[tuple[Callable[[JobSpec], list[str]], tuple[str, ...]]] = ()
+                ) -> JobSpec:
     """The job `load` reads, or one JobFileError with every problem: pydantic's and those
     of every check whose sections validated. Callers run it before any flow starts, so a
     refusal is a message and exit 2, never a crashed flow. `more` are the caller's own
-    checks (flows/checks.py adds the Prefect server's); a failed section is at its
-    defaults there."""
+    checks, each with the sections it reads (flows/checks.py adds the Prefect server's):
+    like the checks here, one is skipped when a section it reads failed."""
     failed: frozenset[str] = frozenset()
     errors: list[str] = []
     try:
@@ -389,7 +390,8 @@ def checked_job(load: Callable[[], JobSpec],
             raise
         job, failed, errors = e.partial, e.failed, list(e.errors)
     errors += check_job(job, failed)
-    errors += [e for check in more for e in check(job)]
+    errors += [e for check, sections in more if failed.isdisjoint(sections)
+               for e in check(job)]
     if errors:
         raise JobFileError(errors)
     return job
