@@ -34,6 +34,7 @@ from thinkbatch.tasks import checkpoint, guardian, metrics, report
 from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.claims import ShardClaims
 from thinkbatch.tasks.engine import close_engines, get_engine, restart_engine
+from thinkbatch.tasks.engine_settings import may_seed
 from thinkbatch.tasks.figures import RunTally
 from thinkbatch.tasks.parse import OutputParser
 from thinkbatch.tasks.pipeline import Pipeline
@@ -83,7 +84,8 @@ def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: Shard
                    show_progress: bool, toolbox: Toolbox | None,
                    live: metrics.RunMetrics | None) -> tuple[Pipeline, float]:
     started = time.monotonic()
-    engine = get_engine(job.engine)
+    seeded = may_seed(job)
+    engine = get_engine(job.engine, seeded)
     load_s = time.monotonic() - started
     parser = OutputParser(job.parsers, engine.tokenizer, job.engine.model)
     schema = output_schema(input_schema(layout.store, plan, job.input.passthrough_columns)
@@ -96,7 +98,7 @@ def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: Shard
                                enabled=show_progress)
     pipeline = Pipeline(job, plan, layout, engine, parser, schema, progress,
                         may_commit=claims.still_ours,
-                        restart_engine=lambda dead: restart_engine(job.engine, dead),
+                        restart_engine=lambda dead: restart_engine(job.engine, dead, seeded),
                         toolbox=toolbox, metrics=live)
     return pipeline, load_s
 
@@ -163,6 +165,7 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                         shard_task.wait()
                     pipeline.progress.close()
                     run.engine_restarts = pipeline.restarts
+                    run.engine = pipeline.engine.layout
                     run.rows_generated = pipeline.progress.rows
                     run.output_tokens = pipeline.progress.tokens
                     run.generation_s = time.monotonic() - started

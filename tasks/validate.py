@@ -19,6 +19,7 @@ from thinkbatch.schemas.job_file import JobFileError
 from thinkbatch.schemas.output import BASE_NAMES, ROLLOUT_NAMES
 from thinkbatch.schemas.tools import tool_errors
 from thinkbatch.tasks.checkpoint import OutputLayout
+from thinkbatch.tasks.engine_settings import seeded_sampling_errors
 from thinkbatch.tasks.plan import read_footers
 from thinkbatch.tasks.storage import Storage, StorageError, is_s3
 from thinkbatch.tasks.render import needed_columns
@@ -289,6 +290,8 @@ def check_job(job: JobSpec, failed: frozenset[str] = frozenset()) -> list[str]:
         errors += check_vllm(job)
     if valid("engine"):
         errors += check_platform(job)
+    if valid("engine", "sampling", "input"):
+        errors += seeded_sampling_errors(job)
     if valid("rollout", "engine", "parsers", "tools"):
         errors += check_rollout(job)
     if not failed:
