@@ -5,7 +5,7 @@
 MODE is `one_call` (one `LLM.chat` over every prompt: the throughput ideal),
 `chunks:N` (a naive loop of `LLM.chat` over N rows at a time) or `step` (median
 decode-step time at the scheduler's batch size). Engine arguments and SamplingParams
-come from the job through thinkbatch's own builders (`llm_kwargs`, `SamplingBuilder`),
+come from the job through thinkbatch's own builders (`machine_kwargs`, `SamplingBuilder`),
 so both sides run the same settings; only the engine's work is timed, never its loading. A `sampling` column
 of JSON (`{"max_tokens": N}`) in the input gives per-row overrides.
 """
@@ -78,12 +78,13 @@ def main(job_path: str, out_path: str, modes: list[str]) -> None:
     from vllm import LLM
 
     from thinkbatch.schemas.job import JobSpec
-    from thinkbatch.tasks.engine import llm_kwargs
+    from thinkbatch.tasks.engine import machine_kwargs
+    from thinkbatch.tasks.engine_settings import may_seed
 
     job = JobSpec.model_validate(json.loads(open(job_path).read()))
     messages, params = _requests(job)
     started = time.perf_counter()
-    llm = LLM(**llm_kwargs(job.engine, job.parsers))
+    llm = LLM(**machine_kwargs(job.engine, job.parsers, may_seed(job))[0])
     result: dict[str, Any] = {"engine_load_s": time.perf_counter() - started}
     ctk = dict(job.chat_template_kwargs)
     for mode in modes:

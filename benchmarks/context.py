@@ -1,7 +1,7 @@
 """What every benchmark shares: the model, the engine section, sizes, scratch space.
 
 The engine section is one dict, used both as the job's `engine:` and (through
-thinkbatch's own `llm_kwargs`) as bare vLLM's `LLM(...)` arguments, so the two sides
+thinkbatch's own `machine_kwargs`) as bare vLLM's `LLM(...)` arguments, so the two sides
 of a comparison can never run different engine settings.
 """
 

@@ -9,7 +9,7 @@ Ray Data's checkpointing by the job's id column, as its docs set it up),
 `continue_on_error` (`should_continue_on_error`), `postprocess` ("kimi": the columns a
 user gets from vLLM's Kimi-K2 parsers, KimiParse; "kimi+raw": with every column Ray
 writes; else Ray's columns alone). Engine arguments come from the job through
-thinkbatch's own `llm_kwargs`, and SamplingParams fields from its sampling section as
+thinkbatch's own `machine_kwargs`, and SamplingParams fields from its sampling section as
 thinkbatch builds them (`sampling_fields`), so both sides run the same engine and the
 same requests. Ray is installed beside the product, never in it (`make bench-peers`).
 """
@@ -118,11 +118,12 @@ def main(spec_path: str, result_path: str) -> None:
     import ray.data
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
     from thinkbatch.schemas.job import JobSpec, SamplingSpec
-    from thinkbatch.tasks.engine import llm_kwargs
+    from thinkbatch.tasks.engine import machine_kwargs
+    from thinkbatch.tasks.engine_settings import may_seed
     from thinkbatch.tasks.sampling import keep_special
 
     job = JobSpec.model_validate(json.loads(Path(spec["job"]).read_text()))
-    engine_kwargs = llm_kwargs(job.engine, job.parsers)
+    engine_kwargs, _ = machine_kwargs(job.engine, job.parsers, may_seed(job))
     model = engine_kwargs.pop("model")
     keep = keep_special(job)
     defaults = job.sampling.model_dump(by_alias=True)

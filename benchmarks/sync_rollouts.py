@@ -53,7 +53,8 @@ def main(job_path: str, out_path: str) -> None:
     from thinkbatch.schemas.job import JobSpec
     from thinkbatch.schemas.output import Status
     from thinkbatch.schemas.record import Generation, ToolResult
-    from thinkbatch.tasks.engine import as_served, llm_kwargs
+    from thinkbatch.tasks.engine import as_served, machine_kwargs
+    from thinkbatch.tasks.engine_settings import may_seed
     from thinkbatch.tasks.parse import OutputParser
     from thinkbatch.tasks.rollout import assistant_message, tool_message
     from thinkbatch.tasks.sampling import SamplingBuilder
@@ -73,7 +74,7 @@ def main(job_path: str, out_path: str) -> None:
     ctk = dict(job.chat_template_kwargs) or None
 
     started = time.perf_counter()
-    llm = LLM(**llm_kwargs(job.engine, job.parsers))
+    llm = LLM(**machine_kwargs(job.engine, job.parsers, may_seed(job))[0])
     result: dict[str, Any] = {"engine_load_s": time.perf_counter() - started}
     parser = OutputParser(job.parsers, llm.get_tokenizer(), job.engine.model)
     pool = ThreadPoolExecutor(spec.max_concurrent_tools)

@@ -35,6 +35,7 @@ from thinkbatch.tasks import checkpoint, guardian, metrics, report
 from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.claims import ShardClaims
 from thinkbatch.tasks.engine import Engine, close_engines, get_engine, restart_engine
+from thinkbatch.tasks.engine_settings import may_seed
 from thinkbatch.tasks.figures import RunTally
 from thinkbatch.tasks.parse import OutputParser
 from thinkbatch.tasks.pipeline import Pipeline
@@ -85,13 +86,14 @@ def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: Shard
                    show_progress: bool, toolbox: Toolbox | None,
                    live: metrics.RunMetrics | None) -> tuple[Pipeline, float]:
     started = time.monotonic()
-    engine = get_engine(job.engine, job.parsers)
+    seeded = may_seed(job)
+    engine = get_engine(job.engine, job.parsers, seeded)
     load_s = time.monotonic() - started
     parser = OutputParser(job.parsers, engine.tokenizer, job.engine.model)
     engine.guard(parser.markers)
 
     def restart(dead: Engine) -> Engine:
-        fresh = restart_engine(job.engine, job.parsers, dead)
+        fresh = restart_engine(job.engine, job.parsers, dead, seeded)
         fresh.guard(parser.markers)
         return fresh
 
@@ -172,6 +174,7 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                         shard_task.wait()
                     pipeline.progress.close()
                     run.engine_restarts = pipeline.restarts
+                    run.engine = pipeline.engine.layout
                     run.rows_generated = pipeline.progress.rows
                     run.output_tokens = pipeline.progress.tokens
                     run.generation_s = time.monotonic() - started

@@ -20,6 +20,44 @@ class _Document(BaseModel):
                           indent=indent).encode()
 
 
+class EngineChoice(BaseModel):
+    """An engine argument thinkbatch set at run time because this platform needs it
+    (tasks/engine_settings.py): no preset pins it, since other machines refuse it."""
+
+    setting: str
+    value: Any
+    reason: str
+
+
+class EngineLayout(BaseModel):
+    """The engine that generated rows, as vLLM reports it after loading: the parallel
+    layout (TP8 and DCP8 parts of one dataset differ here, not in the fingerprint), the
+    attention backend its workers run, the KV cache, and the settings chosen for the
+    platform. Equal layouts are one engine for the manifest's summary."""
+
+    vllm: str
+    device: str  # vLLM's platform: cuda, cpu...
+    tensor_parallel_size: int
+    decode_context_parallel_size: int
+    pipeline_parallel_size: int
+    attention_backend: str | None = None  # None: the workers could not be asked
+    dtype: str
+    kv_cache_dtype: str
+    block_size: int
+    kv_cache_tokens: int | None = None  # vLLM's "KV cache size: N tokens"
+    chunked_prefill: bool
+    prefix_caching: bool
+    choices: list[EngineChoice] = []
+
+
+class EngineUse(EngineLayout):
+    """A layout in the manifest's summary and the done shards it generated (by their
+    markers: a shard resumed on another engine counts for the one that finished it)."""
+
+    shards: int
+    rows: int
+
+
 class ShardStats(_Document):
     """A done shard's marker (`_shards/NNNNNN.json`): its counts, which the manifest sums
     without rescanning data, and the parts that hold it (any other part is an orphan).
@@ -38,6 +76,9 @@ class ShardStats(_Document):
     # When each part was committed (Unix time), by name: the report's throughput over the
     # run. Absent in older markers and for parts an earlier, killed run left.
     committed_at: dict[str, float] | None = None
+    # The engine that generated the parts in committed_at (a vLLM job's; absent in older
+    # markers and when this run generated none of the shard's rows).
+    engine: EngineLayout | None = None
 
 
 class Spread(BaseModel):
@@ -83,6 +124,7 @@ class RunFigures(BaseModel):
     engine_load_s: float | None = None
     generation_s: float | None = None
     engine_restarts: int | None = None  # once an engine was loaded
+    engine: EngineLayout | None = None  # this run's vLLM engine, as loaded
     metrics: Metrics | None = None
 
     worker_rounds: list[dict[str, str]] | None = None  # workers > 1: run name -> end state
@@ -151,6 +193,9 @@ class Manifest(_Document):
     tool_calls_total: int | None = None
     tool_errors: int | None = None
     shards: int
+    # The engines that generated the done shards, one entry per layout: more than one
+    # when parts of the dataset came from different layouts (TP8, DCP8...).
+    engines: list[EngineUse] | None = None
     fingerprint: str
     this_run: RunFigures
     config: dict[str, Any]

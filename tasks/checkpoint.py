@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from thinkbatch.schemas.manifest import Manifest, ShardStats
+from thinkbatch.schemas.manifest import EngineLayout, Manifest, ShardStats
 from thinkbatch.schemas.plan import Plan
 from thinkbatch.tasks.storage import AlreadyExists, Storage, join
 from thinkbatch.tasks.fingerprint import describe_changes
@@ -177,12 +177,15 @@ def sum_ints(col: pa.Array | pa.ChunkedArray) -> int:
 
 
 def mark_done(layout: OutputLayout, shard_id: int, compression: str = "zstd",
-              committed_at: dict[str, float] | None = None) -> ShardStats:
+              committed_at: dict[str, float] | None = None,
+              engine: EngineLayout | None = None) -> ShardStats:
     """The marker lists the parts that hold the shard; any other part of it is an orphan.
-    `committed_at` (part name -> Unix time) keeps the commit times of the listed parts."""
+    `committed_at` (part name -> Unix time) keeps the commit times of the listed parts,
+    `engine` what generated those."""
     stats = shard_stats(layout, compact(layout, shard_id, compression))
     times = {n: committed_at[n] for n in stats.parts if n in (committed_at or {})}
     stats.committed_at = times or None
+    stats.engine = engine if times else None
     layout.store.write_atomic(layout.done_marker(shard_id), stats.to_json())
     return stats
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from thinkbatch.schemas.manifest import ShardStats
+from thinkbatch.schemas.manifest import EngineLayout, ShardStats
 from thinkbatch.tasks import checkpoint
 from thinkbatch.tasks.checkpoint import OutputLayout
 
@@ -37,6 +37,7 @@ class Committer:
         self.on_shard_done = on_shard_done
         self.on_commit = on_commit
         self.may_commit = may_commit
+        self.engine: EngineLayout | None = None  # what generates the rows: for the markers
         self._buffer: dict[int, list[dict[str, Any]]] = defaultdict(list)
         self._buffered = 0
         self._last_flush = time.monotonic()
@@ -83,7 +84,8 @@ class Committer:
         if not self.may_commit(shard_id):
             raise FencedOut(f"lost the claim on shard {shard_id}; not marking it done")
         self.on_shard_done(shard_id, checkpoint.mark_done(
-            self.layout, shard_id, self.compression, self._committed_at.pop(shard_id, None)))
+            self.layout, shard_id, self.compression, self._committed_at.pop(shard_id, None),
+            self.engine))
 
     def _flush_shard(self, shard_id: int) -> None:
         rows = self._buffer.pop(shard_id, None)

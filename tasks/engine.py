@@ -21,17 +21,23 @@ from multiprocessing import connection, resource_tracker
 from typing import Any, Protocol
 
 from thinkbatch.schemas.job import EngineSpec, ParserSpec
+from thinkbatch.schemas.manifest import EngineChoice, EngineLayout
 from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.record import Generation, RowRequest
+from thinkbatch.tasks import engine_settings
+from thinkbatch.tasks.engine_stderr import EngineStderr
 from thinkbatch.tasks.prompt_tokens import ControlTokens, chat_prompt
 from thinkbatch.tasks.vllm_env import engine_logging
 
 log = logging.getLogger("thinkbatch.engine")
 
+EXIT_WAIT_S = 5.0  # how long a dead engine's core process is waited for, for its exit status
+
 
 class EngineDied(RuntimeError):
     """The engine's processes are gone (the OOM killer, a GPU fault, a kernel assertion):
-    no request in it will finish, and its rows did nothing wrong."""
+    no request in it will finish. The message is the root cause: the exception its
+    processes died of, else how the engine core process ended."""
 
 
 class RequestRejected(Exception):
@@ -44,6 +50,7 @@ class RequestRejected(Exception):
 
 class Engine(Protocol):
     tokenizer: Any
+    layout: EngineLayout | None  # a vLLM engine's, as loaded
 
     @property
     def in_flight(self) -> int: ...
@@ -83,6 +90,17 @@ def llm_kwargs(spec: EngineSpec, parsers: ParserSpec) -> dict[str, Any]:
         kwargs["reasoning_parser"] = parsers.reasoning
     kwargs.update(spec.extra_args)
     return kwargs
+
+
+def machine_kwargs(spec: EngineSpec, parsers: ParserSpec,
+                   seeded: bool) -> tuple[dict[str, Any], list[EngineChoice]]:
+    """The vllm.LLM arguments for this machine: the job's (`llm_kwargs`) and the settings
+    this platform needs that vLLM does not choose itself (tasks/engine_settings.py; a
+    `seeded` job's needs differ). Benchmarks give bare vLLM the same."""
+    kwargs = llm_kwargs(spec, parsers)
+    choices = engine_settings.choose(kwargs, seeded)
+    kwargs.update({c.setting: c.value for c in choices})
+    return kwargs, choices
 
 
 def _rejected(err: Exception) -> RequestRejected:
@@ -164,13 +182,16 @@ def sigint_blocked() -> Iterator[None]:
 
 
 class VllmEngine:
-    def __init__(self, spec: EngineSpec, parsers: ParserSpec):
+    def __init__(self, spec: EngineSpec, kwargs: dict[str, Any], choices: list[EngineChoice]):
         from vllm import LLM
         from vllm.sampling_params import RequestOutputKind
 
         bind_cpu_threads(spec)
-        with sigint_blocked(), engine_logging() as logging_config:
-            self.llm = LLM(**llm_kwargs(spec, parsers), logging_config=logging_config)
+        self._stderr = EngineStderr()
+        with sigint_blocked(), self._stderr.inherited(), engine_logging() as logging_config:
+            self.llm = LLM(**kwargs, logging_config=logging_config)
+        self.layout = engine_settings.layout(self.llm, choices)
+        self._alive_at = time.monotonic()  # the last step that came back: a cause is after it
         self.tokenizer = self.llm.get_tokenizer()
         self._control = ControlTokens(self.tokenizer)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
@@ -218,7 +239,7 @@ class VllmEngine:
         try:
             self.llm.llm_engine.add_request(key, prompt, params)
         except self._dead as e:
-            raise EngineDied(str(e)) from e
+            raise self._died(e) from e
         except Exception as e:
             raise _rejected(e) from e
         self._pending.add(key)
@@ -229,7 +250,8 @@ class VllmEngine:
         try:
             outputs = self.llm.llm_engine.step()
         except self._dead as e:
-            raise EngineDied(str(e)) from e
+            raise self._died(e) from e
+        self._alive_at = time.monotonic()
         done = []
         for out in outputs:
             if not out.finished:
@@ -248,13 +270,34 @@ class VllmEngine:
             ))
         return done
 
+    def _died(self, err: Exception) -> EngineDied:
+        """vLLM's error says only that the engine core died. The cause is the signal that
+        killed its process (what its workers print as they lose it comes after), else the
+        first exception its processes printed since the last step that came back, else
+        its exit code."""
+        printed = self._stderr.cause(self._alive_at)  # waits for their last lines
+        procs = list(getattr(self._manager(), "processes", ()))
+        for proc in procs:  # its pipe can close before it can be reaped: wait a moment
+            proc.join(EXIT_WAIT_S)
+        codes = [p.exitcode for p in procs]
+        killed = [c for c in codes if c is not None and c < 0]
+        if killed:
+            return EngineDied(f"the engine core process was killed by "
+                              f"{signal.Signals(-killed[0]).name}")
+        exited = [c for c in codes if c]
+        return EngineDied(printed or (f"the engine core process exited with code {exited[0]}"
+                                      if exited else str(err)))
+
+    def _manager(self) -> Any:
+        core = self.llm.llm_engine.engine_core
+        return getattr(getattr(core, "resources", None), "engine_manager", None)
+
     def _wake_on_death(self) -> None:
         """vLLM notices that its engine core died and shuts its client down, but a step()
         already waiting for outputs is never woken (0.32's SyncMPClient): hand it the
         error it should have seen, so the pipeline can replace the engine."""
-        core = self.llm.llm_engine.engine_core
-        manager = getattr(getattr(core, "resources", None), "engine_manager", None)
-        outputs = getattr(core, "outputs_queue", None)
+        manager = self._manager()
+        outputs = getattr(self.llm.llm_engine.engine_core, "outputs_queue", None)
         if manager is None or outputs is None:  # the engine core runs in this process
             return
         connection.wait(manager.sentinels())
@@ -271,6 +314,7 @@ class ReplayEngine:
 
     def __init__(self, spec: EngineSpec):
         self.tokenizer = None
+        self.layout = None
         if spec.model or spec.tokenizer:
             from vllm.tokenizers import get_tokenizer
 
@@ -305,30 +349,42 @@ class ReplayEngine:
 _ENGINES: dict[str, Engine] = {}
 
 
-def get_engine(spec: EngineSpec, parsers: ParserSpec) -> Engine:
+def get_engine(spec: EngineSpec, parsers: ParserSpec, seeded: bool = False) -> Engine:
     """One engine per process and spec: loaded once, reused by every shard and flow run.
+    `seeded`: requests may sample with a seed (engine_settings.may_seed), which some
+    platforms need settings for.
 
     Keyed by what the engine is built from (the `vllm.LLM` arguments), not by the
     fingerprint's speed-only marks: those answer another question (`replay_column`
     changes rows but not the engine; `gpu_memory_utilization` the engine but not rows)."""
-    key = json.dumps({"kind": spec.kind, **llm_kwargs(spec, parsers)}, sort_keys=True,
-                     default=str)
+    kwargs, choices = machine_kwargs(spec, parsers, seeded) if spec.kind == "vllm" else (
+        llm_kwargs(spec, parsers), [])
+    if spec.kind == "vllm":  # asks the workers their attention backend (engine_settings)
+        kwargs.setdefault("worker_extension_cls", engine_settings.PROBE)
+    key = json.dumps({"kind": spec.kind, **kwargs}, sort_keys=True, default=str)
     if key not in _ENGINES:
-        _ENGINES[key] = (VllmEngine(spec, parsers) if spec.kind == "vllm"
+        _ENGINES[key] = (VllmEngine(spec, kwargs, choices) if spec.kind == "vllm"
                          else ReplayEngine(spec))
     return _ENGINES[key]
 
 
-def restart_engine(spec: EngineSpec, parsers: ParserSpec, dead: Engine) -> Engine:
-    """A fresh engine in place of one whose processes died (what is left of it is shut
-    down first, so two engines never hold the accelerators at once)."""
-    for key in [k for k, e in _ENGINES.items() if e is dead]:
+def drop_engine(engine: Engine) -> None:
+    """Shut an engine down and forget it (what is left of a dead one too), so the next
+    get_engine of its spec loads a fresh one."""
+    for key in [k for k, e in _ENGINES.items() if e is engine]:
         del _ENGINES[key]
     try:
-        dead.close()
+        engine.close()
     except Exception as e:  # its processes are gone already: nothing left to stop
         log.info("closing the dead engine: %s: %s", type(e).__name__, e)
-    return get_engine(spec, parsers)
+
+
+def restart_engine(spec: EngineSpec, parsers: ParserSpec, dead: Engine,
+                   seeded: bool = False) -> Engine:
+    """A fresh engine in place of one whose processes died (what is left of it is shut
+    down first, so two engines never hold the accelerators at once)."""
+    drop_engine(dead)
+    return get_engine(spec, parsers, seeded)
 
 
 def close_engines() -> None:

@@ -37,6 +37,7 @@ from thinkbatch.tasks.retry import Carry
 from thinkbatch.tasks.rollout import Conversation, Rollouts
 from thinkbatch.tasks.tools import Toolbox
 from thinkbatch.tasks.trace import COMMITTED, FINISHED, SUBMITTED, Trace
+from thinkbatch.tasks.triage import Triage
 
 log = logging.getLogger("thinkbatch.pipeline")
 
@@ -74,6 +75,7 @@ class Pipeline:
         self.engine = engine
         self._restart_engine = restart_engine
         self.restarts = 0  # engines that died under this pipeline and were replaced
+        self.triage = Triage(job.engine.max_restarts if restart_engine else 0)
         self.parser = parser
         self.toolbox = toolbox  # a rollout job's tools: closed when the pipeline ends
         self.rollout = Rollouts(job, toolbox, parser) if job.rollout is not None else None
@@ -89,6 +91,7 @@ class Pipeline:
             flush_seconds=job.output.flush_seconds, compression=job.output.compression,
             on_shard_done=self._shard_done, on_commit=self._committed, may_commit=may_commit,
         )
+        self.committer.engine = engine.layout
         self.layout = layout
         self.carry = Carry(job, schema) if job.retry else None
         self._shards: queue.Queue[Shard | None] = queue.Queue()
@@ -96,6 +99,7 @@ class Pipeline:
         self._items: queue.Queue[Any] = queue.Queue(maxsize=4)  # rendered batches, bounded
         self._remaining: dict[int, int] = {}
         self._inflight: dict[str, _Work | Conversation] = {}
+        self._held: dict[str, _Work | Conversation] = {}  # out of the engine while triaged
         self._stop = threading.Event()
         self._halt = threading.Event()  # stop() on a signal: leave in-flight requests
         self._error: BaseException | None = None
@@ -206,6 +210,7 @@ class Pipeline:
         backlog: list[_Work | Conversation] = []
         try:
             while not self._halt.is_set() and (not self._stop.is_set() or self._inflight
+                                               or self._held
                                                or (self.rollout and self.rollout.at_tools)):
                 if self._error is not None:
                     return
@@ -213,6 +218,8 @@ class Pipeline:
                     backlog = self._fill(backlog)
                     for gen in self.engine.poll():
                         self._finish(self._inflight.pop(gen.key), gen)
+                    if self.triage.searching and not self._inflight:
+                        self._resubmit(self.triage.trial_passed())
                 except EngineDied as e:
                     self._replace_engine(e)
                 self.committer.maybe_flush()
@@ -223,24 +230,47 @@ class Pipeline:
                 self._fail(e)
 
     def _replace_engine(self, err: EngineDied) -> None:
-        """The engine died under rows that did nothing wrong: they are not engine errors.
-        Load a new engine and resubmit them, up to engine.max_restarts times; past that,
-        fail without writing them, so a rerun redoes only them. A stop signal to the
-        process group kills the engine first: then there is nothing to restart."""
-        if self._halt.wait(STOP_GRACE_S):
-            raise err
-        if self._restart_engine is None or self.restarts >= self.job.engine.max_restarts:
-            raise EngineDied(f"the engine died {self.restarts + 1} times ({err}); "
-                             f"{len(self._inflight)} rows in flight were not written, a "
-                             "rerun of the same job resumes them") from err
-        self.restarts += 1
-        log.warning("the engine died (%s); loading a new one (restart %d of %d) and "
-                    "resubmitting %d rows", err, self.restarts, self.job.engine.max_restarts,
-                    len(self._inflight))
-        self.engine = self._restart_engine(self.engine)
-        lost, self._inflight = list(self._inflight.values()), {}
-        for work in lost:
-            self._submit(work)
+        """The engine died: load a new one and resubmit, find the row that kills it, or
+        fail (tasks/triage.py). The rows in flight are not engine errors unless one
+        killed the engine alone. A stop signal to the process group kills the engine
+        first: then there is nothing to restart."""
+        while True:
+            if self._halt.wait(STOP_GRACE_S):
+                raise err
+            self._held.update(self._inflight)
+            in_flight, self._inflight = list(self._inflight), {}
+            verdict = self.triage.died(in_flight, str(err),
+                                       waiting=len(self._held) - len(in_flight))
+            if verdict.stop is not None:  # the rows held are left to a rerun
+                raise EngineDied(verdict.stop) from err
+            if verdict.blame is not None:
+                log.warning("request %s killed the engine running alone (%s): written as "
+                            "engine_error", verdict.blame, err)
+                self._blame(self._held.pop(verdict.blame), str(err))
+            self.restarts += 1
+            log.warning("the engine died (%s); loading a new one (restart %d) and "
+                        "resubmitting %s", err, self.restarts,
+                        f"{len(verdict.run)} of {len(self._held)} rows, looking for one that "
+                        "kills it" if verdict.run is not None else f"{len(self._held)} rows")
+            try:
+                assert self._restart_engine is not None  # else the triage stopped
+                self.engine = self._restart_engine(self.engine)
+                self.committer.engine = self.engine.layout
+                self._resubmit(verdict.run)
+                return
+            except EngineDied as again:
+                err = again
+
+    def _resubmit(self, keys: list[str] | None) -> None:
+        """Submit the held rows named, or (None) all of them."""
+        for key in list(self._held) if keys is None else keys:
+            self._submit(self._held.pop(key))
+
+    def _blame(self, work: _Work | Conversation, cause: str) -> None:
+        error = f"the engine died each time it ran this request, alone too: {cause}"
+        parsed = (self.rollout.rejected(work, Status.ENGINE_ERROR, error)
+                  if isinstance(work, Conversation) else Parsed(Status.ENGINE_ERROR, error=error))
+        self._emit(work, parsed, None)
 
     def _fill(self, backlog: list[_Work | Conversation]) -> list[_Work | Conversation]:
         """Top the engine up to max_in_flight: conversations whose tools returned first,
@@ -248,6 +278,8 @@ class Pipeline:
         conversations are open). With nothing to do, wait briefly for the feeder, or for
         tools when some run."""
         rollout = self.rollout
+        if self.triage.searching:
+            return backlog  # only the suspects on trial run, until the search ends
         while self.engine.in_flight < self.job.engine.max_in_flight:
             if rollout is not None:
                 if (conv := rollout.ready()) is not None:
@@ -315,6 +347,7 @@ class Pipeline:
 
     def _finish(self, work: _Work | Conversation, gen: Generation) -> None:
         req = work.req
+        self.triage.finished()
         if self.trace:
             conv = work if isinstance(work, Conversation) else None
             self.trace.record(FINISHED, shard=work.shard_id, row=req.row_index,

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from thinkbatch.schemas.job import JobSpec
-from thinkbatch.schemas.manifest import Manifest, RunFigures, ShardStats
+from thinkbatch.schemas.manifest import EngineUse, Manifest, RunFigures, ShardStats
 from thinkbatch.schemas.plan import Plan
 from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.figures import RunTally
@@ -128,6 +128,7 @@ def build_manifest(job: JobSpec, plan: Plan, layout: OutputLayout,
         completion_tokens=sum(m.completion_tokens for m in markers.values()),
         **rollout,
         shards=len(plan.shards),
+        engines=engine_uses(markers),
         fingerprint=plan.fingerprint,
         this_run=run,
         config=json.loads(job.model_dump_json()),
@@ -135,6 +136,20 @@ def build_manifest(job: JobSpec, plan: Plan, layout: OutputLayout,
         data=layout.data,
         retry=manifest_section(job, plan) if job.retry is not None else None,
     )
+
+
+def engine_uses(markers: dict[int, ShardStats]) -> list[EngineUse] | None:
+    """The engine layouts the markers name, each with the shards and rows it generated."""
+    uses: dict[str, EngineUse] = {}
+    for stats in markers.values():
+        if stats.engine is None:
+            continue
+        key = stats.engine.model_dump_json()
+        if key not in uses:
+            uses[key] = EngineUse(**stats.engine.model_dump(), shards=0, rows=0)
+        uses[key].shards += 1
+        uses[key].rows += stats.rows
+    return list(uses.values()) or None
 
 
 Getter = Callable[[RunFigures], Any]

@@ -20,6 +20,7 @@ from thinkbatch.schemas.job_file import JobFileError
 from thinkbatch.schemas.output import BASE_NAMES, ROLLOUT_NAMES
 from thinkbatch.schemas.tools import tool_errors
 from thinkbatch.tasks.checkpoint import OutputLayout
+from thinkbatch.tasks.engine_settings import seeded_sampling_errors
 from thinkbatch.tasks.plan import read_footers
 from thinkbatch.tasks.storage import Storage, StorageError, is_s3
 from thinkbatch.tasks.render import needed_columns, template_errors
@@ -265,17 +266,19 @@ def _secrets_for_workers(job: JobSpec) -> list[str]:
 def check_platform(job: JobSpec) -> list[str]:
     """What the installed vLLM build cannot run, said before the model loads: on the CPU
     build, decode context parallel fails at engine start (its MLA attention backend
-    returns no softmax LSE, which DCP needs to merge partial attention). It speaks for
-    this machine only: check_job runs it where the engine loads in this process, and a
-    scale-out worker runs it on its own node before its first claim (flows/worker.py),
-    since a parent flow on a CPU node plans jobs for GPU workers."""
+    returns no softmax LSE, which DCP needs to merge partial attention), and seeded
+    sampling with chunked prefill forced on kills the engine core (seeded_sampling_errors).
+    It speaks for this machine only: check_job runs it where the engine loads in this
+    process, and a scale-out worker runs it on its own node before its first claim
+    (flows/worker.py), since a parent flow on a CPU node plans jobs for GPU workers."""
+    errors = seeded_sampling_errors(job)
     if job.engine.kind != "vllm" or job.engine.decode_context_parallel_size == 1:
-        return []
+        return errors
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
-        return []
-    return [f"engine.decode_context_parallel_size: {job.engine.decode_context_parallel_size} "
+        return errors
+    return errors + [f"engine.decode_context_parallel_size: {job.engine.decode_context_parallel_size} "
             "needs a GPU build of vLLM; the CPU build's MLA attention backend returns no "
             "softmax LSE, which decode context parallel needs (use 1 on CPU)"]
 
@@ -362,7 +365,7 @@ def check_job(job: JobSpec, failed: frozenset[str] = frozenset()) -> list[str]:
             errors.append(f"storage: {e}")
     if not {"engine", "parsers", "sampling"} <= failed:
         errors += check_vllm(job)
-    if valid("engine", "scale") and job.scale.workers == 1:
+    if valid("engine", "sampling", "input", "scale") and job.scale.workers == 1:
         errors += check_platform(job)
     if valid("engine", "parsers"):
         errors += check_tokenizer(job)

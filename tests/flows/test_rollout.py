@@ -26,6 +26,7 @@ from thinkbatch.schemas.record import Generation, RowRequest
 from thinkbatch.tasks import checkpoint
 from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.engine import Engine, get_engine
+from thinkbatch.tasks.engine_settings import may_seed
 from thinkbatch.tasks.parse import OutputParser
 from thinkbatch.tasks.pipeline import Pipeline
 from thinkbatch.tasks.plan import make_plan
@@ -108,7 +109,7 @@ class Recording:
     """The shared real engine, with the prompt token ids of every request it finished."""
 
     def __init__(self, engine: Engine):
-        self.engine, self.tokenizer = engine, engine.tokenizer
+        self.engine, self.tokenizer, self.layout = engine, engine.tokenizer, engine.layout
         self.prompts: dict[str, list[int]] = {}
         self.tools: dict[str, Any] = {}
 
@@ -145,7 +146,7 @@ def test_each_turn_is_vllms_chat_rendering_of_the_trajectory(tiny_model: str,
                                rollout={"max_turns": 4}))
     layout = OutputLayout(job.output.path, Storage(job.storage))
     plan, _ = checkpoint.open_plan(layout, make_plan(job, layout.store))
-    engine = get_engine(job.engine, job.parsers)
+    engine = get_engine(job.engine, job.parsers, may_seed(job))  # the engine the job's flow runs get
     recording = Recording(engine)
     pipe = Pipeline(job, plan, layout, recording,
                     OutputParser(job.parsers, engine.tokenizer, job.engine.model),

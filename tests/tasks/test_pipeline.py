@@ -29,7 +29,7 @@ from thinkbatch.tasks import pipeline as pipeline_module
 from thinkbatch.tasks import trace
 from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.commit import FencedOut
-from thinkbatch.tasks.engine import ReplayEngine
+from thinkbatch.tasks.engine import EngineDied, ReplayEngine
 from thinkbatch.tasks.parse import OutputParser
 from thinkbatch.tasks.pipeline import Pipeline
 from thinkbatch.tasks.plan import make_plan
@@ -89,14 +89,16 @@ def _plan(job: JobSpec) -> tuple[OutputLayout, Plan]:
 
 
 def _pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, engine: ReplayEngine | None = None,
-              may_commit: Callable[[int], bool] = lambda shard_id: True) -> Pipeline:
+              may_commit: Callable[[int], bool] = lambda shard_id: True,
+              restart_engine: Callable[[Any], Any] | None = None) -> Pipeline:
     """Wired as flows/worker.py's open_pipeline wires it; the engine and the claim check
     are the test's."""
     engine = engine or ReplayEngine(job.engine)
     schema = output_schema(input_schema(layout.store, plan, job.input.passthrough_columns))
     return Pipeline(job, plan, layout, engine,
                     OutputParser(job.parsers, engine.tokenizer, job.engine.model), schema,
-                    Progress(total=plan.total_rows, already_done=0, enabled=False), may_commit)
+                    Progress(total=plan.total_rows, already_done=0, enabled=False), may_commit,
+                    restart_engine=restart_engine)
 
 
 def _run(pipe: Pipeline, *shard_ids: int) -> list[ShardStats]:
@@ -322,3 +324,59 @@ def test_the_trace_tells_when_each_request_enters_and_leaves_the_engine(
         if event == trace.FINISHED:
             assert steps.index((trace.SUBMITTED, row)) < steps.index((event, row))
     assert events[-1]["event"] == trace.COMMITTED
+
+
+class Poisoned(ScriptedReplay):
+    """An engine that dies at a step while a row of `poison` is in it, as a request that
+    crashes vLLM's engine core kills it; `batches` records the rows of each step."""
+
+    def __init__(self, job: JobSpec, poison: set[int], batches: list[list[int]]):
+        super().__init__(job)
+        self.poison, self.batches = poison, batches
+
+    def poll(self) -> list[Generation]:
+        if self.in_flight:
+            self.batches.append(sorted(self._rows.values()))
+            if self.poison & set(self._rows.values()):
+                raise EngineDied("RuntimeError: poisoned")
+        return super().poll()
+
+
+def test_a_row_that_kills_the_engine_each_time_is_found_and_the_job_finishes(
+        tmp_path: Path, quick_failure: None) -> None:
+    job = _job(tmp_path, _rows(10), max_in_flight=4)
+    layout, plan = _plan(job)
+    batches: list[list[int]] = []
+    pipe = _pipeline(job, layout, plan, Poisoned(job, {5}, batches),
+                     restart_engine=lambda dead: Poisoned(job, {5}, batches))
+
+    (stats,) = _run(pipe, 0)
+
+    assert stats.status == {"ok": 9, "engine_error": 1}
+    rows = {r["row_index"]: r for part in _parts(layout, 0).values() for r in part}
+    assert sorted(rows) == list(range(10))
+    assert rows[5]["status"] == "engine_error"
+    assert rows[5]["error"] == ("the engine died each time it ran this request, alone too: "
+                                "RuntimeError: poisoned")
+    # Resubmitted once as they were, then halves of them alone until row 5 is alone.
+    assert batches[:6] == [[0, 1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 7], [4, 5], [4], [5]]
+    assert pipe.restarts == 4
+
+
+def test_an_engine_that_every_request_kills_stops_the_job_early(
+        tmp_path: Path, quick_failure: None) -> None:
+    job = _job(tmp_path, _rows(40), max_in_flight=2)
+    layout, plan = _plan(job)
+    batches: list[list[int]] = []
+    every = set(range(40))
+    pipe = _pipeline(job, layout, plan, Poisoned(job, every, batches),
+                     restart_engine=lambda dead: Poisoned(job, every, batches))
+
+    done = pipe.submit_shard(0)
+
+    with pytest.raises(EngineDied, match="every request seems to kill it") as died:
+        done.result(timeout=WAIT_S)
+    assert str(died.value).startswith("the engine died 4 times (RuntimeError: poisoned): ")
+    assert "a rerun dies the same way until the cause is fixed" in str(died.value)
+    assert batches == [[0, 1], [0, 1], [0], [1, 2]]  # stopped after 3 restarts of 40 rows
+    pipe.close()
