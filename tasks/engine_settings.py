@@ -73,13 +73,31 @@ def choose(kwargs: dict[str, Any], seeded: bool) -> list[EngineChoice]:
 
     if not current_platform.is_cpu():
         return []
-    from vllm.engine.arg_utils import EngineArgs
     from vllm.usage.usage_lib import UsageContext
 
-    config = EngineArgs(**copy.deepcopy(kwargs)).create_engine_config(UsageContext.LLM_CLASS)
+    config = _engine_args(kwargs).create_engine_config(UsageContext.LLM_CLASS)
     if not config.scheduler_config.enable_chunked_prefill:
         return []  # vLLM turned it off itself (its reference CPU MLA backend does)
     return [EngineChoice(setting="enable_chunked_prefill", value=False, reason=SEEDED_CPU)]
+
+
+def _engine_args(kwargs: dict[str, Any]) -> Any:
+    """`kwargs` as the EngineArgs `vllm.LLM` builds from them: LLM turns a config given as
+    a mapping (`compilation_config`, `structured_outputs_config`, ...) into its config
+    class; EngineArgs itself takes only the class."""
+    from vllm.config import (AttentionConfig, CompilationConfig, ProfilerConfig,
+                             StructuredOutputsConfig)
+    from vllm.config.kv_transfer import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    classes = {"compilation_config": CompilationConfig, "attention_config": AttentionConfig,
+               "structured_outputs_config": StructuredOutputsConfig,
+               "profiler_config": ProfilerConfig, "kv_transfer_config": KVTransferConfig}
+    args = copy.deepcopy(kwargs)
+    for name, cls in classes.items():
+        if isinstance(args.get(name), dict):
+            args[name] = cls(**args[name])
+    return EngineArgs(**args)
 
 
 class WorkerProbe:
