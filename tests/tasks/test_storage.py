@@ -195,7 +195,7 @@ def test_racing_processes_and_threads_get_one_winner_per_version(tmp_path: Path)
     objects: every object is created once, every version of a counter has exactly one
     writer (no lost update), also when waiters break the locks of holders that pause
     inside (20 ms against a lock_timeout_s of 5 ms: they get fenced, never overwrite)."""
-    store, target = Storage(), 150
+    store, target = Storage(), 80
     for name in ("patient", "impatient"):
         store.write_atomic(str(tmp_path / name), b"0")
     racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(target), "2"],
