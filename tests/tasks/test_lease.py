@@ -105,7 +105,7 @@ lease.release()
 def test_a_live_holder_in_another_pid_namespace_keeps_its_lease(tmp_path: Path) -> None:
     """A container with host networking: same hostname, same kernel, its own pids. The
     holder runs in a new pid namespace with a pid that no process has here."""
-    if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+    if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "true"],
                       capture_output=True).returncode != 0:
         pytest.skip("making a pid namespace needs root (unshare --pid)")
     path = str(tmp_path / "_lease.json")
