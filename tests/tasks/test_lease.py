@@ -116,7 +116,7 @@ def test_a_live_holder_in_another_pid_namespace_keeps_its_lease(tmp_path: Path) 
     try:
         record = json.loads(holder.stdout.readline())
         me = process_identity()
-        assert (record["host"], record["boot_id"], record["pid"]) == (me["host"], me["boot_id"], pid)
+        assert [record[k] for k in ("host", "boot_id", "pid")] == [me["host"], me["boot_id"], pid]
         assert record["pid_ns"] != me["pid_ns"] and not os.path.exists(f"/proc/{pid}")
         taker = Lease(Storage(), path)
         assert not taker.try_acquire() and taker.holder["pid"] == pid
