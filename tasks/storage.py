@@ -5,7 +5,10 @@ a `Storage`; nothing else touches a file system or boto3. Atomicity is what
 exactly-once rests on: an object is either absent or complete, never partial (local:
 write a hidden temporary, then rename; S3: one PUT). Where two writers could race,
 writes are conditional (create-if-absent, replace-if-unchanged), and the loser gets a
-clear error.
+clear error. No process that stalls (SIGSTOP, a frozen container) can block the others:
+a local compare-and-swap holds its lock only for a read and a rename, and a waiter that
+sees the same holder for `lock_timeout_s` breaks the lock, fencing that holder first
+(see `_Local.replace_if_unchanged`).
 
 S3: boto3 is the source of credentials and endpoint (the standard chain: environment,
 shared config/profile, instance or pod role; `AWS_ENDPOINT_URL` is honoured), plus the
@@ -16,17 +19,21 @@ retried by botocore's standard retry mode (and pyarrow's standard S3 retry strat
 
 from __future__ import annotations
 
-import fcntl
+import errno
 import fnmatch
 import glob
 import hashlib
 import io
+import logging
 import os
+import random
+import socket
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import suppress
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -37,9 +44,11 @@ import pyarrow.parquet as pq
 
 from thinkbatch.schemas.job import StorageSpec
 
+log = logging.getLogger("thinkbatch.storage")
+
 TMP_SUFFIX = ".tmp"
-CAS_LOCK = ".thinkbatch-cas.lock"
-LOCK_TIMEOUT_S = 10.0  # the guarded step is a read and a rename: longer means a stalled holder
+CAS_SUFFIX = ".cas"  # `.NAME.cas/`: the object's compare-and-swap lock (a folder)
+LOCK_TIMEOUT_S = 5.0  # the guarded step is a read and a rename: longer means a stalled holder
 PAGE_SIZE = 1000  # keys per S3 listing request (the most S3 returns)
 _GLOB_CHARS = "*?["
 
@@ -54,10 +63,6 @@ class VersionMismatch(RuntimeError):
 
 class StorageError(RuntimeError):
     """A permanent storage problem (no such bucket, access denied, no credentials)."""
-
-
-class LockTimeout(StorageError):
-    """A local compare-and-swap lock stayed held past its bound: its holder stalled."""
 
 
 @dataclass(frozen=True)
@@ -83,53 +88,42 @@ def _etag(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def _process_state(pid: int) -> str:
-    """'gone', 'stopped' (where /proc tells) or 'running'."""
+def _holder(lock: str) -> str | None:
+    """The token (a staged file's name) in a compare-and-swap lock; None if it is free."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return "gone"
-    except PermissionError:
-        pass
+        names = os.listdir(lock)
+    except FileNotFoundError:
+        return None
+    return names[0] if names else None
+
+
+def _unlock(lock: str, token: str) -> None:
+    """Empty the lock of this token, then remove it if it is still empty (if not, the
+    next holder already renamed its own into place)."""
+    with suppress(FileNotFoundError):
+        os.unlink(os.path.join(lock, token))
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "running"
-    return "stopped" if state in ("T", "t") else "running"
+        os.rmdir(lock)
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
+            raise
 
 
-@contextmanager
-def _cas_lock(folder: str, timeout_s: float) -> Iterator[None]:
-    """The folder's compare-and-swap lock, waited for at most `timeout_s`: a holder that
-    stalls (SIGSTOP, a hung mount) must cost later writers a bounded wait and a clear
-    error, never a hang. The holder writes its pid into the lock file so the error can
-    name it."""
-    path = os.path.join(folder, CAS_LOCK)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def _break(lock: str, token: str, held_s: float) -> None:
+    """Take a stalled holder's lock away, fencing it first: its staged file goes, so
+    its write (the rename of that file) cannot follow ours."""
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise LockTimeout(_lock_held_message(path, fd, timeout_s)) from None
-                time.sleep(0.01)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the flock
-
-
-def _lock_held_message(path: str, fd: int, timeout_s: float) -> str:
-    raw = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    holder = (f"pid {raw} ({_process_state(int(raw))})" if raw.isdigit()
-              else "a process that did not record its pid")
-    return (f"{path} stayed locked for {timeout_s:g}s by {holder}: a stalled writer holds "
-            "this folder's compare-and-swap lock. Resume or kill that process, then retry.")
+        with open(os.path.join(lock, token)) as f:
+            who = f.read()
+    except FileNotFoundError:
+        return  # released meanwhile
+    try:
+        os.unlink(os.path.join(os.path.dirname(lock), token))
+        outcome = "its write will fail"
+    except FileNotFoundError:
+        outcome = "it had written"
+    _unlock(lock, token)
+    log.warning("broke %s, held for %.2fs by %s (stalled?): %s", lock, held_s, who, outcome)
 
 
 class _Local:
@@ -166,32 +160,87 @@ class _Local:
             data = f.read()
         return data, _etag(data)
 
+    def read_with_age(self, path: str) -> tuple[bytes, str, float]:
+        with open(path, "rb") as f:
+            data = f.read()
+            modified = os.fstat(f.fileno()).st_mtime
+        return data, _etag(data), time.time() - modified
+
     def write(self, path: str, data: bytes, *, if_absent: bool, if_match: str | None) -> str:
         folder = os.path.dirname(path) or "."
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}{TMP_SUFFIX}")
-        with open(tmp, "wb") as f:
+        staged = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+        with open(staged, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         try:
             if if_absent:
                 try:
-                    os.link(tmp, path)
+                    os.link(staged, path)
                 except FileExistsError:
                     raise AlreadyExists(path) from None
             elif if_match is not None:
-                with _cas_lock(folder, self.lock_timeout_s):
-                    current = self.read_versioned(path)[1] if os.path.exists(path) else None
-                    if current != if_match:
-                        raise VersionMismatch(path)
-                    os.replace(tmp, path)
+                self.replace_if_unchanged(path, staged, if_match)
             else:
-                os.replace(tmp, path)
+                os.replace(staged, path)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            with suppress(FileNotFoundError):  # renamed, or removed by a waiter (below)
+                os.unlink(staged)
         return _etag(data)
+
+    def replace_if_unchanged(self, path: str, staged: str, if_match: str) -> None:
+        """Rename `staged` over `path` if `path` is still at version `if_match`.
+
+        POSIX has no conditional rename, so a read and a rename run under the object's
+        lock: the folder `.NAME.cas/`, renamed into place holding one file named for the
+        holder's staged file (a rename lands only on an absent or empty folder: one holder
+        at a time). The holder's write is the rename of that staged file. A waiter that
+        sees the same holder for `lock_timeout_s` deletes the staged file first, so that
+        write can no longer happen, and only then empties the lock: a holder stopped in
+        here (SIGSTOP, a frozen container) delays others by `lock_timeout_s` at most, and
+        once it goes on it gets VersionMismatch instead of overwriting a newer version."""
+        lock, token = self._lock(path, staged)
+        try:
+            try:
+                current = self.read_versioned(path)[1]
+            except FileNotFoundError:
+                current = None
+            if current != if_match:
+                raise VersionMismatch(path)
+            try:
+                os.rename(staged, path)
+            except FileNotFoundError:  # a waiter broke our lock: its write goes first
+                raise VersionMismatch(path) from None
+        finally:
+            _unlock(lock, token)
+
+    def _lock(self, path: str, staged: str) -> tuple[str, str]:
+        folder, name = os.path.split(path)
+        lock = os.path.join(folder or ".", f".{name}{CAS_SUFFIX}")
+        token = os.path.basename(staged)
+        ready = os.path.join(folder or ".", f".{name}.{uuid.uuid4().hex}{CAS_SUFFIX}")
+        os.mkdir(ready)
+        try:
+            with open(os.path.join(ready, token), "w") as f:
+                f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            seen, since = None, time.monotonic()
+            while True:
+                try:
+                    os.rename(ready, lock)
+                    return lock, token
+                except OSError as e:
+                    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                holder, now = _holder(lock), time.monotonic()
+                if holder != seen:
+                    seen, since = holder, now
+                elif holder is not None and now - since >= self.lock_timeout_s:
+                    _break(lock, holder, now - since)
+                time.sleep(random.uniform(0.001, 0.01))
+        finally:
+            if os.path.isdir(ready):  # not renamed into place: an error
+                _unlock(ready, token)
 
     def delete(self, path: str) -> None:
         try:
@@ -329,12 +378,19 @@ class _S3:
         return self.arrow_fs.open_input_file(path.removeprefix("s3://"))
 
     def read_versioned(self, path: str) -> tuple[bytes, str]:
+        return self.read_with_age(path)[:2]
+
+    def read_with_age(self, path: str) -> tuple[bytes, str, float]:
         bucket, key = _split(path)
         try:
             obj = self.client.get_object(Bucket=bucket, Key=key)
         except self.client.exceptions.NoSuchKey:
             raise FileNotFoundError(path) from None
-        return obj["Body"].read(), obj["ETag"].strip('"')
+        date = obj["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
+        now = parsedate_to_datetime(date) if date else datetime.now(timezone.utc)
+        # Both stamps are whole seconds: the age is at most a second under its truth.
+        age = (now - obj["LastModified"]).total_seconds() - 1.0
+        return obj["Body"].read(), obj["ETag"].strip('"'), age
 
     def write(self, path: str, data: bytes, *, if_absent: bool, if_match: str | None) -> str:
         from botocore.exceptions import ClientError
@@ -410,7 +466,7 @@ class Storage:
 
     def list_files(self, folder: str, suffix: str = "", prefix: str = "") -> list[str]:
         """Names (not paths) of the files directly in a folder that start with `prefix`;
-        hidden ones (temporaries, the local compare-and-swap guard) excluded. On S3 the
+        hidden ones (temporaries, the local compare-and-swap locks) excluded. On S3 the
         prefix is the listing's own, so finding one shard's parts costs one request
         however many objects the folder holds; locally it filters one directory scan."""
         return sorted(n for n in self._for(folder).list_names(folder, prefix)
@@ -434,6 +490,12 @@ class Storage:
     def read_versioned(self, path: str) -> tuple[bytes, str]:
         """Content and its version (ETag), for a later write(if_match=version)."""
         return self._for(path).read_versioned(path)
+
+    def read_with_age(self, path: str) -> tuple[bytes, str, float]:
+        """Content, version and seconds since the object was last written, by the store's
+        own clock (S3: the response's Date against LastModified; local: the file's mtime
+        against this machine's clock): a writer's clock, however wrong, never enters it."""
+        return self._for(path).read_with_age(path)
 
     def write_atomic(self, path: str, data: bytes, *, if_absent: bool = False,
                      if_match: str | None = None) -> str:

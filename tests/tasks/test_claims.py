@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pyarrow as pa
 
 from tests.conftest import prompt_rows, write_prompts
 from tests.tasks.test_checkpoint import CountingStorage
+from tests.tasks.test_lease import dead_pid, holder_record
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.tasks import checkpoint
@@ -92,16 +92,12 @@ def test_stalled_worker_loses_its_shard_and_cannot_commit(tmp_path: Path) -> Non
 def test_resumed_shards_come_first_and_a_dead_runs_claim_is_taken_over_at_once(
         tmp_path: Path) -> None:
     """A killed run left shard 2 half done (committed parts, its claim released) and
-    shard 1 claimed by a process that is gone from this host: both are finished before
+    shard 1 claimed by a process that is gone from this machine: both are finished before
     fresh shard 0 is started, whatever the claim's TTL."""
     layout, plan = _layout(tmp_path)
     rows = [{"id": "r20", "row_index": 20, "sample_index": 0, "status": "ok"}]
     STORE.write_parquet(layout.new_part(2), pa.Table.from_pylist(rows, schema=output_schema()))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
-    STORE.write_atomic(layout.claim(1), json.dumps({
-        "owner": "killed-run", "host": socket.gethostname(), "pid": int(dead),
-        "renewed_at": time.time(), "ttl_s": 600}).encode())
+    STORE.write_atomic(layout.claim(1), holder_record(owner="killed-run", pid=dead_pid()))
     claims = ShardClaims(layout, plan, "resumed-run", ttl_s=60)
     assert [claims.claim_next() for _ in range(3)] == [1, 2, 0]
     assert json.loads(STORE.read_bytes(layout.claim(1)))["owner"] == "resumed-run"
