@@ -203,7 +203,12 @@ def shard_worker(job: JobParameter, worker_index: int = 0) -> RunFigures | State
         raise JobFileError(errors)
     guardian.start()
     layout = OutputLayout(job.output.path, Storage(job.storage))
-    plan = checkpoint.read_plan(layout)
+    try:
+        plan = checkpoint.read_plan(layout)
+    except FileNotFoundError as e:
+        raise JobFileError([f"output.path: no plan at {layout.plan} on this host: the "
+                            "parent wrote it where this worker cannot see it (a local "
+                            "folder not shared with this host)"]) from e
     run_id = flow_run.get_id() or "local"
     owner = f"worker-{worker_index}-{run_id}"
     start_at = worker_index * len(plan.shards) // max(job.scale.workers, 1)

@@ -230,6 +230,11 @@ class ScaleSpec(_Strict):
                                 description="Rounds of new workers while shards remain.")
     claim_ttl_s: float = Field(default=120.0, gt=0,
                                description="A shard claim not renewed for this long is free.")
+    shared_filesystem: bool = Field(
+        default=False,
+        description="A local output.path with workers > 1 is one folder every worker "
+                    "sees: one host, or a filesystem every worker host mounts with atomic "
+                    "mkdir and rename (NFSv4, Lustre). Say so here; else use s3://.")
 
 
 class ObservabilitySpec(_Strict):

@@ -277,9 +277,7 @@ class VllmEngine:
         its exit code."""
         printed = self._stderr.cause(self._alive_at)  # waits for their last lines
         procs = list(getattr(self._manager(), "processes", ()))
-        for proc in procs:  # its pipe can close before it can be reaped: wait a moment
-            proc.join(EXIT_WAIT_S)
-        codes = [p.exitcode for p in procs]
+        codes = _exit_codes(procs)
         killed = [c for c in codes if c is not None and c < 0]
         if killed:
             return EngineDied(f"the engine core process was killed by "
@@ -307,6 +305,16 @@ class VllmEngine:
     def close(self) -> None:
         self._closing = True
         self.llm.llm_engine.engine_core.shutdown()
+
+
+def _exit_codes(procs: list[Any]) -> list[int | None]:
+    """The processes' exit codes, waited for up to EXIT_WAIT_S: a pipe can close before its
+    process is reaped, and vLLM's liveness monitor reaps it from another thread, so a
+    `join` here can find it gone and read no code before that thread records one."""
+    deadline = time.monotonic() + EXIT_WAIT_S
+    while any(p.exitcode is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p.exitcode for p in procs]
 
 
 class ReplayEngine:

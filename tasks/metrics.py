@@ -9,7 +9,8 @@ default REGISTRY and updates it from the SchedulerStats that the engine core pro
 with each step's outputs. So the engine core, though it runs in another process, records
 nothing itself, and no PROMETHEUS_MULTIPROC_DIR is needed (`vllm serve` needs one only
 for several API server processes). A restarted engine's logger replaces the old one's
-collectors in that registry, so the endpoint follows it.
+collectors in that registry, so the endpoint follows it: it shows the engine loaded last
+in the process (a worker keeps one).
 
 The endpoint serves that registry (vLLM's metrics and prometheus_client's process and
 Python collectors) beside the run's own registry, made fresh for each run: a second run

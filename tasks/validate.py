@@ -184,6 +184,19 @@ def _listed(spec: str, path: str) -> bool:
     return PurePath(path).match(spec)
 
 
+def check_output_shared(job: JobSpec) -> list[str]:
+    """Workers read the plan and commit parts where the parent wrote them: a local path
+    on the parent's host is, on another host, an empty folder of its own (the worker
+    fails reading the plan, after its model loaded). Only the user knows whether every
+    worker host mounts it."""
+    if job.scale.workers == 1 or is_s3(job.output.path) or job.scale.shared_filesystem:
+        return []
+    return [f"output.path: {job.output.path!r} is a local folder and scale.workers is "
+            f"{job.scale.workers}: workers on other hosts would not see it. Use an s3:// "
+            "output, or set scale.shared_filesystem: true if every worker runs on this "
+            "host or mounts this folder (a filesystem with atomic mkdir and rename)"]
+
+
 def check_compression(job: JobSpec) -> list[str]:
     """What pyarrow can write, found by writing: an unknown codec would otherwise fail
     the first commit, after the model loaded."""
@@ -352,6 +365,8 @@ def check_job(job: JobSpec, failed: frozenset[str] = frozenset()) -> list[str]:
         errors += template_errors(job)
     if valid("output"):
         errors += check_compression(job)
+    if valid("output", "scale"):
+        errors += check_output_shared(job)
     if valid("storage"):
         try:
             store = Storage(job.storage)

@@ -19,6 +19,7 @@ from tests.conftest import (CLI, engine_section, free_port, job_dict, prompt_row
 from tests.tasks.test_metrics import scrape
 from thinkbatch.flows.job import generate_dataset
 from thinkbatch.tasks import trace
+from thinkbatch.tasks.engine import close_engines
 
 pytestmark = pytest.mark.engine
 
@@ -72,6 +73,9 @@ def _total(got: Scrape, name: str) -> float:
 
 def test_a_run_is_scraped_while_it_commits_and_its_port_closes_with_it(
         tiny_model: str, prefect_harness, tmp_path: Path, monkeypatch) -> None:
+    # The registry holds the vLLM collectors of the engine loaded last in this process; this
+    # test process may keep another engine (another tokenizer's) loaded after the shared one.
+    close_engines()
     port = free_port()
 
     scrapes, manifest = _run_and_scrape(_job(tmp_path / "a", tiny_model, 120, port), port,

@@ -99,7 +99,7 @@ def test_resume_refuses_a_changed_template_and_accepts_a_speed_change(tmp_path: 
 
     faster = deep_merge(job, {"engine": {"max_in_flight": 8,
                                          "extra_args": {"enforce_eager": True}},
-                              "output": {"flush_rows": 2}, "scale": {"workers": 2}})
+                              "output": {"flush_rows": 2}, "scale": {"workers": 2, "shared_filesystem": True}})
     resumed_plan, resumed = checkpoint.open_plan(layout, make_plan(load_job(inline=faster), store))
     assert resumed and resumed_plan == plan
 

@@ -201,7 +201,7 @@ def test_the_last_worker_port_must_exist(tmp_path: Path) -> None:
     with pytest.raises(JobFileError, match="worker 3 would serve on port 65538"):
         load_job(inline={"input": {"path": str(tmp_path)}, "engine": {"kind": "replay"},
                          "output": {"path": str(tmp_path / "out")},
-                         "scale": {"workers": 4},
+                         "scale": {"workers": 4, "shared_filesystem": True},
                          "observability": {"metrics_port": 65535}})
 
 

@@ -239,7 +239,7 @@ def test_scale_out_refuses_mcp_secrets_the_workers_would_not_get(
 
     def job(env: dict[str, str]) -> dict[str, Any]:
         return _job(tmp_path / "in.parquet", tmp_path / "out", parsers={"tool_call": "kimi_k2"},
-                    scale={"workers": 2},
+                    scale={"workers": 2, "shared_filesystem": True},
                     rollout={"tools": [{"mcp": {"command": server, "env": env}}]})
 
     starts = str(tmp_path / "starts")
@@ -301,3 +301,17 @@ def test_a_tokenizer_shipped_as_code_needs_trust_remote_code(tmp_path: Path) -> 
     # A tokenizer.json beside it is what transformers loads without the code: accepted.
     shutil.copyfile(TRAINED_MODEL / "tokenizer.json", folder / "tokenizer.json")
     assert errors(False) == []
+
+
+def test_scale_out_refuses_a_local_output_no_worker_host_was_said_to_share(
+        tmp_path: Path) -> None:
+    """Workers on other hosts would find no plan in a folder of the parent's host (they
+    failed reading it, after their model loaded): refused up front, unless the user says
+    every worker sees the folder."""
+    write_prompts(tmp_path / "in.parquet", prompt_rows(2))
+    local = _job(tmp_path / "in.parquet", tmp_path / "out", scale={"workers": 2})
+    errors = _errors(local)
+    assert len(errors) == 1 and errors[0].startswith("output.path: ") \
+        and "scale.workers is 2" in errors[0] and "shared_filesystem" in errors[0], errors
+    assert _errors({**local, "scale": {"workers": 2, "shared_filesystem": True}}) == []
+    assert _errors({**local, "scale": {"workers": 1}}) == []
