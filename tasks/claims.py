@@ -9,8 +9,9 @@ A claim costs the same at 100 shards as at 100k: each worker keeps its own order
 candidates, from one listing of `_shards/` and `_claims/` (and of `data/` once, at
 start), and lists again only when that order runs out or turns out stale. Resumed
 shards come first: those with a claim left behind (a dead run's is taken over at once
-when its pid is gone from this host, else after its TTL) or with committed parts, so a
-killed run's half-done shards are finished before fresh ones are started.
+when its process is gone from this machine's boot and pid namespace, else after its
+TTL) or with committed parts, so a killed run's half-done shards are finished before
+fresh ones are started.
 """
 
 from __future__ import annotations
