@@ -20,7 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from thinkbatch.flows import artifacts, events
 from thinkbatch.flows.checks import checked_job
-from thinkbatch.flows.worker import SHARDS_IN_FLIGHT, JobParameter, work_shards
+from thinkbatch.flows.worker import MAX_OPEN_SHARDS, JobParameter, work_shards
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.manifest import Manifest, RunFigures, WorkerFigures
@@ -139,7 +139,7 @@ def _worker_figures(layout: OutputLayout, run_ids: list[Any]) -> list[WorkerFigu
     return found
 
 
-@flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT),
+@flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=MAX_OPEN_SHARDS),
       log_prints=True)
 def generate_dataset(job: JobParameter | str, force_resume: bool = False,
                      show_progress: bool = False) -> Manifest | State:

@@ -52,8 +52,9 @@ from thinkbatch.tasks.vllm_env import prepare_vllm_env
 # run_deployment sends `json`), so the flow's own validation is the one that counts.
 JobParameter = Annotated[JobSpec, WithJsonSchema({"type": "object", "title": "JobSpec"})]
 
-SHARDS_IN_FLIGHT = 4  # shard tasks registered with the engine at once
-IDLE_POLL_S = 2.0  # how often a worker with nothing to claim looks for freed shards
+MAX_OPEN_SHARDS = 64  # claims a worker holds at most (each is renewed every TTL/4)
+IDLE_POLL_S = 2.0  # a worker that found nothing to claim looks again after this,
+IDLE_POLL_MAX_S = 60.0  # doubling up to this while it keeps finding nothing
 STOP_CHECK_S = 0.5  # how soon a recorded stop signal is acted on
 
 
@@ -131,11 +132,23 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
     active: dict[int, tuple[Future[ShardStats], PrefectFuture]] = {}
     started = 0.0
     next_look = 0.0  # when to list the store for claimable shards again
+    idle_s = 0.0  # the wait after the last look that found nothing
+
+    def wants() -> bool:
+        return len(active) < MAX_OPEN_SHARDS and (pipeline is None or pipeline.wants_shard())
+
     with StopSignals() as stopping, metrics.serving(job, layout, plan, worker_index) as live:
         try:
             while not stopping.requested:
-                if len(active) < SHARDS_IN_FLIGHT and time.monotonic() >= next_look:
-                    while len(active) < SHARDS_IN_FLIGHT and (shard_id := claims.claim_next()) is not None:
+                if wants() and time.monotonic() >= next_look:
+                    while wants():
+                        if (shard_id := claims.claim_next()) is None:
+                            # Listings cost requests on S3: a worker that finds nothing
+                            # looks again less and less often, until a shard of its own ends.
+                            idle_s = min(IDLE_POLL_MAX_S, idle_s * 2) if idle_s else IDLE_POLL_S
+                            next_look = time.monotonic() + idle_s
+                            break
+                        idle_s = 0.0
                         if pipeline is None:
                             with stopping.interruptible():
                                 pipeline, run.engine_load_s = open_pipeline(
@@ -145,9 +158,6 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                         active[shard_id] = done, run_shard.submit(done, shard_id)
                     if not active and not claims.unfinished():
                         break
-                    # Listings cost requests on S3: until a slot frees up, look for shards
-                    # that other workers give up only every IDLE_POLL_S.
-                    next_look = time.monotonic() + IDLE_POLL_S
                 if active:
                     wait([done for done, _ in active.values()], STOP_CHECK_S, FIRST_COMPLETED)
                 else:
@@ -175,6 +185,7 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                     pipeline.progress.close()
                     run.engine_restarts = pipeline.restarts
                     run.engine = pipeline.engine.layout
+                    run.in_flight = pipeline.in_flight.figures()
                     run.rows_generated = pipeline.progress.rows
                     run.output_tokens = pipeline.progress.tokens
                     run.generation_s = time.monotonic() - started
@@ -190,7 +201,7 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
     return run, tally
 
 
-@flow(name="thinkbatch-worker", task_runner=ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT))
+@flow(name="thinkbatch-worker", task_runner=ThreadPoolTaskRunner(max_workers=MAX_OPEN_SHARDS))
 def shard_worker(job: JobParameter, worker_index: int = 0) -> RunFigures | State:
     """One GPU node's share of a job started by `generate-dataset` with workers > 1.
 

@@ -118,9 +118,15 @@ class EngineSpec(_Strict):
                                               json_schema_extra={"speed_only": True})
     seed: int = 0
     max_in_flight: int = Field(
-        default=512, gt=0, description="Requests kept inside the engine at once.",
+        default=512, gt=0, description="Most requests kept inside the engine at once; fewer "
+        "where the KV cache holds fewer (see expected_tokens_per_row).",
         json_schema_extra={"speed_only": True},
     )
+    expected_tokens_per_row: int | None = Field(
+        default=None, gt=0, json_schema_extra={"speed_only": True},
+        description="Tokens (prompt + completion) a request is expected to hold in the KV "
+                    "cache: in flight are at most the cache's tokens over this (default: "
+                    "sampling.max_tokens), until 32 requests finished; then their mean.")
     max_restarts: int = Field(
         default=2, ge=0, json_schema_extra={"speed_only": True},
         description="Times a worker loads a new engine when its engine's processes die "

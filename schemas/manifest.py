@@ -114,6 +114,16 @@ class Metrics(BaseModel):
     answer_tokens: Tokens  # completion tokens past the reasoning: the answer, tool calls
 
 
+class InFlightFigures(BaseModel):
+    """The engine's in-flight limit as the run ended (tasks/in_flight.py): the job's cap,
+    the KV-cache tokens the engine reported, the tokens a request was expected to hold."""
+
+    cap: int
+    kv_cache_tokens: int | None
+    expected_tokens_per_row: int
+    limit: int
+
+
 class RunFigures(BaseModel):
     """What one run did (the manifest's `this_run`). The worker loop fills the first group
     (absent when workers ran as flow runs of their own); the job flow adds the rest."""
@@ -125,6 +135,7 @@ class RunFigures(BaseModel):
     generation_s: float | None = None
     engine_restarts: int | None = None  # once an engine was loaded
     engine: EngineLayout | None = None  # this run's vLLM engine, as loaded
+    in_flight: InFlightFigures | None = None  # requests in the engine at once
     metrics: Metrics | None = None
 
     worker_rounds: list[dict[str, str]] | None = None  # workers > 1: run name -> end state

@@ -27,6 +27,7 @@ from thinkbatch.tasks import checkpoint
 from thinkbatch.tasks.checkpoint import OutputLayout
 from thinkbatch.tasks.commit import Committer
 from thinkbatch.tasks.engine import Engine, EngineDied, RequestRejected
+from thinkbatch.tasks.in_flight import Backlog, InFlight
 from thinkbatch.tasks.metrics import RunMetrics
 from thinkbatch.tasks.parse import OutputParser
 from thinkbatch.tasks.read import shard_batches
@@ -43,6 +44,10 @@ log = logging.getLogger("thinkbatch.pipeline")
 
 STOP_GRACE_S = 2.0  # how long an error waits for a stop before failing the shards
 TOOLS_WAIT_S = 0.2  # how long an idle engine's driver blocks for tool results at once
+
+
+def _kv_tokens(engine: Engine) -> int | None:
+    return engine.layout.kv_cache_tokens if engine.layout is not None else None
 
 
 @dataclass(slots=True)
@@ -92,6 +97,9 @@ class Pipeline:
             on_shard_done=self._shard_done, on_commit=self._committed, may_commit=may_commit,
         )
         self.committer.engine = engine.layout
+        self.in_flight = InFlight(job.engine.max_in_flight, _kv_tokens(engine),
+                                  job.sampling.max_tokens, job.engine.expected_tokens_per_row)
+        self.backlog = Backlog()
         self.layout = layout
         self.carry = Carry(job, schema) if job.retry else None
         self._shards: queue.Queue[Shard | None] = queue.Queue()
@@ -119,8 +127,15 @@ class Pipeline:
             fut.set_exception(self._error)
             return fut
         self._futures[shard_id] = fut
-        self._shards.put(self.plan.shards[shard_id])
+        shard = self.plan.shards[shard_id]
+        self.backlog.add(shard.num_rows * self.job.sampling.n)
+        self._shards.put(shard)
         return fut
+
+    def wants_shard(self) -> bool:
+        """Whether the rows not yet in the engine run lower than it holds at once: time to
+        claim another shard, so the engine stays full to the last row."""
+        return self.backlog.rows < self.in_flight.limit
 
     def close(self) -> None:
         """Finish the requests in flight and their commits; a shard left unfinished (the
@@ -174,6 +189,7 @@ class Pipeline:
                 self.progress.committed_before(len(done))
                 if self.carry is not None:  # a retry: the source's other rows, as they are
                     done |= self.carry.keep(shard.shard_id, done, self.committer, self.progress)
+                self.backlog.add(-len(done))
                 self._put_item(_ShardStart(shard.shard_id, shard.num_rows * n - len(done)))
                 for batch in shard_batches(self.layout.store, self.plan, shard, columns,
                                            self.job.input.id_column):
@@ -256,6 +272,7 @@ class Pipeline:
                 assert self._restart_engine is not None  # else the triage stopped
                 self.engine = self._restart_engine(self.engine)
                 self.committer.engine = self.engine.layout
+                self.in_flight.kv_tokens = _kv_tokens(self.engine)
                 self._resubmit(verdict.run)
                 return
             except EngineDied as again:
@@ -280,7 +297,7 @@ class Pipeline:
         rollout = self.rollout
         if self.triage.searching:
             return backlog  # only the suspects on trial run, until the search ends
-        while self.engine.in_flight < self.job.engine.max_in_flight:
+        while self.engine.in_flight < self.in_flight.limit:
             if rollout is not None:
                 if (conv := rollout.ready()) is not None:
                     if self.metrics:
@@ -303,6 +320,7 @@ class Pipeline:
                     self._start_shard(item)
                     continue
                 backlog = item[::-1]
+            self.backlog.add(-1)
             self._submit(backlog.pop())
         return backlog
 
@@ -348,6 +366,7 @@ class Pipeline:
     def _finish(self, work: _Work | Conversation, gen: Generation) -> None:
         req = work.req
         self.triage.finished()
+        self.in_flight.finished(len(gen.prompt_token_ids or ()) + len(gen.token_ids or ()))
         if self.trace:
             conv = work if isinstance(work, Conversation) else None
             self.trace.record(FINISHED, shard=work.shard_id, row=req.row_index,

@@ -63,6 +63,32 @@ class ScriptedReplay(ReplayEngine):
         return done
 
 
+class LastingReplay(ReplayEngine):
+    """Replay whose requests stay in the engine for `polls` steps of 5 ms, as a real
+    engine's do for many steps; `held` is how many it held at each step."""
+
+    def __init__(self, job: JobSpec, polls: int):
+        super().__init__(job.engine)
+        self.polls = polls
+        self.held: list[int] = []
+        self._age: dict[str, int] = {}
+        self._waiting: list[Generation] = []
+
+    @property
+    def in_flight(self) -> int:
+        return super().in_flight + len(self._waiting)
+
+    def poll(self) -> list[Generation]:
+        time.sleep(0.005)
+        self._waiting += super().poll()
+        self.held.append(len(self._waiting))
+        for gen in self._waiting:
+            self._age[gen.key] = self._age.get(gen.key, 0) + 1
+        done = [g for g in self._waiting if self._age[g.key] >= self.polls]
+        self._waiting = [g for g in self._waiting if self._age[g.key] < self.polls]
+        return done
+
+
 def _rows(n: int) -> list[dict[str, Any]]:
     """Prompts whose stored completion (the replay column) is `answer <i>`."""
     return [{**r, "raw_text": f"answer {i}"} for i, r in enumerate(prompt_rows(n))]
@@ -380,3 +406,27 @@ def test_an_engine_that_every_request_kills_stops_the_job_early(
     assert "a rerun dies the same way until the cause is fixed" in str(died.value)
     assert batches == [[0, 1], [0, 1], [0], [1, 2]]  # stopped after 3 restarts of 40 rows
     pipe.close()
+
+
+def test_a_worker_takes_another_shard_while_fewer_rows_wait_than_the_engine_holds(
+        tmp_path: Path) -> None:
+    """The worker's loop claims while `wants_shard` (flows/worker.py): with shards of 2 rows
+    and 16 requests in flight the engine fills to 16, where a fixed 4 open shards held it
+    to 8 and drained it to each shard's stragglers. The count of waiting rows ends at 0,
+    rows a resumed shard already committed taken off."""
+    job = _job(tmp_path, _rows(40), rows_per_shard=2, max_in_flight=16, flush_rows=1)
+    layout, plan = _plan(job)
+    _run(_pipeline(job, layout, plan), 0)  # shard 0 committed: a resume skips its rows
+    engine = LastingReplay(job, polls=20)
+    pipe = _pipeline(job, layout, plan, engine)
+    futures = []
+    for shard_id in range(len(plan.shards)):
+        deadline = time.monotonic() + WAIT_S
+        while not pipe.wants_shard():
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        futures.append(pipe.submit_shard(shard_id))
+    assert [f.result(timeout=WAIT_S).rows for f in futures][1:] == [2] * 19
+    pipe.close()
+    assert max(engine.held) == 16
+    assert pipe.backlog.rows == 0
