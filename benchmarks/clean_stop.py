@@ -31,7 +31,7 @@ from harness import job_dict, write_job
 from summary import Goal, row
 from workloads import prompts
 
-from thinkbatch.tasks import trace
+from thinkbatch.tasks.report import trace
 
 STOPPED = "thinkbatch: stopped by SIGTERM"  # the CLI's line once the flow has ended
 PREFECT_CANCEL_GRACE_S = 30  # Prefect 3.7: SIGTERM to the flow run's process, SIGKILL 30 s later

@@ -24,7 +24,7 @@ import pyarrow.dataset as ds
 
 from context import HERE, Context
 
-from thinkbatch.tasks import trace
+from thinkbatch.tasks.report import trace
 
 
 def job_dict(ctx: Context, inputs: Path, out: Path, *, engine: dict[str, Any] | None = None,

@@ -118,9 +118,9 @@ def main(spec_path: str, result_path: str) -> None:
     import ray.data
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
     from thinkbatch.schemas.job import JobSpec, SamplingSpec
-    from thinkbatch.tasks.engine import machine_kwargs
-    from thinkbatch.tasks.engine_settings import may_seed
-    from thinkbatch.tasks.sampling import keep_special
+    from thinkbatch.tasks.rows.engine import machine_kwargs
+    from thinkbatch.tasks.rows.engine_settings import may_seed
+    from thinkbatch.tasks.rows.sampling import keep_special
 
     job = JobSpec.model_validate(json.loads(Path(spec["job"]).read_text()))
     engine_kwargs, _ = machine_kwargs(job.engine, job.parsers, may_seed(job))

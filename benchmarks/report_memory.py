@@ -27,9 +27,10 @@ from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.manifest import RunFigures
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.schemas.plan import InputFile, Plan, Segment, Shard
-from thinkbatch.tasks import checkpoint, report
-from thinkbatch.tasks.checkpoint import OutputLayout
-from thinkbatch.tasks.storage import Storage
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.report import summary as report
+from thinkbatch.tasks.store.checkpoint import OutputLayout
+from thinkbatch.tasks.store.storage import Storage
 
 ROWS_PER_SHARD = 10_000
 PART_ROWS = 2_000  # a part per flush, as output.flush_rows makes them
@@ -119,7 +120,7 @@ def build_output(root: Path, total: int) -> dict[str, Any]:
 # process's peak RSS in KiB from /proc (its own memory since exec, unlike ru_maxrss).
 CHILD = """
 import atexit, sys
-import thinkbatch.flows.cli, thinkbatch.tasks.html_report, thinkbatch.tasks.charts
+import thinkbatch.flows.cli, thinkbatch.tasks.report.html_report, thinkbatch.tasks.report.charts
 def peak():
     status = open("/proc/self/status").read()
     print("VmHWM", status.split("VmHWM:")[1].split()[0], file=sys.stderr)

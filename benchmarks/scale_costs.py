@@ -36,10 +36,11 @@ from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.manifest import RunFigures
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.schemas.plan import InputFile, Plan, Segment, Shard
-from thinkbatch.tasks import checkpoint, report
-from thinkbatch.tasks.checkpoint import OutputLayout
-from thinkbatch.tasks.claims import ShardClaims
-from thinkbatch.tasks.storage import Storage
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.report import summary as report
+from thinkbatch.tasks.store.checkpoint import OutputLayout
+from thinkbatch.tasks.store.claims import ShardClaims
+from thinkbatch.tasks.store.storage import Storage
 
 GOAL_FINALIZE_S = 60.0  # at 100k shards
 GOAL_FLAT = 0.10  # S3 requests per part: 10,000 objects in data/ within 10% of 100

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 from thinkbatch.schemas.manifest import Manifest, ShardStats
-from thinkbatch.tasks import report
-from thinkbatch.tasks.checkpoint import OutputLayout
+from thinkbatch.tasks.report import summary as report
+from thinkbatch.tasks.store.checkpoint import OutputLayout
 
 log = logging.getLogger("thinkbatch.artifacts")
 

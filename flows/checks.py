@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from thinkbatch.schemas.job import JobSpec
-from thinkbatch.tasks import validate
-from thinkbatch.tasks.metrics import check_metrics_port
+from thinkbatch.tasks.jobs import validate
+from thinkbatch.tasks.report.metrics import check_metrics_port
 
 
 def check_scale(job: JobSpec) -> list[str]:

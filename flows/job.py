@@ -25,14 +25,17 @@ from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.manifest import Manifest, RunFigures, WorkerFigures
 from thinkbatch.schemas.plan import Plan
-from thinkbatch.tasks import checkpoint, guardian, html_report, report
-from thinkbatch.tasks.checkpoint import OutputLayout
-from thinkbatch.tasks.figures import merge_workers
-from thinkbatch.tasks.lease import acquire_run_lease
-from thinkbatch.tasks.plan import make_plan
-from thinkbatch.tasks.stop import Stopped
-from thinkbatch.tasks.storage import Storage
-from thinkbatch.tasks.vllm_env import prepare_vllm_env
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.process import guardian
+from thinkbatch.tasks.report import html_report
+from thinkbatch.tasks.report import summary as report
+from thinkbatch.tasks.store.checkpoint import OutputLayout
+from thinkbatch.tasks.report.figures import merge_workers
+from thinkbatch.tasks.store.lease import acquire_run_lease
+from thinkbatch.tasks.store.plan import make_plan
+from thinkbatch.tasks.process.stop import Stopped
+from thinkbatch.tasks.store.storage import Storage
+from thinkbatch.tasks.process.vllm_env import prepare_vllm_env
 
 WORKER_POLL_S = 5.0
 

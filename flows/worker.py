@@ -31,20 +31,23 @@ from thinkbatch.schemas.job_file import JobFileError
 from thinkbatch.schemas.manifest import RunFigures, ShardStats, WorkerFigures
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.schemas.plan import Plan
-from thinkbatch.tasks import checkpoint, guardian, metrics, report
-from thinkbatch.tasks.checkpoint import OutputLayout
-from thinkbatch.tasks.claims import ShardClaims
-from thinkbatch.tasks.engine import Engine, close_engines, get_engine, restart_engine
-from thinkbatch.tasks.engine_settings import may_seed
-from thinkbatch.tasks.figures import RunTally
-from thinkbatch.tasks.parse import OutputParser
-from thinkbatch.tasks.pipeline import Pipeline
-from thinkbatch.tasks.read import input_schema
-from thinkbatch.tasks.stop import Stopped, StopSignals
-from thinkbatch.tasks.storage import Storage
-from thinkbatch.tasks.tools import Toolbox
-from thinkbatch.tasks.validate import check_platform
-from thinkbatch.tasks.vllm_env import prepare_vllm_env
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.process import guardian
+from thinkbatch.tasks.report import metrics
+from thinkbatch.tasks.report import summary as report
+from thinkbatch.tasks.store.checkpoint import OutputLayout
+from thinkbatch.tasks.store.claims import ShardClaims
+from thinkbatch.tasks.rows.engine import Engine, close_engines, get_engine, restart_engine
+from thinkbatch.tasks.rows.engine_settings import may_seed
+from thinkbatch.tasks.report.figures import RunTally
+from thinkbatch.tasks.rows.parse import OutputParser
+from thinkbatch.tasks.rows.pipeline import Pipeline
+from thinkbatch.tasks.rows.read import input_schema
+from thinkbatch.tasks.process.stop import Stopped, StopSignals
+from thinkbatch.tasks.store.storage import Storage
+from thinkbatch.tasks.tools.toolbox import Toolbox
+from thinkbatch.tasks.jobs.validate import check_platform
+from thinkbatch.tasks.process.vllm_env import prepare_vllm_env
 
 # The job as a flow parameter: Prefect validates it into a JobSpec before the flow runs.
 # The JSON schema a server checks deployment runs against is any mapping: the one pydantic

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from thinkbatch.schemas.job_file import resolve_raw
-from thinkbatch.tasks import trace
+from thinkbatch.tasks.report import trace
 
 os.environ["VLLM_CONFIGURE_LOGGING"] = "0"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -86,7 +86,7 @@ def prompt_rows(n: int, start: int = 0) -> list[dict[str, Any]]:
 def _close_engines_at_exit():
     """Stop the shared engine's process while pytest's streams are still open."""
     yield
-    from thinkbatch.tasks.engine import close_engines
+    from thinkbatch.tasks.rows.engine import close_engines
 
     close_engines()
 
@@ -95,7 +95,7 @@ def _close_engines_at_exit():
 def own_engines():
     """Engines a test loads for settings no other test shares are shut down after it,
     not kept for the session beside the shared one."""
-    from thinkbatch.tasks import engine
+    from thinkbatch.tasks.rows import engine
 
     before = set(map(id, engine._ENGINES.values()))
     yield

@@ -16,9 +16,9 @@ import pytest
 
 from tests.conftest import (CLI, engine_section, free_port, job_dict, prompt_rows, write_job,
                             write_prompts)
-from tests.tasks.test_metrics import scrape
+from tests.tasks.report.test_metrics import scrape
 from thinkbatch.flows.job import generate_dataset
-from thinkbatch.tasks import trace
+from thinkbatch.tasks.report import trace
 
 pytestmark = pytest.mark.engine
 

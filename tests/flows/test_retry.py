@@ -21,8 +21,8 @@ import pytest
 
 from tests.conftest import (CLI, engine_section, job_dict, kill_after_first_commit,
                             prompt_rows, write_prompts)
-from thinkbatch.tasks.checkpoint import OutputLayout
-from thinkbatch.tasks.storage import Storage
+from thinkbatch.tasks.store.checkpoint import OutputLayout
+from thinkbatch.tasks.store.storage import Storage
 
 ROWS, PER_SHARD = 1200, 200
 KEY = ["id", "row_index", "sample_index"]
@@ -44,7 +44,7 @@ def _main(*args: str) -> int:
 def _retry(src: str, new: str, statuses: list[str], sets: list[str]) -> dict:
     """What `thinkbatch retry` runs, in this process (the Prefect harness is shared)."""
     from thinkbatch.flows.job import generate_dataset
-    from thinkbatch.tasks.retry import retry_job
+    from thinkbatch.tasks.jobs.retry import retry_job
 
     job = retry_job(src, new, statuses, sets)
     return generate_dataset(job)
@@ -110,7 +110,7 @@ def _check_retried(src: str, new: str, statuses: set[str]) -> None:
 
 
 def test_retry_regenerates_only_the_listed_statuses(source, tmp_path: Path) -> None:
-    from thinkbatch.tasks.report import summary
+    from thinkbatch.tasks.report.summary import summary
 
     _, src = source
     new = str(tmp_path / "new")
@@ -177,9 +177,9 @@ def test_carry_commits_kept_rows_once_in_this_versions_schema(tmp_path: Path) ->
     column null; once its rows are committed (a resumed retry), they are not again."""
     from thinkbatch.schemas.job_file import load_job
     from thinkbatch.schemas.output import output_schema
-    from thinkbatch.tasks.commit import Committer
-    from thinkbatch.tasks.report import Progress
-    from thinkbatch.tasks.retry import Carry
+    from thinkbatch.tasks.store.commit import Committer
+    from thinkbatch.tasks.report.summary import Progress
+    from thinkbatch.tasks.jobs.retry import Carry
 
     schema = output_schema()
     old = pa.schema([f for f in schema if f.name != "chat_template_kwargs"])

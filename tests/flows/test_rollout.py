@@ -23,17 +23,17 @@ from thinkbatch.flows.job import generate_dataset
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.schemas.record import Generation, RowRequest
-from thinkbatch.tasks import checkpoint
-from thinkbatch.tasks.checkpoint import OutputLayout
-from thinkbatch.tasks.engine import Engine, get_engine
-from thinkbatch.tasks.engine_settings import may_seed
-from thinkbatch.tasks.parse import OutputParser
-from thinkbatch.tasks.pipeline import Pipeline
-from thinkbatch.tasks.plan import make_plan
-from thinkbatch.tasks.read import input_schema
-from thinkbatch.tasks.report import Progress
-from thinkbatch.tasks.storage import Storage
-from thinkbatch.tasks.tools import Toolbox
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.checkpoint import OutputLayout
+from thinkbatch.tasks.rows.engine import Engine, get_engine
+from thinkbatch.tasks.rows.engine_settings import may_seed
+from thinkbatch.tasks.rows.parse import OutputParser
+from thinkbatch.tasks.rows.pipeline import Pipeline
+from thinkbatch.tasks.store.plan import make_plan
+from thinkbatch.tasks.rows.read import input_schema
+from thinkbatch.tasks.report.summary import Progress
+from thinkbatch.tasks.store.storage import Storage
+from thinkbatch.tasks.tools.toolbox import Toolbox
 
 TOOLS = [{"python": "tests.rollout_tools"}]
 THINK = r"<think>[a-z]{1,8}( [a-z]{1,8}){0,4}</think>"

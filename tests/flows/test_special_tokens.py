@@ -13,7 +13,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from tests.conftest import TOKENIZERS, engine_section, job_dict, write_prompts
-from tests.tasks.test_prompt_tokens import FORGED_PROMPT
+from tests.tasks.rows.test_prompt_tokens import FORGED_PROMPT
 
 pytestmark = pytest.mark.engine
 

@@ -19,10 +19,10 @@ from tests.conftest import engine_section, job_dict, prompt_rows, write_prompts
 from tests.flows.test_scale_out import PrefectServer
 from tests.processes import cmdline, left_alive, tree
 from thinkbatch.schemas.job import JobSpec
-from thinkbatch.tasks import checkpoint
-from thinkbatch.tasks.checkpoint import OutputLayout
-from thinkbatch.tasks.plan import make_plan
-from thinkbatch.tasks.storage import Storage
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.checkpoint import OutputLayout
+from thinkbatch.tasks.store.plan import make_plan
+from thinkbatch.tasks.store.storage import Storage
 
 pytestmark = pytest.mark.engine
 
