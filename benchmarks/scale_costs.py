@@ -36,10 +36,10 @@ from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.manifest import RunFigures
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.schemas.plan import InputFile, Plan, Segment, Shard
+from thinkbatch.tasks.report.manifest import build_manifest
 from thinkbatch.tasks.store import checkpoint
-from thinkbatch.tasks.report import summary as report
-from thinkbatch.tasks.store.checkpoint import OutputLayout
 from thinkbatch.tasks.store.claims import ShardClaims
+from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.storage import Storage
 
 GOAL_FINALIZE_S = 60.0  # at 100k shards
@@ -89,7 +89,7 @@ def _finalize(job: JobSpec, layout: OutputLayout, plan: Plan) -> int:
     if missing:
         raise RuntimeError(f"{len(missing)} shards are unfinished")
     removed = checkpoint.sweep_orphans(layout, markers)
-    report.build_manifest(job, plan, layout, markers, RunFigures(orphan_parts_removed=removed))
+    build_manifest(job, plan, layout, markers, RunFigures(orphan_parts_removed=removed))
     return removed
 
 

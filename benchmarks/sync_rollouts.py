@@ -53,10 +53,10 @@ def main(job_path: str, out_path: str) -> None:
     from thinkbatch.schemas.job import JobSpec
     from thinkbatch.schemas.output import Status
     from thinkbatch.schemas.record import Generation, ToolResult
+    from thinkbatch.tasks.rows.conversation import assistant_message, tool_message
     from thinkbatch.tasks.rows.engine import as_served, machine_kwargs
     from thinkbatch.tasks.rows.engine_settings import may_seed
     from thinkbatch.tasks.rows.parse import OutputParser
-    from thinkbatch.tasks.rows.conversation import assistant_message, tool_message
     from thinkbatch.tasks.rows.sampling import SamplingBuilder
     from thinkbatch.tasks.tools.toolbox import Toolbox
 

@@ -79,11 +79,12 @@ def _refuse_before_start(job: JobSpec, force_resume: bool) -> None:
     """A resume of a changed job, or an output another run holds, refused before the flow
     starts: a message and exit 2, not a crashed flow run. The flow checks both again."""
     from thinkbatch.tasks.store import checkpoint
+    from thinkbatch.tasks.store.layout import OutputLayout
     from thinkbatch.tasks.store.lease import refuse_if_held
     from thinkbatch.tasks.store.plan import make_plan
     from thinkbatch.tasks.store.storage import Storage
 
-    layout = checkpoint.OutputLayout(job.output.path, Storage(job.storage))
+    layout = OutputLayout(job.output.path, Storage(job.storage))
     refuse_if_held(layout.store, layout.lease)
     if not force_resume and layout.store.exists(layout.plan):
         checkpoint.refuse_changed(layout, checkpoint.read_plan(layout),
@@ -108,8 +109,8 @@ def _run(job: JobSpec, args: argparse.Namespace) -> Manifest:
 
 def _report(output: str, to: str | None) -> int:
     """Reads the data and the manifest only: no Prefect, no engine."""
-    from thinkbatch.tasks.store.checkpoint import OutputLayout
     from thinkbatch.tasks.report.html_report import write_report
+    from thinkbatch.tasks.store.layout import OutputLayout
     from thinkbatch.tasks.store.storage import Storage
 
     layout = OutputLayout(output, Storage())
@@ -135,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     from prefect.exceptions import CancelledRun
 
     from thinkbatch.flows.checks import checked_job
+    from thinkbatch.tasks.process.stop import Stopped, raise_on_signals
     from thinkbatch.tasks.store.checkpoint import ResumeRefused
     from thinkbatch.tasks.store.lease import OutputInUse
-    from thinkbatch.tasks.process.stop import Stopped, raise_on_signals
 
     raise_on_signals()
 

@@ -25,17 +25,18 @@ from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.manifest import Manifest, RunFigures, WorkerFigures
 from thinkbatch.schemas.plan import Plan
-from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.jobs.retry import manifest_section
 from thinkbatch.tasks.process import guardian
+from thinkbatch.tasks.process.stop import Stopped
+from thinkbatch.tasks.process.vllm_env import prepare_vllm_env
 from thinkbatch.tasks.report import html_report
-from thinkbatch.tasks.report import summary as report
-from thinkbatch.tasks.store.checkpoint import OutputLayout
 from thinkbatch.tasks.report.figures import merge_workers
+from thinkbatch.tasks.report.manifest import build_manifest
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.lease import acquire_run_lease
 from thinkbatch.tasks.store.plan import make_plan
-from thinkbatch.tasks.process.stop import Stopped
 from thinkbatch.tasks.store.storage import Storage
-from thinkbatch.tasks.process.vllm_env import prepare_vllm_env
 
 WORKER_POLL_S = 5.0
 
@@ -53,7 +54,8 @@ def finalize(job: JobSpec, layout: OutputLayout, plan: Plan, run: RunFigures) ->
     if missing:
         raise RuntimeError(f"{len(missing)} shards are unfinished (first: {missing[:5]})")
     run.orphan_parts_removed = checkpoint.sweep_orphans(layout, markers)
-    manifest = report.build_manifest(job, plan, layout, markers, run)
+    retry = manifest_section(job, plan) if job.retry is not None else None
+    manifest = build_manifest(job, plan, layout, markers, run, retry)
     checkpoint.write_manifest(layout, manifest)
     page = html_report.write_report_of_run(layout, manifest, markers.values())  # failure: a warning
     artifacts.publish_results(manifest, layout, markers, page)

@@ -31,23 +31,24 @@ from thinkbatch.schemas.job_file import JobFileError
 from thinkbatch.schemas.manifest import RunFigures, ShardStats, WorkerFigures
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.schemas.plan import Plan
-from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.jobs.validate import check_platform
 from thinkbatch.tasks.process import guardian
+from thinkbatch.tasks.process.stop import Stopped, StopSignals
+from thinkbatch.tasks.process.vllm_env import prepare_vllm_env
 from thinkbatch.tasks.report import metrics
-from thinkbatch.tasks.report import summary as report
-from thinkbatch.tasks.store.checkpoint import OutputLayout
-from thinkbatch.tasks.store.claims import ShardClaims
+from thinkbatch.tasks.report.figures import RunTally
+from thinkbatch.tasks.report.progress import Progress
 from thinkbatch.tasks.rows.engine import Engine, close_engines, get_engine, restart_engine
 from thinkbatch.tasks.rows.engine_settings import may_seed
-from thinkbatch.tasks.report.figures import RunTally
 from thinkbatch.tasks.rows.parse import OutputParser
 from thinkbatch.tasks.rows.pipeline import Pipeline
 from thinkbatch.tasks.rows.read import input_schema
-from thinkbatch.tasks.process.stop import Stopped, StopSignals
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.claims import ShardClaims
+from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.storage import Storage
+from thinkbatch.tasks.tools import kept
 from thinkbatch.tasks.tools.toolbox import Toolbox
-from thinkbatch.tasks.jobs.validate import check_platform
-from thinkbatch.tasks.process.vllm_env import prepare_vllm_env
 
 # The job as a flow parameter: Prefect validates it into a JobSpec before the flow runs.
 # The JSON schema a server checks deployment runs against is any mapping: the one pydantic
@@ -76,7 +77,7 @@ def open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: ShardC
     """The engine, and for a rollout job its tools (those the job's checks opened in this
     process, else opened first: a tool source that fails costs no model load); the
     pipeline closes the tools when it ends."""
-    toolbox = Toolbox.take(job.rollout, Path.cwd()) if job.rollout else None
+    toolbox = kept.take(job.rollout, Path.cwd()) if job.rollout else None
     try:
         return _open_pipeline(job, layout, plan, claims, show_progress, toolbox, live)
     except BaseException:
@@ -106,7 +107,7 @@ def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: Shard
     done = checkpoint.done_shards(layout)
     done_rows = plan.rows_in(done)
     n = job.sampling.n  # each sample is an output row
-    progress = report.Progress(total=plan.total_rows * n, already_done=done_rows * n,
+    progress = Progress(total=plan.total_rows * n, already_done=done_rows * n,
                                enabled=show_progress)
     pipeline = Pipeline(job, plan, layout, engine, parser, schema, progress,
                         may_commit=claims.still_ours,
@@ -117,7 +118,7 @@ def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, claims: Shard
 
 def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                 start_at: int = 0, show_progress: bool = False, worker_index: int = 0,
-                watch: Callable[[report.Progress], None] | None = None
+                watch: Callable[[Progress], None] | None = None
                 ) -> tuple[RunFigures, RunTally]:
     """Claim, run and release shards until every shard is done; returns this worker's
     figures and the tally of its rows. The engine is loaded only once a shard is claimed.

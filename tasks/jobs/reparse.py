@@ -12,7 +12,8 @@ from typing import Any
 
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import JobFileError
-from thinkbatch.tasks.store.checkpoint import OutputLayout, read_manifest
+from thinkbatch.tasks.store.checkpoint import read_manifest
+from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.storage import Storage
 
 

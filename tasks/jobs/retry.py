@@ -21,13 +21,14 @@ from thinkbatch.schemas.job_file import JobFileError, resolve_raw, validate_job
 from thinkbatch.schemas.manifest import Manifest, RetrySummary
 from thinkbatch.schemas.plan import Plan
 from thinkbatch.tasks.store import checkpoint
-from thinkbatch.tasks.store.checkpoint import KEY, OutputLayout
+from thinkbatch.tasks.store.checkpoint import KEY
 from thinkbatch.tasks.store.fingerprint import describe_changes
+from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.storage import Storage, StorageError, join
 
 if TYPE_CHECKING:
+    from thinkbatch.tasks.report.progress import Progress
     from thinkbatch.tasks.store.commit import Committer
-    from thinkbatch.tasks.report.summary import Progress
 
 Key = tuple[int, int]
 

@@ -19,13 +19,13 @@ from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import JobFileError
 from thinkbatch.schemas.output import BASE_NAMES, ROLLOUT_NAMES
 from thinkbatch.schemas.tools import tool_errors
-from thinkbatch.tasks.store.checkpoint import OutputLayout
+from thinkbatch.tasks.jobs.retry import check_retry
 from thinkbatch.tasks.rows.engine_settings import seeded_sampling_errors
-from thinkbatch.tasks.store.plan import read_footers
-from thinkbatch.tasks.store.storage import Storage, StorageError, is_s3
 from thinkbatch.tasks.rows.render import needed_columns, template_errors
 from thinkbatch.tasks.rows.sampling import job_sampling_errors
-from thinkbatch.tasks.jobs.retry import check_retry
+from thinkbatch.tasks.store.layout import OutputLayout
+from thinkbatch.tasks.store.plan import read_footers
+from thinkbatch.tasks.store.storage import Storage, StorageError, is_s3
 
 
 # A prompt may be binary (decoded as UTF-8); a replayed completion is text.
@@ -213,11 +213,13 @@ def check_rollout(job: JobSpec) -> list[str]:
     """A rollout runs the model's parsed tool calls on a generating engine; its tools
     must start now (a tool source that cannot is refused before the model loads), and
     their names must not repeat the job's `tools` (those describe recorded tools). A run
-    in this process takes the toolbox opened here (Toolbox.keep), so its MCP servers
+    in this process takes the toolbox opened here (tools/kept.py), so its MCP servers
     start once; workers of their own open theirs, with the secrets of their environment."""
     if job.rollout is None:
         return []
-    from thinkbatch.tasks.tools.toolbox import Toolbox, ToolboxError
+    from thinkbatch.tasks.tools import kept, secrets
+    from thinkbatch.tasks.tools.tool import ToolboxError
+    from thinkbatch.tasks.tools.toolbox import Toolbox
 
     errors = []
     if job.engine.kind != "vllm":
@@ -228,9 +230,9 @@ def check_rollout(job: JobSpec) -> list[str]:
                       "calls (kimi_k2 for Kimi-K2)")
     here = job.scale.workers == 1
     if not here:
-        errors += _secrets_for_workers(job)
+        errors += secrets.unsent(job)
     try:
-        toolbox = (Toolbox.keep if here else Toolbox.open)(job.rollout, Path.cwd())
+        toolbox = (kept.keep if here else Toolbox.open)(job.rollout, Path.cwd())
     except ToolboxError as e:
         return errors + [str(e)]
     names = set(toolbox.names)
@@ -241,25 +243,6 @@ def check_rollout(job: JobSpec) -> list[str]:
     if clash:
         errors.append(f"tools: {', '.join(clash)} also served by rollout.tools; a tool name "
                       "must be one tool")
-    return errors
-
-
-def _secrets_for_workers(job: JobSpec) -> list[str]:
-    """K workers get the job as Prefect parameters, which hold no secret (a JSON dump
-    masks them): a secret must come from each worker's environment, as `${VAR}`."""
-    assert job.rollout is not None
-    errors = []
-    for i, source in enumerate(job.rollout.tools):
-        if source.mcp is None:
-            continue
-        written, given = source.mcp.model_dump(mode="json"), source.mcp.model_dump()
-        errors += [f"rollout.tools[{i}].mcp.env.{k}: with scale.workers > 1 a secret "
-                   "reaches the workers only from their environment: write it as ${VAR}"
-                   for k in given["env"] if written["env"][k] != given["env"][k]]
-        if written["url"] != given["url"]:
-            errors.append(f"rollout.tools[{i}].mcp.url: with scale.workers > 1 its "
-                          "credentials reach the workers only from their environment: "
-                          "write them as ${VAR}")
     return errors
 
 

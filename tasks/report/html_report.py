@@ -16,10 +16,10 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from thinkbatch.schemas.manifest import Manifest, ShardStats
-from thinkbatch.tasks.store import checkpoint
-from thinkbatch.tasks.store.checkpoint import OutputLayout
-from thinkbatch.tasks.store.storage import join
 from thinkbatch.tasks.report.tally import Seconds, Tally, TokenCounts, tally_markers, tally_output
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.layout import OutputLayout
+from thinkbatch.tasks.store.storage import join
 
 if TYPE_CHECKING:
     from thinkbatch.tasks.report.charts import Chart

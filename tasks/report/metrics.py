@@ -37,7 +37,7 @@ from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.plan import Plan
 from thinkbatch.schemas.record import ToolResult
 from thinkbatch.tasks.store import checkpoint
-from thinkbatch.tasks.store.checkpoint import OutputLayout
+from thinkbatch.tasks.store.layout import OutputLayout
 
 log = logging.getLogger("thinkbatch.metrics")
 

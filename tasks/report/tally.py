@@ -21,7 +21,8 @@ import pyarrow.compute as pc
 
 from thinkbatch.schemas.manifest import ShardStats
 from thinkbatch.tasks.store import checkpoint
-from thinkbatch.tasks.store.checkpoint import ROLLOUT_SUMS, OutputLayout, sum_ints
+from thinkbatch.tasks.store.checkpoint import ROLLOUT_SUMS, sum_ints
+from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.storage import join
 
 BATCH_ROWS = 16_384

@@ -24,10 +24,10 @@ from thinkbatch.schemas.job import EngineSpec, ParserSpec
 from thinkbatch.schemas.manifest import EngineChoice, EngineLayout
 from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.record import Generation, RowRequest
+from thinkbatch.tasks.process.vllm_env import engine_logging
 from thinkbatch.tasks.rows import engine_settings
 from thinkbatch.tasks.rows.engine_stderr import EngineStderr
 from thinkbatch.tasks.rows.prompt_tokens import ControlTokens, chat_prompt
-from thinkbatch.tasks.process.vllm_env import engine_logging
 
 log = logging.getLogger("thinkbatch.engine")
 

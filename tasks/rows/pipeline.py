@@ -23,21 +23,21 @@ from thinkbatch.schemas.manifest import ShardStats
 from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.plan import Plan, Shard
 from thinkbatch.schemas.record import Generation, Parsed, RowRequest, output_row
-from thinkbatch.tasks.store import checkpoint
-from thinkbatch.tasks.store.checkpoint import OutputLayout
-from thinkbatch.tasks.store.commit import Committer
-from thinkbatch.tasks.rows.engine import Engine, EngineDied, RequestRejected
+from thinkbatch.tasks.jobs.retry import Carry
 from thinkbatch.tasks.report.metrics import RunMetrics
+from thinkbatch.tasks.report.progress import Progress
+from thinkbatch.tasks.report.trace import COMMITTED, FINISHED, SUBMITTED, Trace
+from thinkbatch.tasks.rows.conversation import Conversation, Rollouts
+from thinkbatch.tasks.rows.engine import Engine, EngineDied, RequestRejected
 from thinkbatch.tasks.rows.parse import OutputParser
 from thinkbatch.tasks.rows.read import shard_batches
 from thinkbatch.tasks.rows.render import Renderer, needed_columns
 from thinkbatch.tasks.rows.sampling import SamplingBuilder, SamplingRejected
-from thinkbatch.tasks.report.summary import Progress
-from thinkbatch.tasks.jobs.retry import Carry
-from thinkbatch.tasks.rows.conversation import Conversation, Rollouts
-from thinkbatch.tasks.tools.toolbox import Toolbox
-from thinkbatch.tasks.report.trace import COMMITTED, FINISHED, SUBMITTED, Trace
 from thinkbatch.tasks.rows.triage import Triage
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.commit import Committer
+from thinkbatch.tasks.store.layout import OutputLayout
+from thinkbatch.tasks.tools.toolbox import Toolbox
 
 log = logging.getLogger("thinkbatch.pipeline")
 

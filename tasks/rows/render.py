@@ -22,7 +22,7 @@ from thinkbatch.schemas.output import NO_COMPLETION, Status
 from thinkbatch.schemas.record import RowRequest
 from thinkbatch.schemas.tools import tool_errors
 from thinkbatch.tasks.rows.read import ROW_ID, ROW_INDEX
-from thinkbatch.tasks.tools.toolbox import parse_recorded
+from thinkbatch.tasks.tools.recorded import parse_recorded
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 _NO_COMPLETION = frozenset(s.value for s in NO_COMPLETION)

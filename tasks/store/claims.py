@@ -19,7 +19,7 @@ from collections import deque
 
 from thinkbatch.schemas.plan import Plan
 from thinkbatch.tasks.store import checkpoint
-from thinkbatch.tasks.store.checkpoint import OutputLayout
+from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.lease import Lease
 
 

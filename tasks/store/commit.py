@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from thinkbatch.schemas.manifest import EngineLayout, ShardStats
 from thinkbatch.tasks.store import checkpoint
-from thinkbatch.tasks.store.checkpoint import OutputLayout
+from thinkbatch.tasks.store.layout import OutputLayout
 
 OnShardDone = Callable[[int, ShardStats], None]
 OnCommit = Callable[[int, int], None]

@@ -9,8 +9,8 @@ import pyarrow as pa
 
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.plan import InputFile, Plan, Segment, Shard
-from thinkbatch.tasks.store.storage import FileStat, Storage
 from thinkbatch.tasks.store.fingerprint import digest, fingerprint_parts
+from thinkbatch.tasks.store.storage import FileStat, Storage
 
 
 FOOTER_READERS = 16  # footers are tiny ranged reads: latency-bound on object stores

@@ -13,9 +13,9 @@ import pytest
 from tests.conftest import CLI, engine_section, job_dict, prompt_rows, write_job, write_prompts
 from tests.tasks.report.test_charts import CHART_TITLES, write_output
 from thinkbatch.schemas.manifest import Manifest
-from thinkbatch.tasks.store.checkpoint import OutputLayout
-from thinkbatch.tasks.store.storage import Storage
 from thinkbatch.tasks.report.tally import tally_output
+from thinkbatch.tasks.store.layout import OutputLayout
+from thinkbatch.tasks.store.storage import Storage
 
 CHART_FILES = {"report.html", "status.png", "tokens.png", "timing.png", "throughput.png",
                "tools.png"}

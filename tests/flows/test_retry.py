@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import (CLI, engine_section, job_dict, kill_after_first_commit,
                             prompt_rows, write_prompts)
-from thinkbatch.tasks.store.checkpoint import OutputLayout
+from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.storage import Storage
 
 ROWS, PER_SHARD = 1200, 200
@@ -177,9 +177,9 @@ def test_carry_commits_kept_rows_once_in_this_versions_schema(tmp_path: Path) ->
     column null; once its rows are committed (a resumed retry), they are not again."""
     from thinkbatch.schemas.job_file import load_job
     from thinkbatch.schemas.output import output_schema
-    from thinkbatch.tasks.store.commit import Committer
-    from thinkbatch.tasks.report.summary import Progress
     from thinkbatch.tasks.jobs.retry import Carry
+    from thinkbatch.tasks.report.progress import Progress
+    from thinkbatch.tasks.store.commit import Committer
 
     schema = output_schema()
     old = pa.schema([f for f in schema if f.name != "chat_template_kwargs"])

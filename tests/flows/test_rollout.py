@@ -23,15 +23,15 @@ from thinkbatch.flows.job import generate_dataset
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.schemas.record import Generation, RowRequest
-from thinkbatch.tasks.store import checkpoint
-from thinkbatch.tasks.store.checkpoint import OutputLayout
+from thinkbatch.tasks.report.progress import Progress
 from thinkbatch.tasks.rows.engine import Engine, get_engine
 from thinkbatch.tasks.rows.engine_settings import may_seed
 from thinkbatch.tasks.rows.parse import OutputParser
 from thinkbatch.tasks.rows.pipeline import Pipeline
-from thinkbatch.tasks.store.plan import make_plan
 from thinkbatch.tasks.rows.read import input_schema
-from thinkbatch.tasks.report.summary import Progress
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.layout import OutputLayout
+from thinkbatch.tasks.store.plan import make_plan
 from thinkbatch.tasks.store.storage import Storage
 from thinkbatch.tasks.tools.toolbox import Toolbox
 

@@ -29,8 +29,8 @@ from thinkbatch.flows import artifacts, events
 from thinkbatch.flows.job import generate_dataset
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.manifest import Manifest
-from thinkbatch.tasks.store.checkpoint import OutputLayout
 from thinkbatch.tasks.report.summary import figure_rows
+from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.storage import Storage
 
 REPO = Path(__file__).resolve().parents[2]

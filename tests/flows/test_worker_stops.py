@@ -20,7 +20,7 @@ from tests.flows.test_scale_out import PrefectServer
 from tests.processes import cmdline, left_alive, tree
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.tasks.store import checkpoint
-from thinkbatch.tasks.store.checkpoint import OutputLayout
+from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.plan import make_plan
 from thinkbatch.tasks.store.storage import Storage
 

@@ -12,9 +12,9 @@ import pytest
 from tests.conftest import CLI, job_dict, prompt_rows, write_prompts
 from thinkbatch.schemas.job_file import JobFileError, load_job
 from thinkbatch.schemas.manifest import Manifest, RunFigures
-from thinkbatch.tasks.store import checkpoint
-from thinkbatch.tasks.store.checkpoint import OutputLayout
 from thinkbatch.tasks.jobs.reparse import reparse_job
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.storage import Storage
 
 

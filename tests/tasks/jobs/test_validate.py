@@ -16,9 +16,9 @@ import pytest
 from tests.conftest import (TIKTOKEN_MODEL, TOKENIZERS, TRAINED_MODEL, prompt_rows,
                             tokenizer_engine, write_prompts)
 from thinkbatch.schemas.job_file import JobFileError, load_job
+from thinkbatch.tasks.jobs.validate import check_inputs, check_job, checked_job
 from thinkbatch.tasks.store.plan import make_plan
 from thinkbatch.tasks.store.storage import Storage
-from thinkbatch.tasks.jobs.validate import check_inputs, check_job, checked_job
 
 
 def _inputs(tmp_path: Path, second: list[dict[str, Any]] | bytes) -> Path:

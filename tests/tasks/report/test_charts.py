@@ -20,13 +20,13 @@ from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.manifest import Manifest, RunFigures
 from thinkbatch.schemas.output import OutputRow, output_schema
-from thinkbatch.tasks.store import checkpoint
 from thinkbatch.tasks.report import html_report
-from thinkbatch.tasks.report import summary as report
-from thinkbatch.tasks.store.checkpoint import OutputLayout
+from thinkbatch.tasks.report.manifest import build_manifest
+from thinkbatch.tasks.report.tally import Seconds, TokenCounts, tally_output
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.plan import make_plan
 from thinkbatch.tasks.store.storage import Storage
-from thinkbatch.tasks.report.tally import Seconds, TokenCounts, tally_output
 
 CHART_TITLES = ["Rows by status", "Reasoning and answer tokens",
                 "TTFT and latency distributions", "Throughput over the run",
@@ -100,7 +100,7 @@ def write_output(tmp_path: Path, *, rows: int = 300, rows_per_shard: int = 100,
                                                             for m in markers.values()),
                      resumed=False, wall_s=at - START + 9, rows_per_s=rows / (at - START),
                      output_tokens_per_s=123.456, engine_load_s=4.2)
-    manifest = report.build_manifest(job, plan, layout, markers, run)
+    manifest = build_manifest(job, plan, layout, markers, run)
     checkpoint.write_manifest(layout, manifest)
     return job, layout, manifest
 

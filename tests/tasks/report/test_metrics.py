@@ -24,13 +24,13 @@ from thinkbatch.schemas.job_file import JobFileError
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.schemas.plan import Plan
 from thinkbatch.tasks.report import metrics
-from thinkbatch.tasks.store.checkpoint import OutputLayout
-from thinkbatch.tasks.store.fingerprint import fingerprint_parts
 from thinkbatch.tasks.report.metrics import RunMetrics
+from thinkbatch.tasks.report.progress import Progress
 from thinkbatch.tasks.rows.parse import OutputParser
 from thinkbatch.tasks.rows.pipeline import Pipeline
 from thinkbatch.tasks.rows.read import input_schema
-from thinkbatch.tasks.report.summary import Progress
+from thinkbatch.tasks.store.fingerprint import fingerprint_parts
+from thinkbatch.tasks.store.layout import OutputLayout
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

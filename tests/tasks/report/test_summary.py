@@ -4,12 +4,13 @@ from pathlib import Path
 
 from tests.conftest import prompt_rows, write_prompts
 from thinkbatch.schemas.job_file import load_job
-from thinkbatch.schemas.output import output_schema
-from thinkbatch.tasks.store.checkpoint import OutputLayout
-from thinkbatch.tasks.store.commit import Committer
 from thinkbatch.schemas.manifest import Manifest, RunFigures
+from thinkbatch.schemas.output import output_schema
 from thinkbatch.tasks.report.figures import RunTally
-from thinkbatch.tasks.report.summary import Progress, figure_rows, sample_rows, summary
+from thinkbatch.tasks.report.progress import Progress
+from thinkbatch.tasks.report.summary import figure_rows, sample_rows, summary
+from thinkbatch.tasks.store.commit import Committer
+from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.storage import Storage
 
 

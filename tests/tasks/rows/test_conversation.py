@@ -22,14 +22,14 @@ from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.output import Status, output_schema
 from thinkbatch.schemas.record import Generation, RowRequest
-from thinkbatch.tasks.store import checkpoint
-from thinkbatch.tasks.store.checkpoint import OutputLayout
+from thinkbatch.tasks.report.progress import Progress
 from thinkbatch.tasks.rows.engine import EngineDied, ReplayEngine, RequestRejected, as_served
 from thinkbatch.tasks.rows.parse import OutputParser
 from thinkbatch.tasks.rows.pipeline import Pipeline
-from thinkbatch.tasks.store.plan import make_plan
 from thinkbatch.tasks.rows.read import input_schema
-from thinkbatch.tasks.report.summary import Progress
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.layout import OutputLayout
+from thinkbatch.tasks.store.plan import make_plan
 from thinkbatch.tasks.store.storage import Storage
 from thinkbatch.tasks.tools.toolbox import Toolbox
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from tests.conftest import engine_section, job_dict, prompt_rows, write_prompts
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import load_job
-from thinkbatch.tasks.rows.engine import cpu_groups
 from thinkbatch.tasks.jobs.validate import check_job, check_platform
+from thinkbatch.tasks.rows.engine import cpu_groups
 
 
 def test_cpus_are_split_into_one_contiguous_group_per_rank() -> None:

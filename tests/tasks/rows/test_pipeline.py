@@ -24,17 +24,17 @@ from thinkbatch.schemas.manifest import ShardStats
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.schemas.plan import Plan
 from thinkbatch.schemas.record import Generation, RowRequest
-from thinkbatch.tasks.store import checkpoint
-from thinkbatch.tasks.rows import pipeline as pipeline_module
 from thinkbatch.tasks.report import trace
-from thinkbatch.tasks.store.checkpoint import OutputLayout
-from thinkbatch.tasks.store.commit import FencedOut
+from thinkbatch.tasks.report.progress import Progress
+from thinkbatch.tasks.rows import pipeline as pipeline_module
 from thinkbatch.tasks.rows.engine import EngineDied, ReplayEngine
 from thinkbatch.tasks.rows.parse import OutputParser
 from thinkbatch.tasks.rows.pipeline import Pipeline
-from thinkbatch.tasks.store.plan import make_plan
 from thinkbatch.tasks.rows.read import input_schema
-from thinkbatch.tasks.report.summary import Progress
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.commit import FencedOut
+from thinkbatch.tasks.store.layout import OutputLayout
+from thinkbatch.tasks.store.plan import make_plan
 from thinkbatch.tasks.store.storage import Storage
 
 WAIT_S = 10  # a bound on waiting for a future, never reached when the pipeline works

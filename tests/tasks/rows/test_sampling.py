@@ -8,8 +8,8 @@ import pytest
 from tests.conftest import KIMI_REGEX
 from thinkbatch.schemas.job import SamplingSpec
 from thinkbatch.schemas.job_file import load_job
-from thinkbatch.tasks.rows.sampling import SamplingBuilder, SamplingRejected, to_params
 from thinkbatch.tasks.jobs.validate import check_vllm
+from thinkbatch.tasks.rows.sampling import SamplingBuilder, SamplingRejected, to_params
 
 
 def _job(**sampling):

@@ -14,8 +14,9 @@ from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.manifest import ShardStats
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.tasks.store import checkpoint
-from thinkbatch.tasks.store.checkpoint import OutputLayout, ResumeRefused
+from thinkbatch.tasks.store.checkpoint import ResumeRefused
 from thinkbatch.tasks.store.commit import Committer
+from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.plan import make_plan
 from thinkbatch.tasks.store.storage import Storage
 

@@ -17,8 +17,8 @@ from tests.tasks.store.test_checkpoint import CountingStorage
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.tasks.store import checkpoint
-from thinkbatch.tasks.store.checkpoint import OutputLayout
 from thinkbatch.tasks.store.claims import ShardClaims
+from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.plan import make_plan
 from thinkbatch.tasks.store.storage import Storage
 
@@ -29,8 +29,9 @@ import json, sys
 import pyarrow as pa
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.schemas.plan import Plan
-from thinkbatch.tasks.store.checkpoint import OutputLayout, read_plan
+from thinkbatch.tasks.store.checkpoint import read_plan
 from thinkbatch.tasks.store.claims import ShardClaims
+from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.storage import Storage
 
 layout = OutputLayout(sys.argv[1], Storage())

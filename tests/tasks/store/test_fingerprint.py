@@ -8,11 +8,12 @@ import pytest
 from tests.conftest import prompt_rows, write_prompts
 from thinkbatch.schemas.job_file import deep_merge, load_job
 from thinkbatch.schemas.manifest import RunFigures
+from thinkbatch.tasks.report.manifest import build_manifest
 from thinkbatch.tasks.store import checkpoint
-from thinkbatch.tasks.store.checkpoint import OutputLayout, ResumeRefused
+from thinkbatch.tasks.store.checkpoint import ResumeRefused
 from thinkbatch.tasks.store.fingerprint import describe_changes, digest, fingerprint_parts
+from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.plan import make_plan
-from thinkbatch.tasks.report.summary import build_manifest
 from thinkbatch.tasks.store.storage import FileStat, Storage
 
 FILES = [FileStat("a.parquet", 10, "1")]

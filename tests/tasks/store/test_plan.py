@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 
 from tests.conftest import prompt_rows, write_prompts
 from thinkbatch.schemas.job_file import load_job
-from thinkbatch.tasks.store.plan import make_plan
 from thinkbatch.tasks.rows.read import ROW_ID, ROW_INDEX, shard_batches
+from thinkbatch.tasks.store.plan import make_plan
 from thinkbatch.tasks.store.storage import Storage
 
 STORE = Storage()

@@ -3,7 +3,6 @@ server over stdio and streamable HTTP, recorded results. No engine needed."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -25,7 +24,9 @@ from tests.conftest import free_port
 from thinkbatch.schemas.record import ToolResult
 from thinkbatch.schemas.rollout import RolloutSpec
 from thinkbatch.schemas.tools import tool_errors
-from thinkbatch.tasks.tools.toolbox import Toolbox, ToolboxError, parse_recorded
+from thinkbatch.tasks.tools.recorded import parse_recorded
+from thinkbatch.tasks.tools.tool import ToolboxError
+from thinkbatch.tasks.tools.toolbox import Toolbox
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 example_tools = tiny_tasks.EXAMPLE_TOOLS  # examples/tools.py (not a package), loaded once
@@ -481,50 +482,3 @@ def _counting(starts: Path, key: str, **over: Any) -> RolloutSpec:
 
 def _starts(starts: Path) -> list[str]:
     return starts.read_text().split() if starts.exists() else []
-
-
-def test_the_checks_toolbox_is_the_runs_so_each_server_starts_once(tmp_path: Path):
-    """The CLI checks the job, the flow checks it again, the run opens its tools: one
-    server start. A toolbox kept for another job is closed when a new one is kept."""
-    starts = tmp_path / "starts"
-    rollout = _counting(starts, "k")
-    checked = Toolbox.keep(rollout, tmp_path)
-    assert Toolbox.keep(rollout, tmp_path) is checked
-    run_box = Toolbox.take(rollout, tmp_path)
-    try:
-        assert run_box is checked and len(_starts(starts)) == 1
-        assert run_box.names == ["get_weather", "check_key"]
-    finally:
-        run_box.close()
-    fresh = Toolbox.take(rollout, tmp_path)  # nothing kept any more: opened anew
-    fresh.close()
-    assert len(_starts(starts)) == 2
-
-    first = Toolbox.keep(rollout, tmp_path)
-    other = Toolbox.keep(_counting(starts, "k", max_turns=3), tmp_path)
-    assert first.closed and not other.closed
-    other.close()
-
-
-def test_mcp_secrets_come_from_the_environment_and_never_reach_error_texts(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    secret = "sk-test-3f9a2b7c1d"
-    monkeypatch.setenv("TB_TEST_API_KEY", secret)
-    starts = tmp_path / "starts"
-    rollout = _counting(starts, "${TB_TEST_API_KEY}")
-    with Toolbox.open(rollout, tmp_path) as box:
-        [refused] = run(box, [call("check_key")])
-    assert _starts(starts) == [hashlib.sha256(secret.encode()).hexdigest()]  # it got the key
-    assert refused.error == "Error executing tool check_key: key ********** refused"
-
-    monkeypatch.delenv("TB_TEST_API_KEY")
-    with pytest.raises(ToolboxError, match=r"rollout.tools\[0\] \(mcp .*\): env.API_KEY: "
-                                           r"\$\{TB_TEST_API_KEY\} is not set in the environment"):
-        Toolbox.open(rollout, tmp_path)
-    # A job read back from a JSON dump (a manifest, Prefect's parameters) lost a literal
-    # secret: refused, not started with the mask as its key.
-    written = RolloutSpec.model_validate_json(_counting(starts, secret).model_dump_json())
-    with pytest.raises(ToolboxError, match=r"env.STARTS_FILE: the value was not stored "
-                                           r"\(thinkbatch writes no secret\); write it as"):
-        Toolbox.open(written, tmp_path)
-    assert len(_starts(starts)) == 1
