@@ -35,7 +35,7 @@ LIGHT_CPU = 0.25  # logical CPUs of each light Ray Data task or actor (see main)
 def sampling_fields(spec: Any, keep_special_tokens: bool) -> dict[str, Any]:
     """A sampling section as the keyword arguments of vllm.SamplingParams, which is what
     Ray Data LLM's `sampling_params` column holds (the same fields thinkbatch's
-    tasks/sampling.py passes; structured outputs as a dict, which Ray turns into
+    tasks/rows/sampling.py passes; structured outputs as a dict, which Ray turns into
     StructuredOutputsParams)."""
     fields = spec.model_dump(exclude={"structured_outputs", "extra", "stop", "n"})
     fields["stop"] = spec.stop or None

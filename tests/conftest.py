@@ -146,7 +146,7 @@ def free_port() -> int:
 def kill_after_first_commit(job: Path | list[str], env: dict[str, str] | None = None) -> set[int]:
     """Run `thinkbatch run JOB` (or the command given as a list of arguments), SIGKILL its
     process group right after its first commit; returns the row indices it had submitted
-    to the engine by then, as its trace (tasks/trace.py) tells."""
+    to the engine by then, as its trace (tasks/report/trace.py) tells."""
     args = job if isinstance(job, list) else ["run", str(job)]
     with tempfile.TemporaryDirectory() as tmp:
         path, log = Path(tmp, "trace.jsonl"), Path(tmp, "stderr")

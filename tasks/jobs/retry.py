@@ -27,7 +27,6 @@ from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.storage import Storage, StorageError, join
 
 if TYPE_CHECKING:
-    from thinkbatch.tasks.report.progress import Progress
     from thinkbatch.tasks.store.commit import Committer
 
 Key = tuple[int, int]
@@ -136,15 +135,15 @@ class Carry:
             [table.column(f.name) if f.name in have else pa.nulls(table.num_rows, f.type)
              for f in self.schema], names=self.schema.names).cast(self.schema)
 
-    def keep(self, shard_id: int, done: set[Key], committer: Committer,
-             progress: Progress) -> set[Key]:
-        """The keys kept from the source. Their rows go into one part, so an earlier run
-        of this retry committed all of them or none: commit them unless it did."""
+    def keep(self, shard_id: int, done: set[Key], committer: Committer) -> tuple[set[Key], int]:
+        """The keys kept from the source, and how many rows this call copied. Their rows
+        go into one part, so an earlier run of this retry committed all of them or none:
+        commit them unless it did."""
         parts = self._parts(shard_id)
         keys = self._read_kept(parts, [*KEY, "status"])
         kept = set(zip(keys.column(KEY[0]).to_pylist(), keys.column(KEY[1]).to_pylist()))
         if kept and kept.isdisjoint(done):
             rows = self._kept_rows(parts)
             committer.add_part(shard_id, rows)
-            progress.carried(rows.num_rows)
-        return kept
+            return kept, rows.num_rows
+        return kept, 0

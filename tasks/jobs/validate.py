@@ -93,7 +93,7 @@ def _not_text(column: str, typed: list[tuple[str, pa.DataType]],
 
 
 def _not_scalar(column: str, typed: list[tuple[str, pa.DataType]]) -> list[str]:
-    """A row id is read as text (tasks/read.py casts it); a type that Arrow cannot cast to
+    """A row id is read as text (tasks/rows/read.py casts it); a type that Arrow cannot cast to
     text (a list, a struct) would fail the run at its first batch. Found by casting."""
     by_type: dict[pa.DataType, list[str]] = {}
     for path, kind in typed:
@@ -283,7 +283,7 @@ def _shipped_tokenizer(folder: Path) -> str | None:
 
 def check_tokenizer(job: JobSpec) -> list[str]:
     """The model's tokenizer, when it is a folder on this machine (a hub id's is checked as
-    the engine loads, tasks/parse.py): the class the model ships, and one that has every
+    the engine loads, tasks/rows/parse.py): the class the model ships, and one that has every
     marker the chosen parsers look for as one token.
 
     Without trust_remote_code, transformers 5 does not refuse a tokenizer that `auto_map`

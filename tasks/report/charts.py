@@ -1,4 +1,4 @@
-"""The report's charts, drawn by matplotlib from an output's tally (tasks/tally.py).
+"""The report's charts, drawn by matplotlib from an output's tally (tasks/report/tally.py).
 
 Figures are made with matplotlib's object API on the Agg canvas, never pyplot: no global
 state, so a report drawn in a Prefect task's thread cannot disturb another. A chart with

@@ -3,7 +3,7 @@
 against answer tokens, for the rows this run generated and no others.
 
 Memory stays flat: counts and sums, and TTFT and latency in the fixed log-spaced bins of
-the report's tally (tasks/tally.py `Seconds`, percentiles within 0.6%), so the
+the report's tally (tasks/report/tally.py `Seconds`, percentiles within 0.6%), so the
 manifest and the report read the same percentiles the same way. A scale-out worker's
 tally travels to the parent as its state (`TallyState`) and merges there: bins add up.
 """
@@ -136,7 +136,7 @@ def merge_workers(reports: list[WorkerFigures], generation_s: float) -> RunFigur
     for report in reports:
         tally.merge(report.tally)
     figures = [r.figures for r in reports]
-    return RunFigures(
+    run = RunFigures(
         shards=sorted(s for f in figures for s in f.shards or []),
         rows_generated=sum(f.rows_generated for f in figures),
         output_tokens=sum(f.output_tokens or 0 for f in figures),
@@ -144,3 +144,14 @@ def merge_workers(reports: list[WorkerFigures], generation_s: float) -> RunFigur
         engine_restarts=sum(f.engine_restarts or 0 for f in figures),
         metrics=tally.metrics(generation_s),
         workers={r.name: r.figures for r in reports})
+    with_rates(run, generation_s)
+    return run
+
+
+def with_rates(run: RunFigures, seconds: float) -> None:
+    """Rows and output tokens per second over `seconds` of generation: the one place a
+    run's rates are computed (a worker's over its own time, a scale-out run's over its
+    rounds)."""
+    if seconds > 0:
+        run.rows_per_s = run.rows_generated / seconds
+        run.output_tokens_per_s = (run.output_tokens or 0) / seconds

@@ -1,7 +1,7 @@
 """An output's report: one self-contained HTML page (its charts embedded) and the charts
 as PNG files beside it, written by `thinkbatch report` and at the end of every run.
 
-The page's figures come from the data, tallied (tasks/tally.py), so they can be checked
+The page's figures come from the data, tallied (tasks/report/tally.py), so they can be checked
 against the manifest's sums; this run's pace comes from the manifest, the one place it
 is known. Written through Storage, so a report sits beside a local or an S3 output.
 """

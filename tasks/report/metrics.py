@@ -2,7 +2,7 @@
 metrics and thinkbatch's own, on `observability.metrics_port` for as long as a worker runs.
 
 vLLM's offline engine records its metrics in this process. The V1 `LLMEngine` that
-`vllm.LLM` wraps keeps a `StatLoggerManager` whenever stats are on (tasks/engine.py turns
+`vllm.LLM` wraps keeps a `StatLoggerManager` whenever stats are on (tasks/rows/engine.py turns
 `disable_log_stats` off for first-token times); it always includes a
 `PrometheusStatLogger`, which registers every `vllm:` metric in prometheus_client's
 default REGISTRY and updates it from the SchedulerStats that the engine core process sends
@@ -26,16 +26,21 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Info
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector
 
 from thinkbatch.schemas.job import JobSpec
+from thinkbatch.schemas.manifest import ShardStats
 from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.plan import Plan
 from thinkbatch.schemas.record import ToolResult
+from thinkbatch.tasks.report.figures import RunTally
+from thinkbatch.tasks.rows.listeners import Listener
 from thinkbatch.tasks.store import checkpoint
 from thinkbatch.tasks.store.layout import OutputLayout
 
@@ -64,9 +69,11 @@ class _Rate:
         return (rows - before) / (now - since) if now > since else 0.0
 
 
-class RunMetrics:
-    """This run's figures as Prometheus metrics, updated by the pipeline as rows finish,
-    parts commit and shards end (its driver and writer threads), read by scrapes."""
+class RunMetrics(Listener):
+    """This run's figures as Prometheus metrics, read by scrapes: rows by status and
+    output tokens from the run's tally (`follow`), never counted twice; parts committed,
+    shards done and tool results as the pipeline tells its listeners (its writer and
+    driver threads)."""
 
     def __init__(self, job: JobSpec, shards_total: int, shards_done: int, worker: int = 0):
         self.registry = CollectorRegistry()
@@ -74,18 +81,12 @@ class RunMetrics:
         Info("thinkbatch_run", "The job this process runs.", registry=reg).info({
             "job_name": job.name, "model": job.engine.model or "", "output": job.output.path,
             "worker": str(worker)})
-        self._rows = Counter("thinkbatch_rows", "Rows (samples) this process finished, by "
-                             "status: generated, parsed and handed to the committer.",
-                             ["status"], registry=reg)
-        for status in Status:  # every status from zero, so rate() sees the first one
-            self._rows.labels(status.value)
+        self._tally: RunTally | None = None  # until the pipeline opens
+        reg.register(_TallyCollector(self))
         self._committed = Counter("thinkbatch_rows_committed", "Rows this process committed "
                                   "in parts (a retry's copied rows too).", registry=reg)
-        self._tokens = Counter("thinkbatch_output_tokens", "Completion tokens of the rows "
-                               "this process finished.", registry=reg)
-        self.rows_finished = 0
         Gauge("thinkbatch_rows_per_second", "Rows finished per second over about the last "
-              "minute.", registry=reg).set_function(_Rate(lambda: self.rows_finished))
+              "minute.", registry=reg).set_function(_Rate(lambda: sum(self.statuses().values())))
         self._in_flight = Gauge("thinkbatch_rows_in_flight", "Rows in the engine (in a "
                                 "rollout: conversations generating a turn).", registry=reg)
         Gauge("thinkbatch_shards_total", "Shards in the job's plan.",
@@ -105,28 +106,50 @@ class RunMetrics:
             self._tool_errors = Counter("thinkbatch_tool_errors", "Tool calls that failed "
                                         "(answered with their error text).", registry=reg)
 
-    def follow_in_flight(self, count: Callable[[], int]) -> None:
-        """The pipeline's count of rows in flight, read at each scrape."""
-        self._in_flight.set_function(count)
+    def follow(self, tally: RunTally, in_flight: Callable[[], int]) -> None:
+        """The run's tally of finished rows and the pipeline's count of rows in flight,
+        read at each scrape."""
+        self._tally = tally
+        self._in_flight.set_function(in_flight)
 
-    def row_done(self, status: str, completion_tokens: int) -> None:
-        self._rows.labels(status).inc()
-        self._tokens.inc(completion_tokens)
-        self.rows_finished += 1
+    def statuses(self) -> dict[str, int]:
+        """Rows finished by status so far (a copy: the driver thread adds rows meanwhile)."""
+        return dict(self._tally.status) if self._tally is not None else {}
 
-    def committed(self, rows: int) -> None:
+    def output_tokens(self) -> int:
+        return self._tally.completion_tokens if self._tally is not None else 0
+
+    def committed(self, shard_id: int, rows: int) -> None:
         self._committed.inc(rows)
 
-    def shard_done(self) -> None:
+    def shard_done(self, shard_id: int, stats: ShardStats) -> None:
         self._shards_done.inc()
         self._shards_completed.inc()
 
-    def tools_returned(self, results: Iterable[ToolResult]) -> None:
+    def tools_returned(self, results: Sequence[ToolResult]) -> None:
         if self._tool_calls is None or self._tool_errors is None:
             return
-        results = list(results)
         self._tool_calls.inc(len(results))
         self._tool_errors.inc(sum(r.error is not None for r in results))
+
+
+class _TallyCollector(Collector):
+    """Rows by status (every status from zero, so rate() sees the first one) and output
+    tokens, as counters read from the tally at each scrape."""
+
+    def __init__(self, metrics: RunMetrics):
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        counts = self._metrics.statuses()
+        rows = CounterMetricFamily("thinkbatch_rows", "Rows (samples) this process finished, "
+                                   "by status: generated, parsed and handed to the committer.",
+                                   labels=["status"])
+        for status in Status:
+            rows.add_metric([status.value], counts.get(status.value, 0))
+        yield rows
+        yield CounterMetricFamily("thinkbatch_output_tokens", "Completion tokens of the rows "
+                                  "this process finished.", value=self._metrics.output_tokens())
 
 
 class MetricsServer:

@@ -12,12 +12,13 @@ from typing import Any
 from tqdm import tqdm
 
 from thinkbatch.tasks.report.figures import RunTally
+from thinkbatch.tasks.rows.listeners import Listener
 
 # tqdm's own rate and time left would count rows done before the run; ours are in postfix.
 BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
 
-class Progress:
+class Progress(Listener):
     """Rows done, the time left, rows/s and output tok/s on the terminal (stderr); this
     run's tally of the rows it generated (`tally`).
 
@@ -52,15 +53,10 @@ class Progress:
         """Output tokens of this run's rows."""
         return self.tally.completion_tokens
 
-    def committed_before(self, rows: int) -> None:
-        """Rows an earlier run committed in a shard this run resumes (the feeder skips them)."""
-        self._done_before(rows)
-
-    def carried(self, rows: int) -> None:
-        """Rows a retry copies from its source: on the bar, not in the run's figures."""
-        self._done_before(rows)
-
-    def _done_before(self, rows: int) -> None:
+    def done_before(self, rows: int) -> None:
+        """Rows an earlier run committed in a shard this run resumes (the feeder skips
+        them), or a retry's rows copied from its source: on the bar, not in the run's
+        figures."""
         self.before += rows
         if self._bar is not None:
             self._bar.update(rows)

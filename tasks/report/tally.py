@@ -1,4 +1,4 @@
-"""What an output holds, tallied batch by batch for its report (tasks/html_report.py).
+"""What an output holds, tallied batch by batch for its report (tasks/report/html_report.py).
 
 Memory stays flat whatever the output's size: only the columns a chart needs are read
 (nested ones down to the leaf: a tool call's name, never its arguments), one record
@@ -6,7 +6,7 @@ batch at a time, into fixed-size accumulators. Token counts go into an exact cou
 value (its size follows the longest completion, not the number of rows); seconds go
 into fixed log-spaced bins, fine enough that a percentile read from them is within 0.6%,
 so no pass has to hold a column or learn its range first. This run's figures in the
-manifest (tasks/figures.py) use the same bins, so both read the same percentiles.
+manifest (tasks/report/figures.py) use the same bins, so both read the same percentiles.
 """
 
 from __future__ import annotations

@@ -24,12 +24,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from thinkbatch.tasks.rows.listeners import Listener
+
 ENV = "THINKBATCH_TRACE"
 SUBMITTED, FINISHED, COMMITTED = "submitted", "finished", "committed"
 POLL_S = 0.02  # how often `follow` looks for new lines
 
 
-class Trace:
+class Trace(Listener):
+    """The trace file, written as the pipeline tells its listeners (rows/listeners.py)."""
+
     def __init__(self, path: str | Path):
         self._file = open(path, "ab", buffering=0)  # O_APPEND; a write is one write(2)
 
@@ -43,6 +47,20 @@ class Trace:
     def record(self, event: str, **fields: int) -> None:
         line = json.dumps({"event": event, "time": time.time(), "pid": os.getpid(), **fields})
         self._file.write((line + "\n").encode())
+
+    def submitted(self, shard_id: int, row: int, sample: int, turn: int | None) -> None:
+        self.record(SUBMITTED, **_request(shard_id, row, sample, turn))
+
+    def finished(self, shard_id: int, row: int, sample: int, turn: int | None) -> None:
+        self.record(FINISHED, **_request(shard_id, row, sample, turn))
+
+    def committed(self, shard_id: int, rows: int) -> None:
+        self.record(COMMITTED, shard=shard_id, rows=rows)
+
+
+def _request(shard_id: int, row: int, sample: int, turn: int | None) -> dict[str, int]:
+    fields = {"shard": shard_id, "row": row, "sample": sample}
+    return fields if turn is None else {**fields, "turn": turn}
 
 
 def read(path: str | Path) -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 no conversation waits for another's (no barrier across turns).
 
 The pipeline's driver thread owns every conversation's state. A turn that ends in tool
-calls hands them to the toolbox (tasks/tools.py), which runs them on its own pool and
+calls hands them to the toolbox (tasks/tools/), which runs them on its own pool and
 puts the results on a queue; the driver takes them from there and submits the
 conversation's next turn ahead of new rows, so conversations in flight finish first.
 A conversation is one output row, written when it ends: an answer (`ok`), `max_turns`,

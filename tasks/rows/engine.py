@@ -95,7 +95,7 @@ def llm_kwargs(spec: EngineSpec, parsers: ParserSpec) -> dict[str, Any]:
 def machine_kwargs(spec: EngineSpec, parsers: ParserSpec,
                    seeded: bool) -> tuple[dict[str, Any], list[EngineChoice]]:
     """The vllm.LLM arguments for this machine: the job's (`llm_kwargs`) and the settings
-    this platform needs that vLLM does not choose itself (tasks/engine_settings.py; a
+    this platform needs that vLLM does not choose itself (tasks/rows/engine_settings.py; a
     `seeded` job's needs differ). Benchmarks give bare vLLM the same."""
     kwargs = llm_kwargs(spec, parsers)
     choices = engine_settings.choose(kwargs, seeded)
@@ -209,7 +209,7 @@ class VllmEngine:
         return len(self._pending)
 
     def guard(self, markers: Iterable[str]) -> None:
-        """Data that spells `markers` (the parsers', tasks/parse.py) is tokenized as text
+        """Data that spells `markers` (the parsers', tasks/rows/parse.py) is tokenized as text
         too: a tokenizer may know them only by name (Kimi-K2-Thinking's keeps `<think>`
         and its tool-call markers out of its added tokens)."""
         self._control = ControlTokens(self.tokenizer, markers)
@@ -221,7 +221,7 @@ class VllmEngine:
 
     def submit(self, key: str, req: RowRequest, params: Any) -> None:
         """Render with the model's own chat template and tokenizer (data that spells control
-        tokens tokenized as text, tasks/prompt_tokens.py), check the length on the host (no
+        tokens tokenized as text, tasks/rows/prompt_tokens.py), check the length on the host (no
         accelerator time for a prompt that cannot fit), then enqueue."""
         try:
             prompt = chat_prompt(self._render, self._control, req.messages, req.tools,

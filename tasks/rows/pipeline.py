@@ -5,7 +5,7 @@ rows already committed); the driver thread keeps up to `max_in_flight` requests 
 the engine, parses what finishes and hands rows to the committer. Shards only exist
 for bookkeeping: requests of the next shard enter while the last ones of the
 previous shard still generate. A rollout job's rows are conversations of several turns
-(tasks/rollout.py): their next turns enter ahead of new rows.
+(tasks/rows/conversation.py): their next turns enter ahead of new rows.
 """
 
 from __future__ import annotations
@@ -16,19 +16,16 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.manifest import ShardStats
 from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.plan import Plan, Shard
 from thinkbatch.schemas.record import Generation, Parsed, RowRequest, output_row
-from thinkbatch.tasks.jobs.retry import Carry
-from thinkbatch.tasks.report.metrics import RunMetrics
-from thinkbatch.tasks.report.progress import Progress
-from thinkbatch.tasks.report.trace import COMMITTED, FINISHED, SUBMITTED, Trace
 from thinkbatch.tasks.rows.conversation import Conversation, Rollouts
 from thinkbatch.tasks.rows.engine import Engine, EngineDied, RequestRejected
+from thinkbatch.tasks.rows.listeners import Listener
 from thinkbatch.tasks.rows.parse import OutputParser
 from thinkbatch.tasks.rows.read import shard_batches
 from thinkbatch.tasks.rows.render import Renderer, needed_columns
@@ -43,6 +40,13 @@ log = logging.getLogger("thinkbatch.pipeline")
 
 STOP_GRACE_S = 2.0  # how long an error waits for a stop before failing the shards
 TOOLS_WAIT_S = 0.2  # how long an idle engine's driver blocks for tool results at once
+
+
+class Carry(Protocol):
+    """A retry's rows kept from its source (jobs/retry.py), committed by the feeder."""
+
+    def keep(self, shard_id: int, done: set[tuple[int, int]],
+             committer: Committer) -> tuple[set[tuple[int, int]], int]: ...
 
 
 @dataclass(slots=True)
@@ -66,10 +70,10 @@ class _Work:
 
 class Pipeline:
     def __init__(self, job: JobSpec, plan: Plan, layout: OutputLayout, engine: Engine,
-                 parser: OutputParser, schema: Any, progress: Progress,
+                 parser: OutputParser, schema: Any, listeners: Listener,
                  may_commit: Callable[[int], bool],
                  restart_engine: Callable[[Engine], Engine] | None = None,
-                 toolbox: Toolbox | None = None, metrics: RunMetrics | None = None):
+                 toolbox: Toolbox | None = None, carry: Carry | None = None):
         self.job = job
         self.plan = plan
         self.engine = engine
@@ -81,11 +85,7 @@ class Pipeline:
         self.rollout = Rollouts(job, toolbox, parser) if job.rollout is not None else None
         self.sampling = SamplingBuilder(job) if job.engine.kind == "vllm" else None
         self.renderer = Renderer(job)
-        self.progress = progress
-        self.trace = Trace.from_env()  # THINKBATCH_TRACE: rows followed by tests, benchmarks
-        self.metrics = metrics  # observability.metrics_port: live Prometheus figures
-        if metrics:
-            metrics.follow_in_flight(lambda: len(self._inflight))
+        self.listeners = listeners  # what watches the rows (rows/listeners.py)
         self.committer = Committer(
             layout, schema, flush_rows=job.output.flush_rows,
             flush_seconds=job.output.flush_seconds, compression=job.output.compression,
@@ -93,7 +93,7 @@ class Pipeline:
         )
         self.committer.engine = engine.layout
         self.layout = layout
-        self.carry = Carry(job, schema) if job.retry else None
+        self.carry = carry  # a retry's rows kept from its source
         self._shards: queue.Queue[Shard | None] = queue.Queue()
         self._futures: dict[int, Future[ShardStats]] = {}
         self._items: queue.Queue[Any] = queue.Queue(maxsize=4)  # rendered batches, bounded
@@ -111,6 +111,11 @@ class Pipeline:
         self._driver.start()
 
     # -- public, thread-safe ------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Rows in the engine (a rollout: conversations generating a turn)."""
+        return len(self._inflight)
 
     def submit_shard(self, shard_id: int) -> Future[ShardStats]:
         """Queue a shard; the future resolves with its stats once it is committed."""
@@ -171,9 +176,11 @@ class Pipeline:
         try:
             while (shard := self._shards.get()) is not None:
                 done = checkpoint.committed_keys(self.layout, shard.shard_id)
-                self.progress.committed_before(len(done))
+                self.listeners.done_before(len(done))
                 if self.carry is not None:  # a retry: the source's other rows, as they are
-                    done |= self.carry.keep(shard.shard_id, done, self.committer, self.progress)
+                    kept, copied = self.carry.keep(shard.shard_id, done, self.committer)
+                    done |= kept
+                    self.listeners.done_before(copied)
                 self._put_item(_ShardStart(shard.shard_id, shard.num_rows * n - len(done)))
                 for batch in shard_batches(self.layout.store, self.plan, shard, columns,
                                            self.job.input.id_column):
@@ -231,7 +238,7 @@ class Pipeline:
 
     def _replace_engine(self, err: EngineDied) -> None:
         """The engine died: load a new one and resubmit, find the row that kills it, or
-        fail (tasks/triage.py). The rows in flight are not engine errors unless one
+        fail (tasks/rows/triage.py). The rows in flight are not engine errors unless one
         killed the engine alone. A stop signal to the process group kills the engine
         first: then there is nothing to restart."""
         while True:
@@ -283,8 +290,7 @@ class Pipeline:
         while self.engine.in_flight < self.job.engine.max_in_flight:
             if rollout is not None:
                 if (conv := rollout.ready()) is not None:
-                    if self.metrics:
-                        self.metrics.tools_returned(conv.turns[-1].results or ())
+                    self.listeners.tools_returned(conv.turns[-1].results or ())
                     self._submit(conv)
                     continue
                 if rollout.full:
@@ -341,17 +347,14 @@ class Pipeline:
             return
         self._inflight[work.key] = work
         self.submitted += 1
-        if self.trace:
-            self.trace.record(SUBMITTED, shard=work.shard_id, row=req.row_index,
-                              sample=work.sample, **({"turn": len(conv.turns) + 1} if conv else {}))
+        self.listeners.submitted(work.shard_id, req.row_index, work.sample,
+                                 len(conv.turns) + 1 if conv else None)
 
     def _finish(self, work: _Work | Conversation, gen: Generation) -> None:
         req = work.req
         self.triage.finished()
-        if self.trace:
-            conv = work if isinstance(work, Conversation) else None
-            self.trace.record(FINISHED, shard=work.shard_id, row=req.row_index,
-                              sample=work.sample, **({"turn": len(conv.turns) + 1} if conv else {}))
+        self.listeners.finished(work.shard_id, req.row_index, work.sample,
+                                len(work.turns) + 1 if isinstance(work, Conversation) else None)
         parsed = None
         if gen.finish_reason in ("abort", "error"):
             parsed = Parsed(Status.ENGINE_ERROR,
@@ -371,9 +374,7 @@ class Pipeline:
         trajectory = self.rollout.end(work) if isinstance(work, Conversation) else None
         row = output_row(self.job, work.req, work.sample, parsed, gen, trajectory)
         self.committer.add(shard_id, row)
-        self.progress.row_done(row)
-        if self.metrics:
-            self.metrics.row_done(row["status"], row["completion_tokens"] or 0)
+        self.listeners.row_done(row)
         self._remaining[shard_id] -= 1
         if self._remaining[shard_id] == 0:
             self.committer.finish_shard(shard_id)
@@ -384,14 +385,10 @@ class Pipeline:
         self.committed += rows
         log.info("committed %d rows of shard %d (run so far: submitted %d, committed %d)",
                  rows, shard_id, self.submitted, self.committed)
-        if self.trace:
-            self.trace.record(COMMITTED, shard=shard_id, rows=rows)
-        if self.metrics:
-            self.metrics.committed(rows)
+        self.listeners.committed(shard_id, rows)
 
     def _shard_done(self, shard_id: int, stats: ShardStats) -> None:
-        if self.metrics:
-            self.metrics.shard_done()
+        self.listeners.shard_done(shard_id, stats)
         self._futures.pop(shard_id).set_result(stats)
 
     def _fail(self, err: BaseException) -> None:

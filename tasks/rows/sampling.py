@@ -4,7 +4,7 @@ vLLM checks a SamplingParams when it is built, and its structured-output constra
 what depends on the model (vocabulary, max_model_len) when its request is added. The first
 two run here, once per distinct section: a value our schema accepts and vLLM refuses then
 fails only the rows that carry it (`invalid_input`, the field named), and a job-level one
-refuses the job before any model loads (tasks/validate.py). The model-dependent checks fail
+refuses the job before any model loads (tasks/jobs/validate.py). The model-dependent checks fail
 their row in the engine (`RequestRejected`).
 """
 

@@ -1,7 +1,7 @@
 """Shard claims: workers take shards one at a time until none are left.
 
 Claiming is dynamic, so a slow node simply takes fewer shards. A claim is a lease
-(`tasks/lease.py`) on `_claims/NNNNNN.json`, renewed while the shard is worked on and
+(`tasks/store/lease.py`) on `_claims/NNNNNN.json`, renewed while the shard is worked on and
 renewed once more right before each commit (fencing). A dead worker's claims expire
 and its shards are claimed again and resumed from their committed parts.
 

@@ -1,6 +1,6 @@
 """Live metrics of a real run: the flow in-process on the real vLLM engine (CPU build,
 random-weight miniature), scraped over HTTP on 127.0.0.1 while rows commit (the run's
-trace, tasks/trace.py, says when), then closed with the run; a second run in the same
+trace, tasks/report/trace.py, says when), then closed with the run; a second run in the same
 process serves on the same port with fresh counters. A port the job cannot have is
 refused by `thinkbatch run` before any model loads."""
 

@@ -1,4 +1,4 @@
-"""The guardian (tasks/guardian.py) with real processes: a SIGKILLed owner's whole tree
+"""The guardian (tasks/process/guardian.py) with real processes: a SIGKILLed owner's whole tree
 dies, a grandchild in a session of its own included, and the guardian with it."""
 
 from __future__ import annotations

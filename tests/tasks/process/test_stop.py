@@ -1,4 +1,4 @@
-"""Stop signals (tasks/stop.py), delivered for real to this process's main thread."""
+"""Stop signals (tasks/process/stop.py), delivered for real to this process's main thread."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The report with charts (tasks/tally.py, tasks/charts.py, tasks/html_report.py) on
+"""The report with charts (tasks/report/tally.py, tasks/report/charts.py, tasks/report/html_report.py) on
 outputs written the way a run writes them: parts in the real output schema, done markers
 by `checkpoint.mark_done`, the manifest by `report.build_manifest`."""
 

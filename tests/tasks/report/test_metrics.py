@@ -1,4 +1,4 @@
-"""Live metrics (tasks/metrics.py) without an engine: the pipeline's hooks move the run's
+"""Live metrics (tasks/report/metrics.py) without an engine: the pipeline's hooks move the run's
 counters (replay engine, real Parquet, real tools), the endpoint serves them over HTTP
 beside prometheus_client's default registry and closes with the run, and the port check
 refuses a port in use. tests/flows/test_metrics.py scrapes a real vLLM run."""
@@ -9,7 +9,6 @@ import socket
 import threading
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY, Counter
@@ -21,16 +20,10 @@ from tests.tasks.rows import test_conversation as rollouts
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.job_file import JobFileError
-from thinkbatch.schemas.output import output_schema
-from thinkbatch.schemas.plan import Plan
 from thinkbatch.tasks.report import metrics
 from thinkbatch.tasks.report.metrics import RunMetrics
 from thinkbatch.tasks.report.progress import Progress
-from thinkbatch.tasks.rows.parse import OutputParser
-from thinkbatch.tasks.rows.pipeline import Pipeline
-from thinkbatch.tasks.rows.read import input_schema
 from thinkbatch.tasks.store.fingerprint import fingerprint_parts
-from thinkbatch.tasks.store.layout import OutputLayout
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -60,8 +53,7 @@ def test_the_pipeline_counts_rows_by_status_tokens_commits_and_shards(tmp_path: 
     layout, plan = single._plan(job)
     run = RunMetrics(job, shards_total=len(plan.shards), shards_done=0)
     engine = single.ScriptedReplay(job, finish={1: "abort", 7: "error"})
-    pipe = Pipeline(job, plan, layout, engine, *_parts(job, layout, plan, engine),
-                    lambda shard_id: True, metrics=run)
+    pipe = single._pipeline(job, layout, plan, engine, live=run)
 
     single._run(pipe, 0, 1, 2)
 
@@ -79,14 +71,6 @@ def test_the_pipeline_counts_rows_by_status_tokens_commits_and_shards(tmp_path: 
     assert not any(name.startswith("thinkbatch_tool") for name, _ in got)  # no rollout
 
 
-def _parts(job: JobSpec, layout: OutputLayout, plan: Plan,
-           engine: single.ScriptedReplay) -> tuple[OutputParser, Any, Progress]:
-    """The parser, schema and progress, wired as tests/tasks/test_pipeline.py wires them."""
-    schema = output_schema(input_schema(layout.store, plan, job.input.passthrough_columns))
-    return (OutputParser(job.parsers, engine.tokenizer, job.engine.model), schema,
-            Progress(total=plan.total_rows, already_done=0, enabled=False))
-
-
 def test_tool_calls_and_errors_count_as_their_results_return(tmp_path: Path) -> None:
     """Row 0 calls a tool that answers, then one that raises, then answers; row 1 answers."""
     job = rollouts._job(tmp_path, 2)
@@ -97,7 +81,7 @@ def test_tool_calls_and_errors_count_as_their_results_return(tmp_path: Path) -> 
         1: [rollouts.answer("at once")]})
     run = RunMetrics(job, shards_total=1, shards_done=0)
 
-    pipe, _ = rollouts._pipeline(job, engine, metrics=run)
+    pipe, _ = rollouts._pipeline(job, engine, live=run)
     pipe.submit_shard(0).result(timeout=rollouts.WAIT_S)
     pipe.close()
 
@@ -142,7 +126,11 @@ def test_the_endpoint_serves_ours_and_the_default_registry_and_closes_with_the_r
                 if engine_metric is None:
                     engine_metric = Counter("vllm:test_generation_tokens", "A stand-in.")
                 engine_metric.inc(7)
-                run.row_done("ok", 12)
+                progress = Progress(total=4, already_done=0, enabled=False)
+                run.follow(progress.tally, lambda: 0)
+                progress.row_done({"status": "ok", "prompt_tokens": 3, "completion_tokens": 12,
+                                   "reasoning_tokens": 0, "finish_reason": "stop",
+                                   "ttft_s": 0.1, "latency_s": 0.5})
                 got = scrape(port)
                 assert got[("thinkbatch_rows_total", (("status", "ok"),))] == 1  # fresh
                 assert got[("thinkbatch_output_tokens_total", ())] == 12

@@ -65,8 +65,8 @@ def test_the_time_left_of_a_resumed_run_counts_only_its_own_work() -> None:
     clock = _Clock()
     progress = Progress(total=1000, already_done=600, enabled=True, clock=clock)
     assert progress.eta_s() is None
-    progress.committed_before(100)
-    progress.carried(50)
+    progress.done_before(100)
+    progress.done_before(50)
     clock.now += 10
     for _ in range(100):
         progress.row_done(_done_row())

@@ -1,4 +1,4 @@
-"""The rollout loop in-process (tasks/rollout.py through tasks/pipeline.py): real tools
+"""The rollout loop in-process (tasks/rows/conversation.py through tasks/rows/pipeline.py): real tools
 (tests/rollout_tools.py in tasks/tools.Toolbox), real Kimi parsers, real Parquet; the
 engine is the replay engine with a script of each row's turns, since random weights
 cannot be told what to say at turn 2. tests/flows/test_rollout.py runs the real engine.
@@ -20,18 +20,14 @@ import pytest
 from tests.conftest import prompt_rows, write_prompts
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import load_job
-from thinkbatch.schemas.output import Status, output_schema
+from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.record import Generation, RowRequest
-from thinkbatch.tasks.report.progress import Progress
+from thinkbatch.tasks import runner
 from thinkbatch.tasks.rows.engine import EngineDied, ReplayEngine, RequestRejected, as_served
-from thinkbatch.tasks.rows.parse import OutputParser
 from thinkbatch.tasks.rows.pipeline import Pipeline
-from thinkbatch.tasks.rows.read import input_schema
 from thinkbatch.tasks.store import checkpoint
 from thinkbatch.tasks.store.layout import OutputLayout
-from thinkbatch.tasks.store.plan import make_plan
 from thinkbatch.tasks.store.storage import Storage
-from thinkbatch.tasks.tools.toolbox import Toolbox
 
 TOKENIZER = "assets/tiny-kimi-thinking"  # the committed miniature: its tokenizer only
 WAIT_S = 20
@@ -106,18 +102,19 @@ def _job(tmp_path: Path, rows: int, **rollout: Any) -> JobSpec:
     })
 
 
-def _pipeline(job: JobSpec, engine: Script, **kw: Any) -> tuple[Pipeline, OutputLayout]:
-    """Wired as flows/worker.py's open_pipeline wires it."""
-    layout = OutputLayout(job.output.path, Storage(job.storage))
-    plan, _ = checkpoint.open_plan(layout, make_plan(job, layout.store))
-    schema = output_schema(input_schema(layout.store, plan, job.input.passthrough_columns),
-                           rollout=True)
-    toolbox = Toolbox.open(job.rollout, Path.cwd())
-    pipe = Pipeline(job, plan, layout, engine,
-                    OutputParser(job.parsers, engine.tokenizer, job.engine.model), schema,
-                    Progress(total=plan.total_rows, already_done=0, enabled=False),
-                    lambda shard_id: True, toolbox=toolbox, **kw)
-    return pipe, layout
+def _pipeline(job: JobSpec, engine: Script, restart_engine: Any = None,
+              **kw: Any) -> tuple[Pipeline, OutputLayout]:
+    opened, layout = _opened(job, engine, restart_engine, **kw)
+    return opened.pipeline, layout
+
+
+def _opened(job: JobSpec, engine: Script, restart_engine: Any = None,
+            **kw: Any) -> tuple[runner.Opened, OutputLayout]:
+    """The runner's pipeline (its tools opened as a run's are) on the test's engine."""
+    layout = runner.output(job)
+    plan, _ = runner.plan(job, layout)
+    return runner.open_pipeline(job, layout, plan, engine=engine, restart=restart_engine,
+                                **kw), layout
 
 
 def _run(job: JobSpec, engine: Script, **kw: Any) -> dict[tuple[int, int], dict[str, Any]]:
@@ -334,12 +331,13 @@ def test_a_stop_leaves_conversations_in_flight_to_the_rerun_which_does_each_once
     turns = {0: [call(("stall", {})), answer("late")],
              1: [answer("one")], 2: [call(("get_weather", {"city": "x"})), answer("two")]}
     first = Script(job, turns)
-    pipe, layout = _pipeline(job, first)
+    opened, layout = _opened(job, first)
+    pipe = opened.pipeline
     done = pipe.submit_shard(0)
     deadline = time.monotonic() + WAIT_S
-    while pipe.progress.rows < 2 and time.monotonic() < deadline:
+    while opened.progress.rows < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert pipe.progress.rows == 2 and pipe.rollout.at_tools
+    assert opened.progress.rows == 2 and pipe.rollout.at_tools
     pipe.stop()
     assert done.cancelled()
     kept = _rows(layout)

@@ -1,4 +1,4 @@
-"""Engine settings chosen per machine (tasks/engine_settings.py): seeded sampling on vLLM's
+"""Engine settings chosen per machine (tasks/rows/engine_settings.py): seeded sampling on vLLM's
 CPU build, both of its MLA attention backends, and what the manifest records of them.
 
 vLLM's CPU build runs its AMX MLA backend where the CPU has AMX, with chunked prefill on,

@@ -1,5 +1,5 @@
 """The row's path in-process: read -> render -> replay engine -> parse -> commit, without
-Prefect or vLLM (tasks/pipeline.py), on a local Parquet input and output.
+Prefect or vLLM (tasks/rows/pipeline.py), on a local Parquet input and output.
 
 The replay engine finishes a request the moment it is submitted; `ScriptedReplay` adds
 the two things a real engine does that replay cannot: steps that take time, and requests
@@ -21,21 +21,16 @@ from tests.conftest import prompt_rows, write_prompts
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.manifest import ShardStats
-from thinkbatch.schemas.output import output_schema
 from thinkbatch.schemas.plan import Plan
 from thinkbatch.schemas.record import Generation, RowRequest
+from thinkbatch.tasks import runner
 from thinkbatch.tasks.report import trace
-from thinkbatch.tasks.report.progress import Progress
 from thinkbatch.tasks.rows import pipeline as pipeline_module
 from thinkbatch.tasks.rows.engine import EngineDied, ReplayEngine
-from thinkbatch.tasks.rows.parse import OutputParser
 from thinkbatch.tasks.rows.pipeline import Pipeline
-from thinkbatch.tasks.rows.read import input_schema
 from thinkbatch.tasks.store import checkpoint
 from thinkbatch.tasks.store.commit import FencedOut
 from thinkbatch.tasks.store.layout import OutputLayout
-from thinkbatch.tasks.store.plan import make_plan
-from thinkbatch.tasks.store.storage import Storage
 
 WAIT_S = 10  # a bound on waiting for a future, never reached when the pipeline works
 
@@ -82,23 +77,25 @@ def _job(tmp_path: Path, rows: list[dict[str, Any]], **output: Any) -> JobSpec:
 
 
 def _plan(job: JobSpec) -> tuple[OutputLayout, Plan]:
-    """Planned and opened as flows/job.py's plan task does."""
-    layout = OutputLayout(job.output.path, Storage(job.storage))
-    plan, _ = checkpoint.open_plan(layout, make_plan(job, layout.store))
+    """Planned and opened by the runner, as a run's are."""
+    layout = runner.output(job)
+    plan, _ = runner.plan(job, layout)
     return layout, plan
 
 
 def _pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, engine: ReplayEngine | None = None,
               may_commit: Callable[[int], bool] = lambda shard_id: True,
-              restart_engine: Callable[[Any], Any] | None = None) -> Pipeline:
-    """Wired as flows/worker.py's open_pipeline wires it; the engine and the claim check
-    are the test's."""
-    engine = engine or ReplayEngine(job.engine)
-    schema = output_schema(input_schema(layout.store, plan, job.input.passthrough_columns))
-    return Pipeline(job, plan, layout, engine,
-                    OutputParser(job.parsers, engine.tokenizer, job.engine.model), schema,
-                    Progress(total=plan.total_rows, already_done=0, enabled=False), may_commit,
-                    restart_engine=restart_engine)
+              restart_engine: Callable[[Any], Any] | None = None, **kw: Any) -> Pipeline:
+    """The runner's pipeline; the engine, its restart and the claim check are the test's."""
+    return _opened(job, layout, plan, engine, may_commit, restart_engine, **kw).pipeline
+
+
+def _opened(job: JobSpec, layout: OutputLayout, plan: Plan, engine: ReplayEngine | None = None,
+            may_commit: Callable[[int], bool] = lambda shard_id: True,
+            restart_engine: Callable[[Any], Any] | None = None, **kw: Any) -> runner.Opened:
+    return runner.open_pipeline(job, layout, plan, may_commit=may_commit,
+                                engine=engine or ReplayEngine(job.engine),
+                                restart=restart_engine, **kw)
 
 
 def _run(pipe: Pipeline, *shard_ids: int) -> list[ShardStats]:
@@ -145,14 +142,15 @@ def test_shards_complete_with_every_row_its_status_and_a_marker_of_their_parts(
     rows[6]["prompt"] = None  # never becomes a request
     job = _job(tmp_path, rows, rows_per_shard=5)
     layout, plan = _plan(job)
-    pipe = _pipeline(job, layout, plan)
+    opened = _opened(job, layout, plan)
+    pipe = opened.pipeline
 
     stats = _run(pipe, 0, 1)
 
     assert [s.rows for s in stats] == [5, 3]
     assert stats[0].status == {"ok": 4, "no_answer": 1}
     assert stats[1].status == {"ok": 2, "invalid_input": 1}
-    assert pipe.submitted == 7 and pipe.committed == 8 and pipe.progress.rows == 8
+    assert pipe.submitted == 7 and pipe.committed == 8 and opened.progress.rows == 8
     for shard_id, shard_stats in enumerate(stats):
         marker = json.loads(layout.store.read_bytes(layout.done_marker(shard_id)))
         committed_at = marker.pop("committed_at")

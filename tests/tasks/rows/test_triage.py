@@ -1,5 +1,5 @@
-"""The rules for engine deaths (tasks/triage.py), on row keys alone: the pipeline's use of
-them, on an engine that dies, is in tests/tasks/test_pipeline.py and
+"""The rules for engine deaths (tasks/rows/triage.py), on row keys alone: the pipeline's use of
+them, on an engine that dies, is in tests/tasks/rows/test_pipeline.py and
 tests/flows/test_engine_death.py."""
 
 from __future__ import annotations
