@@ -120,18 +120,11 @@ class OutputParser:
         return self._requests[key]
 
     def parse(self, gen: Generation, tools: list[dict] | None,
-              chat_template_kwargs: dict[str, Any], json_schema: dict | None = None) -> Parsed:
+              chat_template_kwargs: dict[str, Any]) -> Parsed:
         """`chat_template_kwargs` tells the parser whether thinking was on, so a
-        non-thinking answer is not misfiled as reasoning."""
-        parsed = self._split(gen, tools, chat_template_kwargs)
-        if json_schema is not None and parsed.status is Status.OK:
-            problem = schema_problem(parsed.answer, json_schema)
-            if problem:
-                parsed.status, parsed.error = Status.SCHEMA_ERROR, problem
-        return parsed
-
-    def _split(self, gen: Generation, tools: list[dict] | None,
-               chat_template_kwargs: dict[str, Any]) -> Parsed:
+        non-thinking answer is not misfiled as reasoning. The structured outputs' schema
+        is checked by the caller, which knows whether this is a final answer
+        (rows/conversation.py)."""
         truncated = gen.finish_reason == "length"
         if self.cls is None:
             if truncated:

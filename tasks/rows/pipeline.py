@@ -4,8 +4,9 @@ A feeder thread reads and renders rows of the queued shards ahead of time (skipp
 rows already committed); the driver thread keeps up to `max_in_flight` requests in
 the engine, parses what finishes and hands rows to the committer. Shards only exist
 for bookkeeping: requests of the next shard enter while the last ones of the
-previous shard still generate. A rollout job's rows are conversations of several turns
-(tasks/rows/conversation.py): their next turns enter ahead of new rows.
+previous shard still generate. Every row is a conversation (rows/conversation.py): a
+single-turn job's of one turn, a rollout's of several, whose next turns enter ahead of
+new rows.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.manifest import ShardStats
 from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.plan import Plan, Shard
-from thinkbatch.schemas.record import Generation, Parsed, RowRequest, output_row
-from thinkbatch.tasks.rows.conversation import Conversation, Rollouts
+from thinkbatch.schemas.record import Generation, Parsed, output_row
+from thinkbatch.tasks.rows.conversation import Conversation, Conversations
 from thinkbatch.tasks.rows.engine import Engine, EngineDied, RequestRejected
 from thinkbatch.tasks.rows.listeners import Listener
 from thinkbatch.tasks.rows.parse import OutputParser
@@ -55,19 +56,6 @@ class _ShardStart:
     pending: int
 
 
-@dataclass(slots=True)
-class _Work:
-    """One sample of one row: the unit of exactly-once, keyed (row_index, sample)."""
-
-    shard_id: int
-    req: RowRequest
-    sample: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.req.row_index}:{self.sample}"
-
-
 class Pipeline:
     def __init__(self, job: JobSpec, plan: Plan, layout: OutputLayout, engine: Engine,
                  parser: OutputParser, schema: Any, listeners: Listener,
@@ -82,7 +70,7 @@ class Pipeline:
         self.triage = Triage(job.engine.max_restarts if restart_engine else 0)
         self.parser = parser
         self.toolbox = toolbox  # a rollout job's tools: closed when the pipeline ends
-        self.rollout = Rollouts(job, toolbox, parser) if job.rollout is not None else None
+        self.conversations = Conversations(job, parser, toolbox)
         self.sampling = SamplingBuilder(job) if job.engine.kind == "vllm" else None
         self.renderer = Renderer(job)
         self.listeners = listeners  # what watches the rows (rows/listeners.py)
@@ -98,8 +86,8 @@ class Pipeline:
         self._futures: dict[int, Future[ShardStats]] = {}
         self._items: queue.Queue[Any] = queue.Queue(maxsize=4)  # rendered batches, bounded
         self._remaining: dict[int, int] = {}
-        self._inflight: dict[str, _Work | Conversation] = {}
-        self._held: dict[str, _Work | Conversation] = {}  # out of the engine while triaged
+        self._inflight: dict[str, Conversation] = {}
+        self._held: dict[str, Conversation] = {}  # out of the engine while triaged
         self._stop = threading.Event()
         self._halt = threading.Event()  # stop() on a signal: leave in-flight requests
         self._error: BaseException | None = None
@@ -184,8 +172,9 @@ class Pipeline:
                 self._put_item(_ShardStart(shard.shard_id, shard.num_rows * n - len(done)))
                 for batch in shard_batches(self.layout.store, self.plan, shard, columns,
                                            self.job.input.id_column):
-                    work = [self._work(shard.shard_id, r, s)
-                            for r in self._requests(batch)
+                    work = [self.conversations.conversation(shard.shard_id, r, s)
+                            for r in map(self.conversations.prepare,
+                                         self.renderer.render_batch(batch))
                             for s in ((r.sample_index,) if r.sample_index is not None
                                       else range(n))
                             if (r.row_index, s) not in done]
@@ -193,15 +182,6 @@ class Pipeline:
                         self._put_item(work)
         except BaseException as e:
             self._fail(e)
-
-    def _requests(self, batch: Any) -> Any:
-        reqs = self.renderer.render_batch(batch)
-        return reqs if self.rollout is None else map(self.rollout.prepare, reqs)
-
-    def _work(self, shard_id: int, req: RowRequest, sample: int) -> _Work | Conversation:
-        if self.rollout is None:
-            return _Work(shard_id, req, sample)
-        return self.rollout.conversation(shard_id, req, sample)
 
     def _put_item(self, item: Any) -> None:
         while not self._stop.is_set():
@@ -214,11 +194,11 @@ class Pipeline:
     # -- driver thread -------------------------------------------------------------
 
     def _drive(self) -> None:
-        backlog: list[_Work | Conversation] = []
+        backlog: list[Conversation] = []
         try:
             while not self._halt.is_set() and (not self._stop.is_set() or self._inflight
                                                or self._held
-                                               or (self.rollout and self.rollout.at_tools)):
+                                               or self.conversations.at_tools):
                 if self._error is not None:
                     return
                 try:
@@ -273,37 +253,34 @@ class Pipeline:
         for key in list(self._held) if keys is None else keys:
             self._submit(self._held.pop(key))
 
-    def _blame(self, work: _Work | Conversation, cause: str) -> None:
+    def _blame(self, conv: Conversation, cause: str) -> None:
         error = f"the engine died each time it ran this request, alone too: {cause}"
-        parsed = (self.rollout.rejected(work, Status.ENGINE_ERROR, error)
-                  if isinstance(work, Conversation) else Parsed(Status.ENGINE_ERROR, error=error))
-        self._emit(work, parsed, None)
+        self._emit(conv, self.conversations.rejected(conv, Status.ENGINE_ERROR, error), None)
 
-    def _fill(self, backlog: list[_Work | Conversation]) -> list[_Work | Conversation]:
+    def _fill(self, backlog: list[Conversation]) -> list[Conversation]:
         """Top the engine up to max_in_flight: conversations whose tools returned first,
         then the backlog and the feeder's queue (while fewer than the rollout's limit of
         conversations are open). With nothing to do, wait briefly for the feeder, or for
         tools when some run."""
-        rollout = self.rollout
+        conversations = self.conversations
         if self.triage.searching:
             return backlog  # only the suspects on trial run, until the search ends
         while self.engine.in_flight < self.job.engine.max_in_flight:
-            if rollout is not None:
-                if (conv := rollout.ready()) is not None:
-                    self.listeners.tools_returned(conv.turns[-1].results or ())
-                    self._submit(conv)
-                    continue
-                if rollout.full:
-                    if self.engine.in_flight == 0:
-                        rollout.wait(TOOLS_WAIT_S)
-                    break
+            if (conv := conversations.ready()) is not None:
+                self.listeners.tools_returned(conv.turns[-1].results or ())
+                self._submit(conv)
+                continue
+            if conversations.full:
+                if self.engine.in_flight == 0:
+                    conversations.wait(TOOLS_WAIT_S)
+                break
             if not backlog:
                 idle = self.engine.in_flight == 0
-                tools = rollout is not None and rollout.at_tools
+                tools = conversations.at_tools
                 item = self._next_item(block=idle and not tools)
                 if item is None:
                     if idle and tools:
-                        rollout.wait(TOOLS_WAIT_S)
+                        conversations.wait(TOOLS_WAIT_S)
                     break
                 if isinstance(item, _ShardStart):
                     self._start_shard(item)
@@ -323,56 +300,48 @@ class Pipeline:
         if start.pending == 0:
             self.committer.finish_shard(start.shard_id)
 
-    def _submit(self, work: _Work | Conversation) -> None:
-        req = work.req
+    def _submit(self, conv: Conversation) -> None:
+        req = conv.req
         if req.error is not None:
-            self._emit(work, Parsed(req.status, error=req.error), None)
+            self._emit(conv, Parsed(req.status, error=req.error), None)
             return
-        conv = work if isinstance(work, Conversation) else None
         try:
-            params = (self.sampling.for_sample(req.sampling, req.row_index, work.sample,
-                                               turn=len(conv.turns) if conv else 0)
+            params = (self.sampling.for_sample(req.sampling, req.row_index, conv.sample,
+                                               turn=len(conv.turns))
                       if self.sampling else None)
         except SamplingRejected as e:  # a row's override that vLLM refuses: this row only
-            self._emit(work, Parsed(Status.INVALID_INPUT, error=str(e)), None)
+            self._emit(conv, Parsed(Status.INVALID_INPUT, error=str(e)), None)
             return
         try:
-            self.engine.submit(work.key, self.rollout.request(conv) if conv else req, params)
+            self.engine.submit(conv.key, self.conversations.request(conv), params)
         except EngineDied:
-            self._inflight[work.key] = work  # resubmitted with the others by a new engine
+            self._inflight[conv.key] = conv  # resubmitted with the others by a new engine
             raise
         except RequestRejected as e:
-            self._emit(work, self.rollout.rejected(conv, e.status, str(e)) if conv
-                       else Parsed(e.status, error=str(e)), None)
+            self._emit(conv, self.conversations.rejected(conv, e.status, str(e)), None)
             return
-        self._inflight[work.key] = work
+        self._inflight[conv.key] = conv
         self.submitted += 1
-        self.listeners.submitted(work.shard_id, req.row_index, work.sample,
-                                 len(conv.turns) + 1 if conv else None)
+        self.listeners.submitted(conv.shard_id, req.row_index, conv.sample,
+                                 self.conversations.turn(conv))
 
-    def _finish(self, work: _Work | Conversation, gen: Generation) -> None:
-        req = work.req
+    def _finish(self, conv: Conversation, gen: Generation) -> None:
         self.triage.finished()
-        self.listeners.finished(work.shard_id, req.row_index, work.sample,
-                                len(work.turns) + 1 if isinstance(work, Conversation) else None)
-        parsed = None
+        self.listeners.finished(conv.shard_id, conv.req.row_index, conv.sample,
+                                self.conversations.turn(conv))
+        gave_up = None
         if gen.finish_reason in ("abort", "error"):
-            parsed = Parsed(Status.ENGINE_ERROR,
-                            error=f"engine finished the request with {gen.finish_reason}")
-        if isinstance(work, Conversation):
-            parsed = self.rollout.turn_done(work, gen, parsed)
-            if parsed is None:
-                return  # its tools run; its next turn follows when they return
-        elif parsed is None:
-            so = (req.sampling or self.job.sampling).structured_outputs
-            parsed = self.parser.parse(gen, req.tools, req.chat_template_kwargs,
-                                       so.json_schema if so else None)
-        self._emit(work, parsed, gen)
+            gave_up = Parsed(Status.ENGINE_ERROR,
+                             error=f"engine finished the request with {gen.finish_reason}")
+        parsed = self.conversations.turn_done(conv, gen, gave_up)
+        if parsed is None:
+            return  # its tools run; its next turn follows when they return
+        self._emit(conv, parsed, gen)
 
-    def _emit(self, work: _Work | Conversation, parsed: Parsed, gen: Generation | None) -> None:
-        shard_id = work.shard_id
-        trajectory = self.rollout.end(work) if isinstance(work, Conversation) else None
-        row = output_row(self.job, work.req, work.sample, parsed, gen, trajectory)
+    def _emit(self, conv: Conversation, parsed: Parsed, gen: Generation | None) -> None:
+        shard_id = conv.shard_id
+        trajectory = self.conversations.end(conv)
+        row = output_row(self.job, conv.req, conv.sample, parsed, gen, trajectory)
         self.committer.add(shard_id, row)
         self.listeners.row_done(row)
         self._remaining[shard_id] -= 1

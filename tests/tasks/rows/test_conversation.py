@@ -337,7 +337,7 @@ def test_a_stop_leaves_conversations_in_flight_to_the_rerun_which_does_each_once
     deadline = time.monotonic() + WAIT_S
     while opened.progress.rows < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert opened.progress.rows == 2 and pipe.rollout.at_tools
+    assert opened.progress.rows == 2 and pipe.conversations.at_tools
     pipe.stop()
     assert done.cancelled()
     kept = _rows(layout)
