@@ -35,7 +35,7 @@ LIGHT_CPU = 0.25  # logical CPUs of each light Ray Data task or actor (see main)
 def sampling_fields(spec: Any, keep_special_tokens: bool) -> dict[str, Any]:
     """A sampling section as the keyword arguments of vllm.SamplingParams, which is what
     Ray Data LLM's `sampling_params` column holds (the same fields thinkbatch's
-    tasks/sampling.py passes; structured outputs as a dict, which Ray turns into
+    tasks/rows/sampling.py passes; structured outputs as a dict, which Ray turns into
     StructuredOutputsParams)."""
     fields = spec.model_dump(exclude={"structured_outputs", "extra", "stop", "n"})
     fields["stop"] = spec.stop or None
@@ -118,9 +118,9 @@ def main(spec_path: str, result_path: str) -> None:
     import ray.data
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
     from thinkbatch.schemas.job import JobSpec, SamplingSpec
-    from thinkbatch.tasks.engine import machine_kwargs
-    from thinkbatch.tasks.engine_settings import may_seed
-    from thinkbatch.tasks.sampling import keep_special
+    from thinkbatch.tasks.rows.engine import machine_kwargs
+    from thinkbatch.tasks.rows.engine_settings import may_seed
+    from thinkbatch.tasks.rows.sampling import keep_special
 
     job = JobSpec.model_validate(json.loads(Path(spec["job"]).read_text()))
     engine_kwargs, _ = machine_kwargs(job.engine, job.parsers, may_seed(job))

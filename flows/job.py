@@ -17,45 +17,44 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from thinkbatch.flows import artifacts, events
-from thinkbatch.flows.checks import checked_job
-from thinkbatch.flows.worker import MAX_OPEN_SHARDS, JobParameter, work_shards
+from thinkbatch.flows.checks import prepared
+from thinkbatch.flows.worker import JobParameter, track_shard
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.manifest import Manifest, RunFigures, WorkerFigures
 from thinkbatch.schemas.plan import Plan
-from thinkbatch.tasks import checkpoint, guardian, html_report, report
-from thinkbatch.tasks.checkpoint import OutputLayout
-from thinkbatch.tasks.figures import merge_workers
-from thinkbatch.tasks.lease import acquire_run_lease
-from thinkbatch.tasks.plan import make_plan
-from thinkbatch.tasks.stop import Stopped
-from thinkbatch.tasks.storage import Storage
-from thinkbatch.tasks.vllm_env import prepare_vllm_env
+from thinkbatch.tasks import runner
+from thinkbatch.tasks.process import guardian
+from thinkbatch.tasks.process.stop import Stopped
+from thinkbatch.tasks.process.vllm_env import prepare_vllm_env
+from thinkbatch.tasks.report.figures import merge_workers
+from thinkbatch.tasks.runner import MAX_OPEN_SHARDS
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.layout import OutputLayout
+from thinkbatch.tasks.store.lease import acquire_run_lease
 
 WORKER_POLL_S = 5.0
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan_job(job: JobSpec, layout: OutputLayout, force_resume: bool) -> tuple[Plan, bool]:
-    return checkpoint.open_plan(layout, make_plan(job, layout.store), force_resume=force_resume)
+def plan_job(job: JobSpec, layout: OutputLayout, force_resume: bool,
+             made: Plan) -> tuple[Plan, bool]:
+    """The prepared plan written into the output, or the stored one on resume. The caller
+    passes `made` quoted: Prefect would otherwise walk every shard of it."""
+    return runner.plan(job, layout, force_resume, made)
 
 
 @task(name="finalize", cache_policy=NO_CACHE)
 def finalize(job: JobSpec, layout: OutputLayout, plan: Plan, run: RunFigures) -> Manifest:
-    """Only when every shard is done: drop orphan parts, then write the manifest last."""
-    markers = checkpoint.read_markers(layout, [s.shard_id for s in plan.shards])
-    missing = [s for s, m in markers.items() if m is None]
-    if missing:
-        raise RuntimeError(f"{len(missing)} shards are unfinished (first: {missing[:5]})")
-    run.orphan_parts_removed = checkpoint.sweep_orphans(layout, markers)
-    manifest = report.build_manifest(job, plan, layout, markers, run)
-    checkpoint.write_manifest(layout, manifest)
-    page = html_report.write_report_of_run(layout, manifest, markers.values())  # failure: a warning
-    artifacts.publish_results(manifest, layout, markers, page)
-    events.finished(job, layout, manifest, page)
-    return manifest
+    """Only when every shard is done: drop orphan parts, then write the manifest last;
+    the run's results as artifacts and its finished event."""
+    done = runner.finalize(job, layout, plan, run)
+    artifacts.publish_results(done.manifest, layout, done.markers, done.report_page)
+    events.finished(job, layout, done.manifest, done.report_page)
+    return done.manifest
 
 
 def _wait_round(run_ids: list[Any], layout: OutputLayout, plan: Plan, grace_s: float,
@@ -150,12 +149,14 @@ def generate_dataset(job: JobParameter | str, force_resume: bool = False,
     Checks run before any model loads; the output's run lease keeps a second run out."""
     prepare_vllm_env()  # first: a deployment run enters here, and the checks import vLLM
     started = time.monotonic()
-    # Checks deployment runs; a CLI run was checked already (footers come from the cache).
-    spec = checked_job(lambda: load_job(job) if isinstance(job, str) else job)
-    layout = OutputLayout(spec.output.path, Storage(spec.storage))
+    # A CLI run was checked and planned in this process already; a deployment run was not.
+    ready = (runner.take(job) if isinstance(job, JobSpec) else None) or prepared(
+        lambda: load_job(job) if isinstance(job, str) else job)
+    spec = ready.job
+    layout = runner.output(spec)
     lease = acquire_run_lease(layout.store, layout.lease)
     try:
-        plan, resumed = plan_job(spec, layout, force_resume)
+        plan, resumed = plan_job(spec, layout, force_resume, quote(ready.plan))
         done_before = checkpoint.done_shards(layout)
         get_run_logger().info("%s: %d rows in %d shards, %d done%s", spec.name,
                               plan.total_rows, len(plan.shards), len(done_before),
@@ -167,14 +168,12 @@ def generate_dataset(job: JobParameter | str, force_resume: bool = False,
             plan.percent_in(done_before))
         if spec.scale.workers == 1:
             guardian.start()  # the engine's processes die with this one (a deployment run)
-            run, _ = work_shards(spec, layout, plan, owner=f"run-{lease.owner}",
-                                 show_progress=show_progress, watch=progress.watch)
+            run, _ = runner.work_shards(spec, layout, plan, owner=f"run-{lease.owner}",
+                                        show_progress=show_progress, watch=progress.watch,
+                                        track=track_shard)
         else:
             run = run_workers(spec, layout, plan, progress)
-        gen_s = run.generation_s or time.monotonic() - started
         run.resumed, run.wall_s = resumed, time.monotonic() - started
-        run.rows_per_s = run.rows_generated / gen_s
-        run.output_tokens_per_s = (run.output_tokens or 0) / gen_s
         manifest = finalize(spec, layout, plan, run)
         progress.set(100.0)
         return manifest

@@ -2,7 +2,7 @@
 
 A field that never changes the rows written (only speed, robustness, or where data lives)
 is declared with `json_schema_extra={"speed_only": True}`; the resume fingerprint
-(tasks/fingerprint.py) counts every other field, so a new field counts unless marked.
+(tasks/store/fingerprint.py) counts every other field, so a new field counts unless marked.
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ class ScaleSpec(_Strict):
 
 class ObservabilitySpec(_Strict):
     """Live metrics for the Prometheus (and Grafana) a GPU team already runs: vLLM's engine
-    metrics and thinkbatch's own, served while a worker runs (tasks/metrics.py).
+    metrics and thinkbatch's own, served while a worker runs (tasks/report/metrics.py).
     Speed-only as a whole (JobSpec.observability): watching a run changes none of its rows."""
 
     metrics_port: int | None = Field(

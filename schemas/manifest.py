@@ -22,7 +22,7 @@ class _Document(BaseModel):
 
 class EngineChoice(BaseModel):
     """An engine argument thinkbatch set at run time because this platform needs it
-    (tasks/engine_settings.py): no preset pins it, since other machines refuse it."""
+    (tasks/rows/engine_settings.py): no preset pins it, since other machines refuse it."""
 
     setting: str
     value: Any
@@ -83,7 +83,7 @@ class ShardStats(_Document):
 
 class Spread(BaseModel):
     """Seconds over this run's rows: the exact mean, and percentiles read from log-spaced
-    bins (tasks/tally.py, within 0.6%), so no run holds a column of them."""
+    bins (tasks/report/tally.py, within 0.6%), so no run holds a column of them."""
 
     mean: float
     p50: float
@@ -157,7 +157,7 @@ class SecondsState(BaseModel):
 
 
 class TallyState(BaseModel):
-    """A worker's `RunTally` (tasks/figures.py) as it hands it to the parent: counts and
+    """A worker's `RunTally` (tasks/report/figures.py) as it hands it to the parent: counts and
     bins add up, so the parent's percentiles are those of every worker's rows."""
 
     status: dict[str, int] = {}

@@ -145,7 +145,7 @@ def _fill_rollout(row: OutputRow, trajectory: Trajectory) -> None:
 
 @dataclass(slots=True)
 class ToolResult:
-    """One tool call's outcome (tasks/tools.py). `content` is what the model reads as the
+    """One tool call's outcome (tasks/tools/). `content` is what the model reads as the
     tool message: the result text, or the error text when the call failed (`error` then
     holds the same text); a failed tool is not a failed row."""
 

@@ -1,6 +1,6 @@
 """The job's `rollout` section: run the model's tool calls and continue each conversation
 until it answers. Where the tools come from is a list of sources, each exactly one of a
-Python module, an MCP server, or results recorded in an input column; tasks/tools.py
+Python module, an MCP server, or results recorded in an input column; tasks/tools/
 opens them (and checks that tool names are unique across sources) before the model loads.
 
 An MCP server's `env` values and its URL's credentials (user info, query values, fragment)
@@ -8,33 +8,24 @@ are secrets: a JSON dump of the job (the manifest's config, the resume fingerpri
 Prefect's parameters) shows them as `MASK`, so none is written and a rotated key changes
 no fingerprint. A value may instead name variables of the environment (`${API_KEY}`),
 read where the server starts: such a value is written as it is, and survives a retry or
-the trip to another worker.
+the trip to another worker. What is done with the values (resolved where a server
+starts, scrubbed from error texts) is tasks/tools/secrets.py's.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 MASK = "**********"  # a secret's place in anything written (pydantic's SecretStr mask)
-_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def masked(value: str) -> str:
     """A value that names the environment's variables is no secret; any other is."""
-    return value if not value or _REFERENCE.search(value) else MASK
-
-
-def _url_credentials(url: str) -> list[str]:
-    """The parts of a URL that may hold a secret: user info (and its user, password),
-    query values, fragment."""
-    parts = urlsplit(url)
-    userinfo = parts.netloc.rpartition("@")[0]
-    return [userinfo, *userinfo.split(":"),
-            *(p.partition("=")[2] for p in parts.query.split("&")), parts.fragment]
+    return value if not value or REFERENCE.search(value) else MASK
 
 
 def masked_url(url: str) -> str:
@@ -45,21 +36,6 @@ def masked_url(url: str) -> str:
                      (p.partition("=") for p in parts.query.split("&") if p))
     return urlunsplit((parts.scheme, f"{masked(userinfo)}{at}{host}", parts.path, query,
                        masked(parts.fragment)))
-
-
-def expand(value: str, where: str) -> str:
-    """`${VAR}` replaced from this process's environment; a masked value (a job read back
-    from a manifest or from Prefect's parameters) has lost its secret."""
-    if MASK in value:
-        raise ValueError(f"{where}: the value was not stored (thinkbatch writes no secret); "
-                         "write it as ${VAR} and set VAR in the environment")
-
-    def lookup(m: re.Match[str]) -> str:
-        if m.group(1) not in os.environ:
-            raise ValueError(f"{where}: {m.group(0)} is not set in the environment")
-        return os.environ[m.group(1)]
-
-    return _REFERENCE.sub(lookup, value)
 
 
 class _Strict(BaseModel):
@@ -103,18 +79,6 @@ class McpServerSpec(_Strict):
     @field_serializer("url", when_used="json")
     def _masked_url(self, url: str | None) -> str | None:
         return None if url is None else masked_url(url)
-
-    def resolved_env(self) -> dict[str, str]:
-        """The server's environment as given to it; ValueError names a value it lacks."""
-        return {k: expand(v, f"env.{k}") for k, v in self.env.items()}
-
-    def resolved_url(self) -> str | None:
-        return None if self.url is None else expand(self.url, "url")
-
-    def secrets(self) -> list[str]:
-        """The secret texts as the server gets them, to scrub from error messages."""
-        url = self.resolved_url()
-        return [*self.resolved_env().values(), *(_url_credentials(url) if url else ())]
 
 
 class RecordedSpec(_Strict):

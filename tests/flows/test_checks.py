@@ -1,4 +1,4 @@
-"""The checks the flows add to tasks/validate.py's: the Prefect server's, in the same round."""
+"""The checks the flows add to tasks/jobs/validate.py's: the Prefect server's, in the same round."""
 
 from __future__ import annotations
 

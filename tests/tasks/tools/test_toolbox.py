@@ -1,0 +1,484 @@
+"""The tool executors with real tools: Python functions run in threads, the example MCP
+server over stdio and streamable HTTP, recorded results. No engine needed."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from miniature import tiny_tasks
+from tests import processes
+from tests.conftest import free_port
+from thinkbatch.schemas.record import ToolResult
+from thinkbatch.schemas.rollout import RolloutSpec
+from thinkbatch.schemas.tools import tool_errors
+from thinkbatch.tasks.tools.recorded import parse_recorded
+from thinkbatch.tasks.tools.tool import ToolboxError
+from thinkbatch.tasks.tools.toolbox import Toolbox
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+example_tools = tiny_tasks.EXAMPLE_TOOLS  # examples/tools.py (not a package), loaded once
+
+TEST_TOOLS = '''
+"""Tools for tests."""
+import asyncio
+import threading
+import time
+from json import dumps  # imported, not defined here: not a tool
+from typing import Annotated
+
+from pydantic import BaseModel, Field
+
+_lock = threading.Lock()
+_running = 0
+_peak = 0
+
+
+class Point(BaseModel):
+    x: int
+    y: int = 0
+
+
+def double(n: int) -> int:
+    """Twice n."""
+    return 2 * n
+
+
+def boom(message: str = "kaput") -> str:
+    raise RuntimeError(message)
+
+
+def nap(seconds: float, tag: str = "") -> str:
+    """Sleeps, counting how many naps run at once."""
+    global _running, _peak
+    with _lock:
+        _running += 1
+        _peak = max(_peak, _running)
+    try:
+        time.sleep(seconds)
+    finally:
+        with _lock:
+            _running -= 1
+    return tag or f"slept {seconds}"
+
+
+def peak() -> int:
+    return _peak
+
+
+async def anap(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "awake"
+
+
+def norm(p: Point, scale: float = 1.0) -> dict:
+    return {"norm": (p.x ** 2 + p.y ** 2) ** 0.5 * scale}
+
+
+def route(from_: Annotated[str, Field(alias="from", description="Where to start.")],
+          to: str = "home") -> str:
+    """A route.
+
+    From somewhere,
+    to somewhere else."""
+    return f"{from_} -> {to}"
+
+
+def _helper() -> None:
+    pass
+'''
+
+
+@pytest.fixture
+def tools_file(tmp_path: Path) -> Path:
+    (tmp_path / "my_tools.py").write_text(TEST_TOOLS)
+    return tmp_path
+
+
+def spec(*sources: dict[str, Any], **over: Any) -> RolloutSpec:
+    return RolloutSpec.model_validate({"tools": list(sources), **over})
+
+
+def call(name: str, arguments: Any = None, id: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    if arguments is None:
+        arguments = json.dumps(kwargs)
+    return {"id": id or f"functions.{name}:0", "name": name, "arguments": arguments}
+
+
+def run(box: Toolbox, calls: list[dict[str, Any]], recorded: Any = None,
+        wait_s: float = 10) -> list[ToolResult]:
+    """Run one turn and wait for it; `done` must come exactly once, off this thread."""
+    got: list[tuple[list[ToolResult], str]] = []
+    finished = threading.Event()
+
+    def done(results: list[ToolResult]) -> None:
+        got.append((results, threading.current_thread().name))
+        finished.set()
+
+    box.run(calls, recorded, done)
+    assert finished.wait(wait_s), "done was not called"
+    time.sleep(0.05)
+    assert len(got) == 1
+    results, thread = got[0]
+    assert thread != threading.current_thread().name
+    assert [r.call_id for r in results] == [c["id"] for c in calls]
+    return results
+
+
+def test_schemas_come_from_signatures_and_docstrings():
+    with Toolbox.open(spec({"python": "tools.py"}), EXAMPLES) as box:
+        schemas = box.schemas()
+    assert tool_errors(schemas) == []
+    by_name = {s["function"]["name"]: s["function"] for s in schemas}
+    assert list(by_name) == ["get_weather", "get_time", "convert_units"]
+    assert by_name["get_weather"] == {
+        "name": "get_weather",
+        "description": "The current weather in a city: temperature in °C and the sky.",
+        "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                       "properties": {"city": {"type": "string"}}}}
+    assert by_name["convert_units"]["description"] == (  # hard-wrapped lines joined
+        "Convert a value between units: km/miles, kg/pounds, meters/feet, liters/gallons, "
+        "celsius/fahrenheit.")
+    convert = by_name["convert_units"]["parameters"]
+    assert convert["required"] == ["value", "from_unit", "to_unit"]
+    assert convert["properties"]["value"] == {"type": "number"}
+    assert "title" not in json.dumps(schemas)
+
+
+def test_example_tools_are_declared_as_the_miniature_learned_them():
+    """The rollout demo's toolbox declares examples/tools.py with the schemas the trained
+    miniature saw in training."""
+    with Toolbox.open(spec({"python": "tools.py"}), EXAMPLES) as box:
+        assert box.schemas() == tiny_tasks.TOOL_SCHEMAS
+
+
+def test_python_tools_ok_raise_invalid_unknown(tools_file: Path):
+    with Toolbox.open(spec({"python": "my_tools.py"}), tools_file) as box:
+        assert box.names == ["double", "boom", "nap", "peak", "anap", "norm", "route"]
+        norm, route = (s["function"] for s in box.schemas()[-2:])
+        assert norm["parameters"]["properties"]["p"]["$ref"] == "#/$defs/Point"
+        assert route["description"] == "A route.\n\nFrom somewhere, to somewhere else."
+        assert route["parameters"]["properties"]["from"] == {"type": "string",
+                                                             "description": "Where to start."}
+        results = run(box, [
+            call("double", n=21),
+            call("boom", message="no luck"),
+            call("double", n="many"),
+            call("double", n=1, extra=2),
+            call("double"),
+            call("double", arguments="{n: 1"),
+            call("double", arguments="[1]"),
+            call("nope", x=1),
+            call("anap", seconds=0),
+            call("norm", p={"x": 3, "y": 4}, scale=2),
+            call("peak", arguments=""),
+            call("route", arguments='{"from": "Oslo"}'),
+        ])
+    texts = [r.content for r in results]
+    assert texts[0] == "42" and results[0].error is None
+    assert texts[1] == "error: tool 'boom' failed: RuntimeError: no luck"
+    assert texts[2].startswith("error: invalid arguments for 'double': n: Input should be a "
+                               "valid integer")
+    assert texts[3] == "error: invalid arguments for 'double': extra: Extra inputs are not permitted"
+    assert texts[4] == "error: invalid arguments for 'double': n: Field required"
+    assert texts[5].startswith("error: arguments of 'double' are not valid JSON: ")
+    assert texts[6] == "error: arguments of 'double' must be a JSON object, not list"
+    assert texts[7] == "error: unknown tool 'nope'"
+    assert texts[8] == "awake"
+    assert json.loads(texts[9]) == {"norm": 10.0}
+    assert texts[10] == "0"
+    assert texts[11] == "Oslo -> home"
+    for r in results:
+        assert (r.error is None) == (not r.content.startswith("error:"))
+        assert r.error in (None, r.content)
+        assert r.latency_s >= 0
+
+
+def test_timeout_abandons_the_call_and_frees_its_slot(tools_file: Path):
+    with Toolbox.open(spec({"python": "my_tools.py"}, tool_timeout_s=0.5,
+                           max_concurrent_tools=1), tools_file) as box:
+        started = time.monotonic()
+        results = run(box, [call("nap", seconds=5), call("anap", seconds=5),
+                            call("nap", seconds=0, tag="after")])
+        elapsed = time.monotonic() - started
+    assert [r.content for r in results] == [
+        "error: tool 'nap' timed out after 0.5 s", "error: tool 'anap' timed out after 0.5 s",
+        "after"]
+    assert results[0].error == results[0].content
+    assert 0.5 <= results[0].latency_s < 2
+    assert elapsed < 4  # one slot: the abandoned sleeper does not keep it
+
+
+def test_random_sleeps_come_back_in_call_order(tools_file: Path):
+    rng = random.Random(7)
+    sleeps = [rng.uniform(0, 0.3) for _ in range(10)]
+    calls = [call("nap", id=f"c{i}", seconds=s, tag=f"t{i}") for i, s in enumerate(sleeps)]
+    with Toolbox.open(spec({"python": "my_tools.py"}), tools_file) as box:
+        results = run(box, calls)
+    assert [r.content for r in results] == [f"t{i}" for i in range(10)]
+    assert all(r.latency_s >= s * 0.9 for r, s in zip(results, sleeps))
+
+
+def test_concurrency_cap_holds_across_turns(tools_file: Path):
+    nap = 0.3
+    with Toolbox.open(spec({"python": "my_tools.py"}, max_concurrent_tools=2),
+                      tools_file) as box:
+        started = time.monotonic()
+        pending = threading.Semaphore(0)
+        for turn in range(3):  # three conversations' turns at once, two naps each
+            box.run([call("nap", seconds=nap), call("nap", seconds=nap)], None,
+                    lambda results: pending.release())
+        for _ in range(3):
+            assert pending.acquire(timeout=10)
+        elapsed = time.monotonic() - started
+        [peak] = run(box, [call("peak", arguments="{}")])
+    assert peak.content == "2"
+    assert elapsed >= 3 * nap * 0.9
+
+
+def test_many_turns_from_many_threads_each_get_done_once(tools_file: Path):
+    got: dict[str, int] = {}
+    lock = threading.Lock()
+    all_done = threading.Semaphore(0)
+
+    def done(results: list[ToolResult]) -> None:
+        with lock:
+            for r in results:
+                got[r.call_id] = got.get(r.call_id, 0) + 1
+        all_done.release()
+
+    with Toolbox.open(spec({"python": "my_tools.py"}, max_concurrent_tools=4),
+                      tools_file) as box:
+        def submit(t: int) -> None:
+            for k in range(10):
+                box.run([call("double", id=f"{t}-{k}-{j}", n=j) for j in range(3)], None, done)
+
+        threads = [threading.Thread(target=submit, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        for _ in range(40):
+            assert all_done.acquire(timeout=10)
+    assert len(got) == 120 and set(got.values()) == {1}
+
+
+def test_close_cancels_running_turns_and_still_calls_done(tools_file: Path):
+    box = Toolbox.open(spec({"python": "my_tools.py"}), tools_file)
+    got: list[list[ToolResult]] = []
+    box.run([call("anap", seconds=30), call("nap", seconds=30)], None, got.append)
+    time.sleep(0.2)
+    started = time.monotonic()
+    box.close()
+    assert time.monotonic() - started < 3
+    assert len(got) == 1
+    assert [r.content for r in got[0]] == [
+        "error: tool 'anap' was cancelled: the toolbox closed",
+        "error: tool 'nap' was cancelled: the toolbox closed"]
+    with pytest.raises(ToolboxError, match="closed"):
+        box.run([call("double", n=1)], None, got.append)
+    box.close()
+
+
+def test_recorded_results_by_call_id_then_tool_name(tools_file: Path):
+    rollout = spec({"python": "my_tools.py", "functions": ["double"]},
+                   {"recorded": {"column": "results"}})
+    assert rollout.recorded_column == "results"
+    recorded = {"functions.get_weather:0": "21 °C and sunny", "get_time": "14:05"}
+    as_map = pa.array([list(recorded.items())], pa.map_(pa.string(), pa.string())).to_pylist()[0]
+    with Toolbox.open(rollout, tools_file) as box:
+        assert box.names == ["double"]  # a recorded source adds no schemas
+        for value in (recorded, json.dumps(recorded), as_map):
+            results = run(box, [call("get_weather", city="Vienna"),
+                                call("get_time", id="functions.get_time:3", arguments="{bad"),
+                                call("double", n=2), call("convert_units", value=1)], value)
+            assert [r.content for r in results[:3]] == ["21 °C and sunny", "14:05", "4"]
+            assert results[3].error == ("error: no recorded result for call "
+                                        "'functions.convert_units:0' of tool 'convert_units'")
+        [missing] = run(box, [call("get_time", city="Oslo")], None)
+        assert missing.error == ("error: no recorded result for call 'functions.get_time:0' "
+                                 "of tool 'get_time'")
+        [bad] = run(box, [call("get_time", city="Oslo")], "[1, 2, 3]")
+        assert bad.error == ("error: recorded results must be an object {call id or tool "
+                             "name: result}, not list")
+    assert parse_recorded(None) == {}
+    with pytest.raises(ValueError, match="not valid JSON"):
+        parse_recorded("{oops")
+
+
+def test_without_recorded_source_unknown_names_are_errors(tools_file: Path):
+    with Toolbox.open(spec({"python": "my_tools.py", "functions": ["double"]}),
+                      tools_file) as box:
+        [r] = run(box, [call("get_time", city="Oslo")], {"get_time": "14:05"})
+    assert r.error == "error: unknown tool 'get_time'"
+
+
+@pytest.mark.parametrize("source, message", [
+    ({"python": "missing.py"}, r"rollout.tools\[0\] \(python missing.py\): no such file"),
+    ({"python": "my_tools.py", "functions": ["double", "triple"]},
+     "no public function 'triple' defined there"),
+    ({"python": "no_such_module.tools"}, "import failed: ModuleNotFoundError"),
+    ({"python": "broken.py"}, "import failed: ZeroDivisionError"),
+    ({"python": "varargs.py"}, r"function 'f' cannot be a tool: parameter \*args"),
+    ({"python": "empty.py"}, "defines no public function"),
+    ({"mcp": {"command": ["no-such-mcp-server"]}}, "could not start: FileNotFoundError"),
+    ({"mcp": {"command": ["python", "-c", "import sys; sys.exit(3)"]}},
+     "could not start: MCPError: Connection closed"),
+])
+def test_a_source_that_cannot_open_is_refused(tools_file: Path, source: dict[str, Any],
+                                              message: str):
+    (tools_file / "broken.py").write_text("x = 1 / 0\n")
+    (tools_file / "varargs.py").write_text("def f(*args):\n    pass\n")
+    (tools_file / "empty.py").write_text("import os\nX = 1\n")
+    with pytest.raises(ToolboxError, match=message):
+        Toolbox.open(spec(source), tools_file)
+
+
+def test_tool_names_are_unique_across_sources(tools_file: Path):
+    with pytest.raises(ToolboxError, match=r"rollout.tools\[1\] \(python my_tools.py\): tool "
+                                           r"'double' is also served by rollout.tools\[0\]"):
+        Toolbox.open(spec({"python": "my_tools.py"}, {"python": "my_tools.py"}), tools_file)
+
+
+def test_module_import_by_name_from_the_job_folder(tools_file: Path):
+    (tools_file / "pkg_tools_x").mkdir()
+    (tools_file / "pkg_tools_x" / "__init__.py").write_text("")
+    (tools_file / "pkg_tools_x" / "calc.py").write_text(
+        "def add(a: int, b: int) -> int:\n    return a + b\n")
+    with Toolbox.open(spec({"python": "pkg_tools_x.calc"}), tools_file) as box:
+        [r] = run(box, [call("add", a=2, b=3)])
+    assert r.content == "5"
+
+
+def test_mcp_stdio_server_lists_calls_and_stops():
+    before = processes.tree(os.getpid())
+    rollout = spec({"mcp": {"command": ["python", "mcp_weather_server.py"]}})
+    box = Toolbox.open(rollout, EXAMPLES)
+    servers = {p: s for p, s in processes.tree(os.getpid()).items() if p not in before}
+    try:
+        assert [processes.cmdline(p) for p in servers] == [
+            f"{sys.executable} mcp_weather_server.py"]
+        schemas = {s["function"]["name"]: s["function"] for s in box.schemas()}
+        assert list(schemas) == ["get_weather", "get_time", "convert_units"]
+        assert schemas["get_weather"]["parameters"] == {
+            "type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}
+        results = run(box, [call("get_weather", city="Vienna"),
+                            call("convert_units", value=3, from_unit="km", to_unit="kg"),
+                            call("get_weather", town="Vienna"), call("get_time", city="Tokyo")])
+    finally:
+        box.close()
+    assert results[0].content == example_tools.get_weather("Vienna") and results[0].error is None
+    assert results[1].error == "Error executing tool convert_units: cannot convert km to kg"
+    assert results[2].error is not None and "city" in results[2].error
+    assert results[3].content == example_tools.get_time("Tokyo")
+    assert processes.left_alive(servers, 5) == []
+
+
+SLOW_SERVER = '''
+import anyio
+from mcp.server.mcpserver import MCPServer
+
+server = MCPServer("slow", log_level="WARNING")
+
+
+@server.tool()
+async def sleep(seconds: float) -> str:
+    await anyio.sleep(seconds)
+    return f"slept {seconds}"
+
+
+server.run()
+'''
+
+
+def test_mcp_call_that_times_out_is_cancelled_and_the_session_goes_on(tmp_path: Path):
+    (tmp_path / "slow_server.py").write_text(SLOW_SERVER)
+    rollout = spec({"mcp": {"command": ["python", "slow_server.py"]}}, tool_timeout_s=0.5)
+    with Toolbox.open(rollout, tmp_path) as box:
+        first = run(box, [call("sleep", seconds=30), call("sleep", seconds=0)])
+        [again] = run(box, [call("sleep", seconds=0.1)])
+    assert [r.content for r in first] == ["error: tool 'sleep' timed out after 0.5 s",
+                                          "slept 0.0"]
+    assert again.content == "slept 0.1" and again.latency_s >= 0.1
+
+
+OWNER = '''
+import sys, time
+from pathlib import Path
+from thinkbatch.schemas.rollout import RolloutSpec
+from thinkbatch.tasks.tools.toolbox import Toolbox
+
+spec = RolloutSpec.model_validate(
+    {"tools": [{"mcp": {"command": ["python", "mcp_weather_server.py"]}}]})
+box = Toolbox.open(spec, Path(sys.argv[1]))
+print("ready", flush=True)
+time.sleep(60)
+'''
+
+
+def test_mcp_stdio_server_dies_with_a_killed_owner():
+    """SIGKILL leaves no close() to run: the server must end when its stdin closes."""
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(EXAMPLES)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "ready"
+        servers = processes.tree(owner.pid)
+        assert len(servers) == 1
+        assert "mcp_weather_server.py" in processes.cmdline(next(iter(servers)))
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    assert processes.left_alive(servers, 5) == []
+
+
+def test_mcp_streamable_http_server():
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(EXAMPLES / "mcp_weather_server.py"),
+                               "--http", str(port)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.1)
+        rollout = spec({"mcp": {"url": f"http://127.0.0.1:{port}/mcp"},
+                        "functions": ["get_weather", "convert_units"]})
+        with Toolbox.open(rollout, Path(".")) as box:
+            assert box.names == ["get_weather", "convert_units"]
+            ok, failed = run(box, [
+                call("get_weather", city="Lima"),
+                call("convert_units", value=1, from_unit="km", to_unit="celsius")])
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert ok.content == example_tools.get_weather("Lima")
+    assert failed.error == "Error executing tool convert_units: cannot convert km to celsius"
+    with pytest.raises(ToolboxError, match="could not start: ConnectError"):
+        Toolbox.open(rollout, Path("."))
+
+
+COUNTING = Path(__file__).resolve().parents[2] / "mcp_counting_server.py"
+
+
+def _counting(starts: Path, key: str, **over: Any) -> RolloutSpec:
+    return spec({"mcp": {"command": ["python", str(COUNTING)],
+                         "env": {"STARTS_FILE": str(starts), "API_KEY": key}}}, **over)
+
+
+def _starts(starts: Path) -> list[str]:
+    return starts.read_text().split() if starts.exists() else []
