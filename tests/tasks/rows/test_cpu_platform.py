@@ -40,7 +40,8 @@ def test_a_cpu_parent_leaves_the_platform_check_to_the_workers(tmp_path: Path) -
     def errors(workers: int) -> list[str]:
         return check_job(load_job(inline={
             "input": {"path": str(tmp_path / "in.parquet")}, "engine": {"model": "m"},
-            "output": {"path": str(tmp_path / "out")}, "scale": {"workers": workers}},
+            "output": {"path": str(tmp_path / "out")},
+            "scale": {"workers": workers, "shared_filesystem": True}},
             preset="kimi-k2-thinking"))
 
     assert [e.split(":")[0] for e in errors(1)] == ["engine.decode_context_parallel_size"]
