@@ -144,7 +144,7 @@ def test_a_writer_stopped_inside_a_compare_and_swap_blocks_no_one_and_cannot_ove
 
 RACER = """
 import json, random, sys, threading, time
-from thinkbatch.tasks import storage
+from thinkbatch.tasks.store import storage
 from thinkbatch.tasks.store.storage import AlreadyExists, Storage, VersionMismatch
 
 root, target, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
