@@ -125,8 +125,8 @@ class EngineSpec(_Strict):
     expected_tokens_per_row: int | None = Field(
         default=None, gt=0, json_schema_extra={"speed_only": True},
         description="Tokens (prompt + completion) a request is expected to hold in the KV "
-                    "cache: in flight are at most the cache's tokens over this (default: "
-                    "sampling.max_tokens), until 32 requests finished; then their mean.")
+                    "cache: in flight are at most the cache's tokens over this. Default: "
+                    "sampling.max_tokens, so that nothing is preempted.")
     max_restarts: int = Field(
         default=2, ge=0, json_schema_extra={"speed_only": True},
         description="Times a worker loads a new engine when its engine's processes die "

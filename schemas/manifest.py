@@ -115,7 +115,7 @@ class Metrics(BaseModel):
 
 
 class InFlightFigures(BaseModel):
-    """The engine's in-flight limit as the run ended (tasks/in_flight.py): the job's cap,
+    """The engine's in-flight limit as the run ended (tasks/rows/in_flight.py): the job's cap,
     the KV-cache tokens the engine reported, the tokens a request was expected to hold."""
 
     cap: int

@@ -6,8 +6,10 @@ Over its KV cache vLLM preempts running requests and recomputes them later: with
 (the recipe's logs: 5,721,088 tokens with DCP8, 715,072 with TP8 alone). So the limit is
 the KV-cache tokens the loaded engine reports over the tokens a request is expected to
 hold: `engine.expected_tokens_per_row` where the job sets it, else `sampling.max_tokens`
-(nothing preempted), until MEASURED_AFTER requests finished; then their mean prompt plus
-completion. The cap, the KV tokens and the limit used are recorded in the manifest.
+(nothing is ever preempted). Not the mean of finished requests: the first to finish are
+the short ones, and a limit raised on them over-fills the cache with the long ones (the
+fleet simulation, benchmarks/fleet_sim.py, preempted 670 times so). The cap, the KV
+tokens and the limit used are recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -16,30 +18,15 @@ import threading
 
 from thinkbatch.schemas.manifest import InFlightFigures
 
-MEASURED_AFTER = 32  # finished requests before their mean replaces the starting estimate
-
 
 class InFlight:
-    """The engine's in-flight limit, updated as requests finish (driver thread)."""
+    """The engine's in-flight limit; a replacement engine may report another cache."""
 
     def __init__(self, cap: int, kv_tokens: int | None, max_tokens: int,
                  expected_tokens: int | None = None):
         self.cap = cap
         self.kv_tokens = kv_tokens
-        self._start = expected_tokens or max_tokens
-        self._tokens = 0
-        self._finished = 0
-
-    def finished(self, tokens: int) -> None:
-        """A request that held `tokens` (prompt + completion) left the engine."""
-        self._tokens += tokens
-        self._finished += 1
-
-    @property
-    def expected_tokens(self) -> int:
-        if self._finished >= MEASURED_AFTER:
-            return max(1, self._tokens // self._finished)
-        return self._start
+        self.expected_tokens = expected_tokens or max_tokens
 
     @property
     def limit(self) -> int:

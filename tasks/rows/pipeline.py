@@ -346,8 +346,6 @@ class Pipeline:
 
     def _finish(self, conv: Conversation, gen: Generation) -> None:
         self.triage.finished()
-        self.in_flight_limit.finished(len(gen.prompt_token_ids or ())
-                                      + len(gen.token_ids or ()))
         self.listeners.finished(conv.shard_id, conv.req.row_index, conv.sample,
                                 self.conversations.turn(conv))
         gave_up = None
