@@ -132,7 +132,7 @@ def _output(layout: Any, plan: Any) -> dict[str, Any]:
     import boto3
     import pyarrow.parquet as pq
 
-    from thinkbatch.tasks import checkpoint
+    from thinkbatch.tasks.store import checkpoint
 
     markers = checkpoint.read_markers(layout, [s.shard_id for s in plan.shards])
     listed = {n for m in markers.values() if m is not None for n in m.parts}

@@ -19,7 +19,7 @@ What is scaled and what is not (the product's constants are real seconds):
   the job's TTL, Prefect's own timers. An idle node's S3 requests are therefore counted
   per real minute, the rate S3 sees from an idle node of a real fleet.
 All nodes share this host: a SIGKILLed node's claims are taken over at once (its pid
-is gone, tasks/lease.py), which stands in for a fleet's 2-minute TTL (minutes against
+is gone, tasks/store/lease.py), which stands in for a fleet's 2-minute TTL (minutes against
 rows of hours); the paused node keeps its pid, so its claims expire by the TTL.
 """
 
@@ -170,10 +170,10 @@ class Fleet:
 
     def _plan(self) -> Any:
         from thinkbatch.schemas.job_file import validate_job
-        from thinkbatch.tasks import checkpoint
-        from thinkbatch.tasks.checkpoint import OutputLayout
-        from thinkbatch.tasks.plan import make_plan
-        from thinkbatch.tasks.storage import Storage
+        from thinkbatch.tasks.store import checkpoint
+        from thinkbatch.tasks.store.layout import OutputLayout
+        from thinkbatch.tasks.store.plan import make_plan
+        from thinkbatch.tasks.store.storage import Storage
 
         self.job = job_dict(self.s)
         spec = validate_job(self.job)
@@ -207,7 +207,7 @@ class Fleet:
         return (time.time() - self.t0) / self.s.scale
 
     def _unfinished(self) -> int:
-        from thinkbatch.tasks import checkpoint
+        from thinkbatch.tasks.store import checkpoint
 
         return len(self.plan.shards) - len(checkpoint.done_shards(self.layout))
 

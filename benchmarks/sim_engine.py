@@ -159,7 +159,7 @@ class SlotUse:
 
 
 class SimEngine:
-    """The `Engine` protocol (tasks/engine.py) over the model above. `poll` blocks like
+    """The `Engine` protocol (tasks/rows/engine.py) over the model above. `poll` blocks like
     vLLM's `step()`: until the next row finishes, at most `step_s` simulated seconds."""
 
     def __init__(self, model: SimModel, lengths: Callable[[int], tuple[int, int, bool]],

@@ -47,7 +47,8 @@ def main(config_path: str, index: int, instance: str) -> int:
     from sim_engine import Lengths, Loading, Recorder, SimEngine, SimModel
 
     import thinkbatch.flows.worker as worker
-    from thinkbatch.tasks import engine as engine_module
+    import thinkbatch.tasks.runner as runner
+    from thinkbatch.tasks.rows import engine as engine_module
 
     model = SimModel(**{k: tuple(v) if isinstance(v, list) else v
                         for k, v in config["model"].items()})
@@ -55,7 +56,7 @@ def main(config_path: str, index: int, instance: str) -> int:
     record = Recorder(Path(config["events"]) / f"{instance}.jsonl")
     gate = Gate(config, instance)
 
-    class GatedClaims(worker.ShardClaims):
+    class GatedClaims(runner.ShardClaims):
         def claim_next(self) -> int | None:
             if gate.clock is None:
                 record(e="up", t=round(gate.open().now(), 1), index=index)
@@ -72,8 +73,8 @@ def main(config_path: str, index: int, instance: str) -> int:
                 step_s=config["step_real_s"] / config["scale"])
         return engine_module._ENGINES["sim"]
 
-    worker.ShardClaims = GatedClaims
-    worker.get_engine = get_engine
+    runner.ShardClaims = GatedClaims
+    runner.get_engine = get_engine
     try:
         worker.shard_worker(job=config["job"], worker_index=index)
     finally:
