@@ -223,6 +223,16 @@ class SimEngine:
         self._record.flush()
         return done
 
+    def abort(self, keys: Iterable[str]) -> None:
+        """Rows of a shard whose claim was lost leave the engine, their KV cache freed."""
+        drop = set(keys)
+        self._advance(self._clock.now())
+        self._waiting = deque(r for r in self._waiting if r.key not in drop)
+        for key in drop & self._running.keys():
+            self._leave(self._running[key])
+        self._done = [g for g in self._done if g.key not in drop]
+        self._admit()
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

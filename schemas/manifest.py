@@ -136,6 +136,7 @@ class RunFigures(BaseModel):
     engine_restarts: int | None = None  # once an engine was loaded
     engine: EngineLayout | None = None  # this run's vLLM engine, as loaded
     in_flight: InFlightFigures | None = None  # requests in the engine at once
+    shards_lost: int | None = None  # claims another worker took over (a pause past the TTL)
     metrics: Metrics | None = None
 
     worker_rounds: list[dict[str, str]] | None = None  # workers > 1: run name -> end state

@@ -42,6 +42,7 @@ from thinkbatch.tasks.rows.pipeline import Pipeline
 from thinkbatch.tasks.rows.read import input_schema
 from thinkbatch.tasks.store import checkpoint
 from thinkbatch.tasks.store.claims import ShardClaims
+from thinkbatch.tasks.store.commit import FencedOut
 from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.lease import refuse_if_held
 from thinkbatch.tasks.store.plan import make_plan
@@ -258,10 +259,14 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                     break
                 for shard_id in [s for s, (done, _) in active.items() if done.done()]:
                     done, tracked = active.pop(shard_id)
-                    done.result()  # raises if the shard failed
+                    try:
+                        done.result()  # raises if the shard failed
+                    except FencedOut:  # another worker has it: that shard only is given up
+                        run.shards_lost = (run.shards_lost or 0) + 1
+                    else:
+                        run.shards.append(shard_id)
                     tracked()
-                    claims.release(shard_id)
-                    run.shards.append(shard_id)
+                    claims.release(shard_id)  # a claim taken over is not ours to delete
                     next_look = 0.0  # a slot is free: look at once
                 if watch is not None and opened is not None:
                     watch(opened.progress)

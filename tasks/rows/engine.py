@@ -59,6 +59,8 @@ class Engine(Protocol):
 
     def poll(self) -> list[Generation]: ...
 
+    def abort(self, keys: Iterable[str]) -> None: ...
+
     def guard(self, markers: Iterable[str]) -> None: ...
 
     def close(self) -> None: ...
@@ -270,6 +272,17 @@ class VllmEngine:
             ))
         return done
 
+    def abort(self, keys: Iterable[str]) -> None:
+        """Take requests out of the engine (a shard whose claim was lost): their KV cache
+        is freed for the shards the worker still holds."""
+        keys = [k for k in keys if k in self._pending]
+        if keys:
+            self._pending.difference_update(keys)
+            try:
+                self.llm.llm_engine.abort_request(keys)
+            except self._dead as e:
+                raise self._died(e) from e
+
     def _died(self, err: Exception) -> EngineDied:
         """vLLM's error says only that the engine core died. The cause is the signal that
         killed its process (what its workers print as they lose it comes after), else the
@@ -346,6 +359,10 @@ class ReplayEngine:
         done = list(self._done)
         self._done.clear()
         return done
+
+    def abort(self, keys: Iterable[str]) -> None:
+        drop = set(keys)
+        self._done = deque(g for g in self._done if g.key not in drop)
 
     def guard(self, markers: Iterable[str]) -> None:
         """Nothing to guard: no prompt is tokenized."""

@@ -34,7 +34,7 @@ from thinkbatch.tasks.rows.render import Renderer, needed_columns
 from thinkbatch.tasks.rows.sampling import SamplingBuilder, SamplingRejected
 from thinkbatch.tasks.rows.triage import Triage
 from thinkbatch.tasks.store import checkpoint
-from thinkbatch.tasks.store.commit import Committer
+from thinkbatch.tasks.store.commit import Committer, FencedOut
 from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.tools.toolbox import Toolbox
 
@@ -83,6 +83,7 @@ class Pipeline:
             layout, schema, flush_rows=job.output.flush_rows,
             flush_seconds=job.output.flush_seconds, compression=job.output.compression,
             on_shard_done=self._shard_done, on_commit=self._committed, may_commit=may_commit,
+            on_lost=self._claim_lost,
         )
         self.committer.engine = engine.layout
         self.in_flight_limit = InFlight(job.engine.max_in_flight, _kv_tokens(engine),
@@ -97,6 +98,8 @@ class Pipeline:
         self._remaining: dict[int, int] = {}
         self._inflight: dict[str, Conversation] = {}
         self._held: dict[str, Conversation] = {}  # out of the engine while triaged
+        self._lost: set[int] = set()  # shards another worker took over (writer thread)
+        self._dropped: set[int] = set()  # lost shards whose requests left the engine
         self._stop = threading.Event()
         self._halt = threading.Event()  # stop() on a signal: leave in-flight requests
         self._error: BaseException | None = None
@@ -219,6 +222,8 @@ class Pipeline:
                 if self._error is not None:
                     return
                 try:
+                    if len(self._lost) > len(self._dropped):
+                        self._drop_lost()
                     backlog = self._fill(backlog)
                     for gen in self.engine.poll():
                         self._finish(self._inflight.pop(gen.key), gen)
@@ -315,11 +320,16 @@ class Pipeline:
             return None
 
     def _start_shard(self, start: _ShardStart) -> None:
+        if start.shard_id in self._lost:
+            return
         self._remaining[start.shard_id] = start.pending
         if start.pending == 0:
             self.committer.finish_shard(start.shard_id)
 
     def _submit(self, conv: Conversation) -> None:
+        if conv.shard_id in self._lost:
+            self.conversations.end(conv)
+            return
         req = conv.req
         if req.error is not None:
             self._emit(conv, Parsed(req.status, error=req.error), None)
@@ -346,6 +356,9 @@ class Pipeline:
 
     def _finish(self, conv: Conversation, gen: Generation) -> None:
         self.triage.finished()
+        if conv.shard_id in self._lost:  # finished before its abort reached the engine
+            self.conversations.end(conv)
+            return
         self.listeners.finished(conv.shard_id, conv.req.row_index, conv.sample,
                                 self.conversations.turn(conv))
         gave_up = None
@@ -360,6 +373,8 @@ class Pipeline:
     def _emit(self, conv: Conversation, parsed: Parsed, gen: Generation | None) -> None:
         shard_id = conv.shard_id
         trajectory = self.conversations.end(conv)
+        if shard_id in self._lost:
+            return
         row = output_row(self.job, conv.req, conv.sample, parsed, gen, trajectory)
         self.committer.add(shard_id, row)
         self.listeners.row_done(row)
@@ -367,7 +382,29 @@ class Pipeline:
         if self._remaining[shard_id] == 0:
             self.committer.finish_shard(shard_id)
 
+    def _drop_lost(self) -> None:
+        """Shards another worker took over: their requests leave the engine (its cache
+        goes to the shards this worker still holds) and nothing more of them is kept.
+        Their rows in the backlog, at tools or held by a triage are dropped as they come
+        up for submission."""
+        lost = set(self._lost) - self._dropped
+        self._dropped |= lost
+        gone = [key for key, conv in self._inflight.items() if conv.shard_id in lost]
+        for key in gone:
+            self.conversations.end(self._inflight.pop(key))
+        for shard_id in lost:
+            self._remaining.pop(shard_id, None)
+        self.engine.abort(gone)
+        log.warning("shard(s) %s: their claim was taken over by another worker; %d requests "
+                    "aborted, this worker goes on with its other shards",
+                    ", ".join(map(str, sorted(lost))), len(gone))
+
     # -- callbacks from the writer thread ----------------------------------------
+
+    def _claim_lost(self, shard_id: int, error: FencedOut) -> None:
+        self._lost.add(shard_id)
+        if (fut := self._futures.pop(shard_id, None)) is not None:
+            fut.set_exception(error)
 
     def _committed(self, shard_id: int, rows: int) -> None:
         self.committed += rows

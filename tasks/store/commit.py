@@ -22,13 +22,15 @@ OnCommit = Callable[[int, int], None]
 
 
 class FencedOut(RuntimeError):
-    """This run no longer holds the output's lease: committing would duplicate rows."""
+    """This worker no longer holds the shard's claim: committing would duplicate rows.
+    Only that shard is given up (`on_lost`); the worker's other shards go on."""
 
 
 class Committer:
     def __init__(self, layout: OutputLayout, schema: pa.Schema, *, flush_rows: int,
                  flush_seconds: float, compression: str, on_shard_done: OnShardDone,
-                 may_commit: Callable[[int], bool], on_commit: OnCommit | None = None):
+                 may_commit: Callable[[int], bool], on_commit: OnCommit | None = None,
+                 on_lost: Callable[[int, FencedOut], None] | None = None):
         self.layout = layout
         self.schema = schema
         self.flush_rows = flush_rows
@@ -37,6 +39,8 @@ class Committer:
         self.on_shard_done = on_shard_done
         self.on_commit = on_commit
         self.may_commit = may_commit
+        self.on_lost = on_lost  # a shard whose claim was lost, told once (writer thread)
+        self._lost: set[int] = set()
         self.engine: EngineLayout | None = None  # what generates the rows: for the markers
         self._buffer: dict[int, list[dict[str, Any]]] = defaultdict(list)
         self._buffered = 0
@@ -54,6 +58,8 @@ class Committer:
         return self._buffered
 
     def add(self, shard_id: int, row: dict[str, Any]) -> None:
+        if shard_id in self._lost:
+            return
         self._buffer[shard_id].append(row)
         self._buffered += 1
 
@@ -81,8 +87,10 @@ class Committer:
         self._put(lambda: self._commit(shard_id, table))
 
     def _done(self, shard_id: int) -> None:
+        if shard_id in self._lost:
+            return
         if not self.may_commit(shard_id):
-            raise FencedOut(f"lost the claim on shard {shard_id}; not marking it done")
+            return self._give_up(shard_id, "not marking it done")
         self.on_shard_done(shard_id, checkpoint.mark_done(
             self.layout, shard_id, self.compression, self._committed_at.pop(shard_id, None),
             self.engine))
@@ -92,17 +100,31 @@ class Committer:
         if not rows:
             return
         self._buffered -= len(rows)
+        if shard_id in self._lost:
+            return
         table = pa.Table.from_pylist(rows, schema=self.schema)
         self._put(lambda: self._commit(shard_id, table))
 
     def _commit(self, shard_id: int, table: pa.Table) -> None:
+        if shard_id in self._lost:
+            return
         if not self.may_commit(shard_id):
-            raise FencedOut(f"lost the claim on shard {shard_id}; not committing")
+            return self._give_up(shard_id, "not committing")
         part = self.layout.new_part(shard_id)
         self.layout.store.write_parquet(part, table, self.compression)
         self._committed_at[shard_id][part.rsplit("/", 1)[-1]] = time.time()
         if self.on_commit:
             self.on_commit(shard_id, table.num_rows)
+
+    def _give_up(self, shard_id: int, what: str) -> None:
+        """Another worker took the shard over: nothing more of it is written here. Without
+        `on_lost` the whole committer fails (a run holding the output's only lease)."""
+        error = FencedOut(f"lost the claim on shard {shard_id}; {what}")
+        if self.on_lost is None:
+            raise error
+        self._lost.add(shard_id)
+        self._committed_at.pop(shard_id, None)
+        self.on_lost(shard_id, error)
 
     def _put(self, job: Callable[[], None]) -> None:
         while True:
