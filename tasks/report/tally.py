@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from thinkbatch.schemas.manifest import ShardStats
 from thinkbatch.tasks.store import checkpoint
-from thinkbatch.tasks.store.checkpoint import ROLLOUT_SUMS, sum_ints
+from thinkbatch.tasks.store.checkpoint import sum_ints
 from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.storage import join
 
@@ -131,12 +131,18 @@ class Tally:
     untimed_parts: int = 0  # parts whose marker has no commit time (written before it was kept)
     tools: Counter[str] = field(default_factory=Counter)  # calls by name
     tool_failures: Counter[str] = field(default_factory=Counter)  # rollouts: failed, by name
-    # Rollouts: the marker's sums (turns, tool_calls_total, tool_errors) from the rows.
-    rollout_sums: Counter[str] = field(default_factory=Counter)
+    turns: int = 0  # rollouts: engine turns of every conversation
 
     @property
     def rows(self) -> int:
         return sum(self.status.values())
+
+    @property
+    def rollout_sums(self) -> dict[str, int]:
+        """A rollout's sums as its done markers keep them: the tool counts are those by
+        name, added up (each tool result read once)."""
+        return {"turns": self.turns, "tool_calls_total": sum(self.tools.values()),
+                "tool_errors": sum(self.tool_failures.values())}
 
 
 def _add_tokens(tally: Tally, batch: pa.RecordBatch) -> int:
@@ -163,8 +169,7 @@ def _add_tools(tally: Tally, batch: pa.RecordBatch) -> None:
         tally.tools.update(_value_counts(names))
         failed = pc.is_valid(results.field("error"))
         tally.tool_failures.update(_value_counts(pc.filter(names, failed)))
-        for column, name in ROLLOUT_SUMS.items():
-            tally.rollout_sums[name] += sum_ints(batch.column(column))
+        tally.turns += sum_ints(batch.column("num_turns"))
     else:
         tally.tools.update(_value_counts(pc.list_flatten(batch.column("tool_calls")).field("name")))
 
@@ -176,7 +181,7 @@ def _value_counts(names: pa.Array) -> dict[str, int]:
 
 def _columns(names: list[str]) -> tuple[list[str], bool]:
     rollout = "turns" in names
-    tools = [RESULT_NAMES, RESULT_ERRORS, *ROLLOUT_SUMS] if rollout else [TOOL_NAMES]
+    tools = [RESULT_NAMES, RESULT_ERRORS, "num_turns"] if rollout else [TOOL_NAMES]
     return NUMERIC + tools, rollout
 
 

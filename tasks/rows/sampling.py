@@ -23,21 +23,32 @@ class SamplingRejected(ValueError):
     """vLLM refuses this sampling section; the message names the field where it can."""
 
 
-def _fields(s: SamplingSpec, keep_special_tokens: bool) -> dict[str, Any]:
-    from vllm.sampling_params import StructuredOutputsParams
-
+def sampling_kwargs(s: SamplingSpec, keep_special_tokens: bool) -> dict[str, Any]:
+    """A sampling section as the keyword arguments of vllm.SamplingParams, plain data
+    (structured outputs as StructuredOutputsParams' own keywords): what Ray Data LLM's
+    `sampling_params` column holds too (benchmarks/ray_llm.py)."""
     fields = s.model_dump(exclude={"structured_outputs", "extra", "stop", "n"})
     fields["stop"] = s.stop or None
     fields.update(s.extra)
     if s.structured_outputs is not None:
         so = s.structured_outputs
-        fields["structured_outputs"] = StructuredOutputsParams(
-            regex=so.regex, json=so.json_schema, choice=so.choice, grammar=so.grammar)
+        given = {"regex": so.regex, "json": so.json_schema, "choice": so.choice,
+                 "grammar": so.grammar}
+        fields["structured_outputs"] = {k: v for k, v in given.items() if v is not None}
     if keep_special_tokens:
         # vLLM's detokenizer for slow tokenizers (Kimi-K2-Thinking's) otherwise writes a
         # space after each added token it keeps: ` <think>`, a reasoning with a leading space.
         fields["skip_special_tokens"] = False
         fields["spaces_between_special_tokens"] = False
+    return fields
+
+
+def _fields(s: SamplingSpec, keep_special_tokens: bool) -> dict[str, Any]:
+    from vllm.sampling_params import StructuredOutputsParams
+
+    fields = sampling_kwargs(s, keep_special_tokens)
+    if "structured_outputs" in fields:
+        fields["structured_outputs"] = StructuredOutputsParams(**fields["structured_outputs"])
     return fields
 
 
