@@ -18,6 +18,7 @@ from typing import Any
 
 from thinkbatch.schemas.rollout import McpServerSpec, ToolSource
 from thinkbatch.tasks.tools.secrets import Secrets, resolved_env, resolved_url
+from thinkbatch.tasks.tools.slots import Slot
 from thinkbatch.tasks.tools.tool import Tool, ToolboxError, ToolFailed, function_schema, untitled
 
 log = logging.getLogger("thinkbatch.toolbox")
@@ -112,8 +113,8 @@ async def _mcp_tools(session: Any, source: ToolSource, at: str) -> list[Tool]:
             for t in listed if source.functions is None or t.name in source.functions]
 
 
-def _mcp_caller(session: Any, name: str) -> Callable[[dict[str, Any]], Awaitable[str]]:
-    async def call(args: dict[str, Any]) -> str:
+def _mcp_caller(session: Any, name: str) -> Callable[[dict[str, Any], Slot], Awaitable[str]]:
+    async def call(args: dict[str, Any], slot: Slot) -> str:
         result = await session.call_tool(name, args)
         text = "\n".join(b.text if getattr(b, "type", None) == "text" else
                          b.model_dump_json(by_alias=True, exclude_none=True)

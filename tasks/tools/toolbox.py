@@ -2,10 +2,11 @@
 per call comes out, off the caller's thread.
 
 A `Toolbox` owns one asyncio event loop in a daemon thread. MCP sessions live on it
-(tools/mcp.py), and every call is scheduled on it under one semaphore
-(`max_concurrent_tools`) and a per-call timeout. Python tools (tools/python.py) run each
-in a daemon thread of their own; recorded results (tools/recorded.py) answer calls by
-their ids.
+(tools/mcp.py), and every call is scheduled on it in a slot of `max_concurrent_tools`
+(tools/slots.py) under a per-call timeout. No tool's code runs on that loop: Python tools
+(tools/python.py), async ones too, run each in a daemon thread of their own, so a tool
+that blocks cannot stall the timeouts or the other calls; recorded results
+(tools/recorded.py) answer calls by their ids.
 
 A failing tool never fails the row: unknown tool, arguments that are not a JSON object or
 do not match the tool's schema, an exception, a timeout, an MCP error result, a call with
@@ -34,6 +35,7 @@ from thinkbatch.tasks.tools import mcp
 from thinkbatch.tasks.tools.python import python_tools
 from thinkbatch.tasks.tools.recorded import recorded_result
 from thinkbatch.tasks.tools.secrets import Secrets
+from thinkbatch.tasks.tools.slots import Slot, Slots
 from thinkbatch.tasks.tools.tool import Tool, ToolboxError, ToolFailed
 
 log = logging.getLogger("thinkbatch.toolbox")
@@ -54,7 +56,7 @@ class Toolbox:
         self._recorded = spec.recorded_column is not None
         self._tools: dict[str, Tool] = {}
         self._secrets = Secrets()  # the MCP servers' env values and URL credentials
-        self._slots = asyncio.Semaphore(spec.max_concurrent_tools)
+        self._slots = Slots(spec.max_concurrent_tools)
         self._stop = asyncio.Event()
         self._serving: asyncio.Task[None] | None = None
         self._turns: set[concurrent.futures.Future[list[ToolResult]]] = set()
@@ -160,19 +162,22 @@ class Toolbox:
                 content = recorded_result(recorded, call_id, name)
             else:
                 args = _arguments(call.get("arguments"), name)
-                async with self._slots:
+                slot = await self._slots.take(name)
+                try:
                     start = time.perf_counter()
-                    content = await self._timed(tool, name, args)
+                    content = await self._timed(tool, name, args, slot)
+                finally:
+                    slot.call_over()
         except ToolFailed as e:
             text = self._secrets.scrub(str(e))
             return ToolResult(call_id, name, text, text, time.perf_counter() - start)
         return ToolResult(call_id, name, content, None, time.perf_counter() - start)
 
-    async def _timed(self, tool: Tool, name: str, args: dict[str, Any]) -> str:
+    async def _timed(self, tool: Tool, name: str, args: dict[str, Any], slot: Slot) -> str:
         async def guarded() -> str:
             """The tool's own exceptions (a TimeoutError too) become its error text."""
             try:
-                return await tool.call(args)
+                return await tool.call(args, slot)
             except ToolFailed:
                 raise
             except Exception as e:

@@ -83,6 +83,12 @@ async def anap(seconds: float) -> str:
     return "awake"
 
 
+async def ablock(seconds: float) -> str:
+    """Blocks its event loop, as a synchronous client inside an async tool does."""
+    time.sleep(seconds)
+    return "unblocked"
+
+
 def norm(p: Point, scale: float = 1.0) -> dict:
     return {"norm": (p.x ** 2 + p.y ** 2) ** 0.5 * scale}
 
@@ -166,7 +172,8 @@ def test_example_tools_are_declared_as_the_miniature_learned_them():
 
 def test_python_tools_ok_raise_invalid_unknown(tools_file: Path):
     with Toolbox.open(spec({"python": "my_tools.py"}), tools_file) as box:
-        assert box.names == ["double", "boom", "nap", "peak", "anap", "norm", "route"]
+        assert box.names == ["double", "boom", "nap", "peak", "anap", "ablock", "norm",
+                             "route"]
         norm, route = (s["function"] for s in box.schemas()[-2:])
         assert norm["parameters"]["properties"]["p"]["$ref"] == "#/$defs/Point"
         assert route["description"] == "A route.\n\nFrom somewhere, to somewhere else."
@@ -206,19 +213,80 @@ def test_python_tools_ok_raise_invalid_unknown(tools_file: Path):
         assert r.latency_s >= 0
 
 
-def test_timeout_abandons_the_call_and_frees_its_slot(tools_file: Path):
+def test_an_async_tool_is_cancelled_at_its_timeout_and_frees_its_slot(tools_file: Path):
     with Toolbox.open(spec({"python": "my_tools.py"}, tool_timeout_s=0.5,
                            max_concurrent_tools=1), tools_file) as box:
         started = time.monotonic()
-        results = run(box, [call("nap", seconds=5), call("anap", seconds=5),
-                            call("nap", seconds=0, tag="after")])
+        results = run(box, [call("anap", seconds=5), call("nap", seconds=0, tag="after")])
         elapsed = time.monotonic() - started
-    assert [r.content for r in results] == [
-        "error: tool 'nap' timed out after 0.5 s", "error: tool 'anap' timed out after 0.5 s",
-        "after"]
+    assert [r.content for r in results] == ["error: tool 'anap' timed out after 0.5 s",
+                                            "after"]
     assert results[0].error == results[0].content
     assert 0.5 <= results[0].latency_s < 2
-    assert elapsed < 4  # one slot: the abandoned sleeper does not keep it
+    assert elapsed < 4  # one slot: the cancelled call does not keep it
+
+
+def _threads(name: str) -> int:
+    """Threads running calls of the tool `name`, from any toolbox."""
+    return sum(t.name == f"tool-{name}" for t in threading.enumerate())
+
+
+def test_a_blocking_async_tool_times_out_and_stalls_no_other_call(tools_file: Path):
+    """An `async def` tool that blocks (time.sleep) runs off the toolbox's loop: its
+    timeout fires on time, and another conversation's call is not held up."""
+    with Toolbox.open(spec({"python": "my_tools.py"}, tool_timeout_s=0.5), tools_file) as box:
+        blocked: list[list[ToolResult]] = []
+        started = time.monotonic()
+        box.run([call("ablock", seconds=3)], None, blocked.append)
+        time.sleep(0.1)  # the blocking call is running
+        [other] = run(box, [call("double", n=4)])
+        other_s = time.monotonic() - started
+        deadline = time.monotonic() + 10
+        while not blocked and time.monotonic() < deadline:
+            time.sleep(0.02)
+        blocked_s = time.monotonic() - started
+    assert other.content == "8" and other_s < 1.5
+    assert blocked and blocked[0][0].content == "error: tool 'ablock' timed out after 0.5 s"
+    assert blocked_s < 1.5 and blocked[0][0].latency_s < 1.5
+
+
+def test_timed_out_calls_keep_their_slots_until_their_threads_end(tools_file: Path):
+    """Python cannot stop a thread: a call abandoned at its timeout holds its slot until
+    it returns, so the cap bounds the threads really running; with every slot held so,
+    further calls fail at once rather than wait forever or start more threads."""
+    hang_s = 2.0
+    with Toolbox.open(spec({"python": "my_tools.py"}, tool_timeout_s=0.2,
+                           max_concurrent_tools=2), tools_file) as box:
+        started = time.monotonic()
+        results = run(box, [call("nap", id=f"c{i}", seconds=hang_s) for i in range(5)])
+        elapsed = time.monotonic() - started
+        threads = _threads("nap")
+        [also_held] = run(box, [call("double", n=1)])
+        time.sleep(hang_s + 0.3)  # the naps end, and their slots are free again
+        [after] = run(box, [call("double", n=2)])
+        [peak] = run(box, [call("peak", arguments="{}")])
+    timed_out = "error: tool 'nap' timed out after 0.2 s"
+    held = ("error: tool '{}' was not run: all 2 tool slots (rollout.max_concurrent_tools) "
+            "are held by calls that timed out and still run")
+    assert [r.content for r in results] == [timed_out] * 2 + [held.format("nap")] * 3
+    assert elapsed < 1.5
+    assert threads == 2 and peak.content == "2"
+    assert also_held.content == held.format("double")
+    assert after.content == "4"
+    assert _threads("nap") == 0
+
+
+def test_close_does_not_wait_for_tools_that_never_return(tools_file: Path):
+    box = Toolbox.open(spec({"python": "my_tools.py"}, tool_timeout_s=600), tools_file)
+    got: list[list[ToolResult]] = []
+    box.run([call("ablock", seconds=3600), call("nap", seconds=3600)], None, got.append)
+    time.sleep(0.3)
+    started = time.monotonic()
+    box.close()
+    assert time.monotonic() - started < 3
+    assert [r.content for r in got[0]] == [
+        "error: tool 'ablock' was cancelled: the toolbox closed",
+        "error: tool 'nap' was cancelled: the toolbox closed"]
 
 
 def test_random_sleeps_come_back_in_call_order(tools_file: Path):
