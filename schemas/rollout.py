@@ -3,8 +3,8 @@ until it answers. Where the tools come from is a list of sources, each exactly o
 Python module, an MCP server, or results recorded in an input column; tasks/tools/
 opens them (and checks that tool names are unique across sources) before the model loads.
 
-An MCP server's `env` values and its URL's credentials (user info, query values, fragment)
-are secrets: a JSON dump of the job (the manifest's config, the resume fingerprint,
+An MCP server's `env` values, its `headers` values and its URL's credentials (user info,
+query values, fragment) are secrets: a JSON dump of the job (the manifest's config, the resume fingerprint,
 Prefect's parameters) shows them as `MASK`, so none is written and a rotated key changes
 no fingerprint. A value may instead name variables of the environment (`${API_KEY}`),
 read where the server starts: such a value is written as it is, and survives a retry or
@@ -63,6 +63,17 @@ class McpServerSpec(_Strict):
         description="A streamable-HTTP endpoint, e.g. http://host:8000/mcp; its user info, "
                     "query values and fragment are secrets, never written; `${VAR}` takes "
                     "one from thinkbatch's environment.")
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="HTTP headers sent to a url server, e.g. `Authorization: Bearer "
+                    "${MCP_TOKEN}`. Values are secrets, never written; `${VAR}` takes one "
+                    "from thinkbatch's environment.")
+    max_restarts: int = Field(
+        default=3, ge=0,
+        description="A server that stops (a stdio command that exits, an HTTP session "
+                    "lost) is started again, with backoff, at most this many times without "
+                    "serving a call in between; then its tools fail and conversations that "
+                    "call them end `tool_error`.")
 
     @model_validator(mode="after")
     def _one_transport(self) -> McpServerSpec:
@@ -70,11 +81,13 @@ class McpServerSpec(_Strict):
             raise ValueError("set one of command (a stdio server) or url (streamable HTTP)")
         if self.url is not None and self.env:
             raise ValueError("env applies to a stdio command only, not to a url")
+        if self.command is not None and self.headers:
+            raise ValueError("headers apply to a url only, not to a stdio command")
         return self
 
-    @field_serializer("env", when_used="json")
-    def _masked_env(self, env: dict[str, str]) -> dict[str, str]:
-        return {k: masked(v) for k, v in env.items()}
+    @field_serializer("env", "headers", when_used="json")
+    def _masked_values(self, values: dict[str, str]) -> dict[str, str]:
+        return {k: masked(v) for k, v in values.items()}
 
     @field_serializer("url", when_used="json")
     def _masked_url(self, url: str | None) -> str | None:

@@ -6,7 +6,9 @@ calls hands them to the toolbox (tasks/tools.py), which runs them on its own poo
 puts the results on a queue; the driver takes them from there and submits the
 conversation's next turn ahead of new rows, so conversations in flight finish first.
 A conversation is one output row, written when it ends: an answer (`ok`), `max_turns`,
-or a turn that failed (its status, the turn named in `error`).
+a turn that failed (its status, the turn named in `error`), or `tool_error` when a call
+failed because its source is down for good (an MCP server no restart brought back): the
+model would only read errors where the data meant results.
 """
 
 from __future__ import annotations
@@ -156,7 +158,9 @@ class Rollouts:
         return Parsed(status, error=f"turn {len(conv.turns) + 1}: {error}")
 
     def ready(self) -> Conversation | None:
-        """A conversation whose tools returned, its results in its history; else None."""
+        """A conversation whose tools returned, its results in its history; else None.
+        One that met a tool source down for good comes back refused (its request's
+        error set), so that submitting it ends it `tool_error`."""
         try:
             conv, results = self._back.popleft() if self._back else self._results.get_nowait()
         except queue.Empty:
@@ -164,6 +168,9 @@ class Rollouts:
         self._at_tools -= 1
         conv.turns[-1].results = results
         conv.messages.extend(tool_message(r) for r in results)
+        if (why := self.toolbox.unavailable(results)) is not None:
+            conv.req = dataclasses.replace(conv.req, status=Status.TOOL_ERROR,
+                                           error=f"turn {len(conv.turns)}: {why}")
         return conv
 
     def wait(self, timeout: float) -> None:

@@ -58,7 +58,7 @@ class Toolbox:
         self._secrets = Secrets()  # the MCP servers' env values and URL credentials
         self._slots = Slots(spec.max_concurrent_tools)
         self._stop = asyncio.Event()
-        self._serving: asyncio.Task[None] | None = None
+        self._serving: set[asyncio.Task[None]] = set()  # the MCP sessions' tasks: end at stop
         self._turns: set[concurrent.futures.Future[list[ToolResult]]] = set()
         self._lock = threading.RLock()
         self._closed = False
@@ -102,6 +102,15 @@ class Toolbox:
         A recorded source has none: its tools are described by the job's or the row's
         `tools`."""
         return [copy.deepcopy(t.schema) for t in self._tools.values()]
+
+    def unavailable(self, results: list[ToolResult]) -> str | None:
+        """Why a conversation cannot go on as its data means: a call failed because its
+        source is down for good (an MCP server that no restart brought back); else None."""
+        for r in results:
+            tool = self._tools.get(r.name)
+            if r.error is not None and tool is not None and (why := tool.down()) is not None:
+                return f"tool {r.name!r} is unavailable: {why}"
+        return None
 
     def run(self, calls: list[dict[str, Any]], recorded: Any | None,
             done: Callable[[list[ToolResult]], None]) -> None:
@@ -225,8 +234,10 @@ class Toolbox:
                 f"MCP servers did not start within {mcp.OPEN_TIMEOUT_S:g} s") from None
 
     async def _serve(self, sources: mcp.Sources, base_dir: Path, ready: mcp.Ready) -> None:
-        self._serving = asyncio.current_task()
-        await mcp.serve(sources, base_dir, ready, self._stop, self._secrets)
+        task = asyncio.current_task()
+        assert task is not None
+        self._serving.add(task)
+        await mcp.serve(sources, base_dir, ready, self._stop, self._secrets, self._serving)
 
     async def _shutdown(self) -> None:
         """End the turns still running, then the sessions, so the loop stops with no
@@ -234,7 +245,7 @@ class Toolbox:
         self._stop.set()
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in others:
-            if task is not self._serving:
+            if task not in self._serving:
                 task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
         await self._loop.shutdown_asyncgens()

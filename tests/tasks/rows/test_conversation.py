@@ -437,3 +437,27 @@ def test_each_turn_draws_from_its_own_seed_the_same_on_every_run(tmp_path: Path)
 
     assert all(seed == turn_seed(100 + row * 2 + sample, turn)
                for (row, sample, turn), seed in first.seeds.items())
+
+
+def test_a_tool_source_down_for_good_ends_its_conversations_tool_error(
+        tmp_path: Path) -> None:
+    """An MCP server that died and does not come back: the conversation that met it is
+    written `tool_error`, the turn and the server named, its trajectory kept; not `ok`
+    with only tool_errors counting."""
+    crashy = Path(__file__).resolve().parents[2] / "mcp_crashy_server.py"
+    job = _job(tmp_path, 1, tools=[{"mcp": {
+        "command": ["python", str(crashy)], "max_restarts": 0,
+        "env": {"STARTS_FILE": str(tmp_path / "starts"), "STARTS_OK": "1"}}}],
+        tool_timeout_s=10)
+    engine = Script(job, {0: [call(("crash", {})), call(("pid", {})), call(("pid", {})),
+                              answer("never")]})
+
+    row = _run(job, engine)[0, 0]
+
+    assert row["status"] == "tool_error"
+    assert row["error"].startswith(f"turn {row['num_turns']}: tool '")
+    assert f"is unavailable: the MCP server rollout.tools[0] (mcp ['python', '{crashy}']) " \
+           "stopped (MCPError: Connection closed) and was restarted 0 times" in row["error"]
+    assert row["num_turns"] in (1, 2) and row["tool_errors"] == row["num_turns"]
+    roles = [m["role"] for m in json.loads(row["messages"])]
+    assert roles == ["user"] + ["assistant", "tool"] * row["num_turns"]

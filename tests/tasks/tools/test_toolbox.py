@@ -550,3 +550,76 @@ def _counting(starts: Path, key: str, **over: Any) -> RolloutSpec:
 
 def _starts(starts: Path) -> list[str]:
     return starts.read_text().split() if starts.exists() else []
+
+
+CRASHY = Path(__file__).resolve().parents[2] / "mcp_crashy_server.py"
+
+
+def _crashy(tmp_path: Path, **mcp: Any) -> tuple[RolloutSpec, Path]:
+    starts = tmp_path / "starts"
+    env = {"STARTS_FILE": str(starts), **mcp.pop("env", {})}
+    return spec({"mcp": {"command": ["python", str(CRASHY)], "env": env, **mcp}},
+                tool_timeout_s=10), starts
+
+
+def _wait_for(predicate: Any, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def test_a_stdio_server_that_dies_is_restarted_and_serves_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """Killed between calls: found by a ping and restarted before the next call. Dying
+    during a call: that call fails saying so (not repeated), the next one waits for the
+    restart. Each restart is logged once, naming the server."""
+    rollout, starts = _crashy(tmp_path)
+    caplog.set_level("WARNING", logger="thinkbatch.toolbox")
+    with Toolbox.open(rollout, tmp_path) as box:
+        [first] = run(box, [call("pid", arguments="{}")])
+        os.kill(int(first.content), signal.SIGKILL)
+        _wait_for(lambda: len(starts.read_text().split()) == 2)
+        [second] = run(box, [call("pid", arguments="{}")])
+        [crashed] = run(box, [call("crash", arguments="{}")])
+        [after] = run(box, [call("pid", arguments="{}")])
+    pids = starts.read_text().split()
+    assert len(pids) == 3 and first.content == pids[0]
+    assert (second.content, second.error) == (pids[1], None)
+    assert crashed.error is not None and crashed.error.startswith(
+        "error: tool 'crash' failed: the MCP server rollout.tools[0] (mcp ['python', "
+        f"'{CRASHY}']) was lost during the call (MCPError: Connection closed); it is "
+        "being restarted, the call is not repeated")
+    assert (after.content, after.error) == (pids[2], None)
+    restarts = [r.getMessage() for r in caplog.records if "restarting it" in r.getMessage()]
+    assert len(restarts) == 2
+    assert all(m.startswith(f"toolbox: rollout.tools[0] (mcp ['python', '{CRASHY}']): "
+                            "the MCP server stopped (") for m in restarts)
+    # Each restart served a call: the count of restarts without one starts again.
+    assert "restart 1 of at most 3" in restarts[0] and "restart 1 of at most 3" in restarts[1]
+    assert len([r for r in caplog.records if "is back" in r.getMessage()]) == 2
+
+
+def test_a_server_that_keeps_failing_is_down_and_its_calls_say_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """Restarts are bounded (with backoff): a server that no longer starts makes its
+    source down for good, its calls fail at once naming why, and the toolbox tells a
+    conversation so (it ends `tool_error`)."""
+    rollout, starts = _crashy(tmp_path, env={"STARTS_OK": "1"}, max_restarts=2)
+    with Toolbox.open(rollout, tmp_path) as box:
+        [crashed] = run(box, [call("crash", arguments="{}")])
+        _wait_for(lambda: len(starts.read_text().split()) == 3)
+        started = time.monotonic()
+        [down] = run(box, [call("pid", arguments="{}")])
+        waited = time.monotonic() - started
+        why = box.unavailable([down])
+        [ok] = run(box, [call("nope", arguments="{}")])
+        assert box.unavailable([ok]) is None
+    assert down.error == (
+        "error: tool 'pid' is unavailable: the MCP server rollout.tools[0] (mcp ['python', "
+        f"'{CRASHY}']) stopped (could not start: MCPError: Connection closed) and was "
+        "restarted 2 times without serving a call")
+    assert waited < 5  # the backoffs 0.5 s and 1 s, then at once
+    assert why == "tool 'pid' is unavailable: " + down.error.split("unavailable: ", 1)[1]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "no restart left" in errors[0]
