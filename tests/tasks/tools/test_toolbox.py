@@ -540,6 +540,57 @@ def test_mcp_streamable_http_server():
         Toolbox.open(rollout, Path("."))
 
 
+HEADERS = Path(__file__).resolve().parents[2] / "mcp_header_server.py"
+
+
+def _http_server(port: int) -> subprocess.Popen[bytes]:
+    server = subprocess.Popen([sys.executable, str(HEADERS), str(port)],
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server
+        except OSError:
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.1)
+
+
+def test_mcp_http_headers_are_secrets_and_a_lost_session_is_started_again(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    """A bearer token in `headers` comes from the environment, reaches the server, is
+    never written; a server restarted under the session (which then no longer knows it)
+    is reconnected, and calls succeed after."""
+    import hashlib
+
+    token = "tok-7c1d3f9a2b"
+    monkeypatch.setenv("TB_TEST_TOKEN", token)
+    port = free_port()
+    rollout = spec({"mcp": {"url": f"http://127.0.0.1:{port}/mcp",
+                            "headers": {"Authorization": "Bearer ${TB_TEST_TOKEN}"}}},
+                   tool_timeout_s=15)
+    literal = spec({"mcp": {"url": f"http://127.0.0.1:{port}/mcp",
+                            "headers": {"Authorization": f"Bearer {token}"}}})
+    assert token not in literal.model_dump_json()
+    assert "Bearer ${TB_TEST_TOKEN}" in rollout.model_dump_json()
+    caplog.set_level("WARNING", logger="thinkbatch.toolbox")
+    server = _http_server(port)
+    try:
+        with Toolbox.open(rollout, Path(".")) as box:
+            [before] = run(box, [call("authorization", arguments="{}")])
+            server.terminate()
+            server.wait(10)
+            server = _http_server(port)
+            _wait_for(lambda: any("is back" in r.getMessage() for r in caplog.records), 30)
+            [after] = run(box, [call("authorization", arguments="{}")])
+    finally:
+        server.terminate()
+        server.wait(10)
+    digest = hashlib.sha256(f"Bearer {token}".encode()).hexdigest()
+    assert (before.content, after.content, after.error) == (digest, digest, None)
+    assert not any(token in r.getMessage() for r in caplog.records)
+
+
 COUNTING = Path(__file__).resolve().parents[2] / "mcp_counting_server.py"
 
 
