@@ -145,6 +145,11 @@ class RolloutSpec(_Strict):
     tool_timeout_s: float = Field(
         default=30, gt=0,
         description="A call running longer is abandoned; the model sees a timeout error.")
+    max_tool_error_rate: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Stop the job once more than this share of its tool calls failed (judged "
+                    "from 20 calls on): tools that are down should not turn into thousands "
+                    "of conversations about error messages. Default: never stop.")
     max_concurrent_tools: int = Field(default=16, ge=1,
                                       description="Tool calls running at once, all rows.",
                                       json_schema_extra={"speed_only": True})

@@ -25,6 +25,7 @@ from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.record import (Generation, Parsed, RowRequest, ToolResult, Trajectory,
                                        Turn)
 from thinkbatch.tasks.rows.parse import OutputParser, schema_problem
+from thinkbatch.tasks.tools.tool import ToolboxError
 from thinkbatch.tasks.tools.toolbox import Toolbox
 
 
@@ -160,12 +161,15 @@ class Rollouts:
     def ready(self) -> Conversation | None:
         """A conversation whose tools returned, its results in its history; else None.
         One that met a tool source down for good comes back refused (its request's
-        error set), so that submitting it ends it `tool_error`."""
+        error set), so that submitting it ends it `tool_error`. Raises ToolboxError
+        (the job stops) once the calls fail beyond rollout.max_tool_error_rate."""
         try:
             conv, results = self._back.popleft() if self._back else self._results.get_nowait()
         except queue.Empty:
             return None
         self._at_tools -= 1
+        if (stop := self.toolbox.failing()) is not None:
+            raise ToolboxError(stop)
         conv.turns[-1].results = results
         conv.messages.extend(tool_message(r) for r in results)
         if (why := self.toolbox.unavailable(results)) is not None:

@@ -41,6 +41,7 @@ from thinkbatch.tasks.tools.tool import Tool, ToolboxError, ToolFailed
 log = logging.getLogger("thinkbatch.toolbox")
 
 CLOSE_TIMEOUT_S = 15.0  # the mcp package stops a stdio server within ~6 s (stdin, TERM, KILL)
+ERROR_RATE_MIN_CALLS = 20  # rollout.max_tool_error_rate is judged from this many calls on
 
 
 class Toolbox:
@@ -53,6 +54,9 @@ class Toolbox:
 
     def __init__(self, spec: RolloutSpec):
         self._timeout_s = spec.tool_timeout_s
+        self._max_error_rate = spec.max_tool_error_rate
+        self._calls = self._errors = 0
+        self._last_error: str | None = None
         self._recorded = spec.recorded_column is not None
         self._tools: dict[str, Tool] = {}
         self._secrets = Secrets()  # the MCP servers' env values and URL credentials
@@ -111,6 +115,18 @@ class Toolbox:
             if r.error is not None and tool is not None and (why := tool.down()) is not None:
                 return f"tool {r.name!r} is unavailable: {why}"
         return None
+
+    def failing(self) -> str | None:
+        """Why the job should stop: more than `rollout.max_tool_error_rate` of the calls
+        so far failed (once ERROR_RATE_MIN_CALLS ran); else None."""
+        with self._lock:
+            calls, errors, last = self._calls, self._errors, self._last_error
+        rate = self._max_error_rate
+        if rate is None or calls < ERROR_RATE_MIN_CALLS or errors <= rate * calls:
+            return None
+        return (f"rollout.max_tool_error_rate ({rate:g}) exceeded: {errors} of {calls} tool "
+                f"calls failed ({errors / calls:.0%}); the job stops, its open conversations "
+                f"are not written (a rerun resumes them). The last error: {last}")
 
     def run(self, calls: list[dict[str, Any]], recorded: Any | None,
             done: Callable[[list[ToolResult]], None]) -> None:
@@ -209,6 +225,12 @@ class Toolbox:
             results = [_failed(c, f"failed: {turn.exception()!r}") for c in calls]
         else:
             results = turn.result()
+        with self._lock:
+            self._calls += len(results)
+            for r in results:
+                if r.error is not None:
+                    self._errors += 1
+                    self._last_error = r.error
         self._callbacks.submit(_deliver, done, results)
 
     def _add(self, tools: list[Tool]) -> None:

@@ -11,6 +11,7 @@ that is resubmitted or comes late still gets its own text.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -461,3 +462,28 @@ def test_a_tool_source_down_for_good_ends_its_conversations_tool_error(
     assert row["num_turns"] in (1, 2) and row["tool_errors"] == row["num_turns"]
     roles = [m["role"] for m in json.loads(row["messages"])]
     assert roles == ["user"] + ["assistant", "tool"] * row["num_turns"]
+
+
+def test_tool_calls_failing_beyond_max_tool_error_rate_stop_the_job(tmp_path: Path) -> None:
+    """Tools that fail (here every call) stop the job with a clear message once more
+    than rollout.max_tool_error_rate of 20 calls or more failed; nothing is written."""
+    from thinkbatch.tasks.tools.tool import ToolboxError
+
+    job = _job(tmp_path, 3, max_tool_error_rate=0.5)
+    calls = call(*[("explode", {"reason": f"n{i}"}) for i in range(8)])
+    engine = Script(job, {r: [calls, calls, answer("done")] for r in range(3)})
+    pipe, layout = _pipeline(job, engine)
+
+    with pytest.raises(ToolboxError) as stopped:
+        pipe.submit_shard(0).result(timeout=WAIT_S)
+    pipe.close()
+
+    # Judged when the third conversation's results come back (24 calls), or later if
+    # other turns' results had arrived by then.
+    found = re.fullmatch(
+        r"rollout.max_tool_error_rate \(0.5\) exceeded: (\d+) of \1 tool calls failed "
+        r"\(100%\); the job stops, its open conversations are not written \(a rerun resumes "
+        r"them\). The last error: error: tool 'explode' failed: RuntimeError: exploded: n\d",
+        str(stopped.value))
+    assert found and 24 <= int(found.group(1)) <= 48, str(stopped.value)
+    assert _rows(layout) == {}
