@@ -31,7 +31,7 @@ from typing import Any
 from thinkbatch.schemas.record import ToolResult
 from thinkbatch.schemas.rollout import RolloutSpec
 from thinkbatch.schemas.tools import tool_errors
-from thinkbatch.tasks.tools import mcp
+from thinkbatch.tasks.tools import allowed, mcp
 from thinkbatch.tasks.tools.python import python_tools
 from thinkbatch.tasks.tools.recorded import recorded_result
 from thinkbatch.tasks.tools.secrets import Secrets
@@ -77,7 +77,10 @@ class Toolbox:
     def open(cls, spec: RolloutSpec, base_dir: Path) -> Toolbox:
         """Import the Python tools and start the MCP sessions; relative paths (a tools
         file, a stdio server's working directory) are relative to `base_dir`, the working
-        directory, like every path of a job. Raises ToolboxError naming the source that failed."""
+        directory, like every path of a job. Raises ToolboxError naming the source that failed,
+        or those the machine does not allow (tools/allowed.py), before any is opened."""
+        if refused := allowed.refused(spec, base_dir):
+            raise ToolboxError("; ".join(refused))
         box = cls(spec)
         try:
             where = {i: f"rollout.tools[{i}] ({s.label})" for i, s in enumerate(spec.tools)}
