@@ -17,8 +17,12 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
+from typing import Any
 
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler,
+                      field_serializer, model_serializer, model_validator)
+
+MAX_RESTARTS = 3
 MASK = "**********"  # a secret's place in anything written (pydantic's SecretStr mask)
 REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -69,7 +73,7 @@ class McpServerSpec(_Strict):
                     "${MCP_TOKEN}`. Values are secrets, never written; `${VAR}` takes one "
                     "from thinkbatch's environment.")
     max_restarts: int = Field(
-        default=3, ge=0,
+        default=MAX_RESTARTS, ge=0,
         description="A server that stops (a stdio command that exits, an HTTP session "
                     "lost) is started again, with backoff, at most this many times without "
                     "serving a call in between; then its tools fail and conversations that "
@@ -88,6 +92,17 @@ class McpServerSpec(_Strict):
     @field_serializer("env", "headers", when_used="json")
     def _masked_values(self, values: dict[str, str]) -> dict[str, str]:
         return {k: masked(v) for k, v in values.items()}
+
+    @model_serializer(mode="wrap")
+    def _later_fields_when_set(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """Fields added later are dumped only when set: a job written before them keeps
+        its resume fingerprint (tasks/store/fingerprint.py counts the dump)."""
+        data = handler(self)
+        if not self.headers:
+            data.pop("headers", None)
+        if self.max_restarts == MAX_RESTARTS:
+            data.pop("max_restarts", None)
+        return data
 
     @field_serializer("url", when_used="json")
     def _masked_url(self, url: str | None) -> str | None:
@@ -149,7 +164,8 @@ class RolloutSpec(_Strict):
         default=None, gt=0, le=1,
         description="Stop the job once more than this share of its tool calls failed (judged "
                     "from 20 calls on): tools that are down should not turn into thousands "
-                    "of conversations about error messages. Default: never stop.")
+                    "of conversations about error messages. Default: never stop.",
+        json_schema_extra={"speed_only": True})  # it stops the job; it changes no row
     max_concurrent_tools: int = Field(default=16, ge=1,
                                       description="Tool calls running at once, all rows.",
                                       json_schema_extra={"speed_only": True})

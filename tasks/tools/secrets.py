@@ -103,7 +103,8 @@ def unsent(job: JobSpec) -> list[str]:
         errors += [f"rollout.tools[{i}].mcp.{field}.{k}: with scale.workers > 1 a secret "
                    "reaches the workers only from their environment: write it as ${VAR}"
                    for field in ("env", "headers")
-                   for k in given[field] if written[field][k] != given[field][k]]
+                   for k in given.get(field, {})
+                   if written[field][k] != given[field][k]]
         if written["url"] != given["url"]:
             errors.append(f"rollout.tools[{i}].mcp.url: with scale.workers > 1 its "
                           "credentials reach the workers only from their environment: "
