@@ -130,6 +130,10 @@ class ToolSource(_Strict):
     functions: list[str] | None = Field(
         default=None, min_length=1,
         description="python or mcp: only these tools of the source (default: all).")
+    isolated: bool = Field(
+        default=False,
+        description="python only: run each call in a worker process, killed at its timeout "
+                    "(default: a thread, which Python cannot stop).")
 
     @model_validator(mode="after")
     def _one_kind(self) -> ToolSource:
@@ -139,7 +143,17 @@ class ToolSource(_Strict):
                              f"{kinds or 'none'}")
         if self.recorded is not None and self.functions is not None:
             raise ValueError("functions picks tools of a python or mcp source, not recorded")
+        if self.isolated and self.python is None:
+            raise ValueError("isolated applies to a python source only")
         return self
+
+    @model_serializer(mode="wrap")
+    def _later_fields_when_set(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """`isolated` came later: dumped only when set (see McpServerSpec's)."""
+        data = handler(self)
+        if not self.isolated:
+            data.pop("isolated", None)
+        return data
 
     @property
     def label(self) -> str:

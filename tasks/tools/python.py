@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
@@ -36,12 +36,25 @@ from thinkbatch.tasks.tools.slots import Slot
 from thinkbatch.tasks.tools.tool import (Tool, ToolboxError, ToolFailed, as_text,
                                          function_schema, untitled)
 
+if TYPE_CHECKING:
+    from thinkbatch.tasks.tools.isolated import Processes
+
 CANCEL_GRACE_S = 0.2  # a cancelled async tool that has not ended by then keeps its slot
 
 
 def python_tools(source: ToolSource, base_dir: Path, at: str) -> list[Tool]:
     """Each public function defined in the module (not imported into it), or those of
-    `functions`, in the order written."""
+    `functions`, in the order written; with `isolated`, each call runs in a worker
+    process (tools/isolated.py)."""
+    from thinkbatch.tasks.tools.isolated import Processes
+
+    functions = defined_functions(source, base_dir, at)
+    processes = Processes(source, base_dir, at) if source.isolated else None
+    return [_python_tool(name, fn, at, processes) for name, fn in functions.items()]
+
+
+def defined_functions(source: ToolSource, base_dir: Path, at: str) -> dict[str, Callable[..., Any]]:
+    """The source's tools by name: its public functions (or those of `functions`)."""
     assert source.python is not None
     module = _import(source.python, base_dir, at)
     defined = {name: fn for name, fn in vars(module).items()
@@ -53,7 +66,7 @@ def python_tools(source: ToolSource, base_dir: Path, at: str) -> list[Tool]:
                                f"(it has: {', '.join(defined) or 'none'})")
     if not defined:
         raise ToolboxError(f"{at}: defines no public function")
-    return [_python_tool(name, defined[name], at) for name in source.functions or defined]
+    return {name: defined[name] for name in source.functions or defined}
 
 
 def _import(ref: str, base_dir: Path, at: str) -> ModuleType:
@@ -88,30 +101,38 @@ def _import(ref: str, base_dir: Path, at: str) -> ModuleType:
         raise ToolboxError(f"{at}: import failed: {type(e).__name__}: {e}") from e
 
 
-def _python_tool(name: str, fn: Callable[..., Any], at: str) -> Tool:
+def _python_tool(name: str, fn: Callable[..., Any], at: str,
+                 processes: Processes | None) -> Tool:
     """The JSON schema comes from the signature through a pydantic model, which also
     validates the model's arguments before the call; a parameter takes a description or
     a JSON name other than its own (`from`) with `Annotated[str, Field(...)]`."""
     try:
-        model = _arguments_model(name, fn)
+        model = arguments_model(name, fn)
         parameters = untitled(model.model_json_schema(by_alias=True))
     except Exception as e:
         raise ToolboxError(f"{at}: function {name!r} cannot be a tool: {e}") from e
     is_async = inspect.iscoroutinefunction(fn)
 
     async def call(args: dict[str, Any], slot: Slot) -> str:
-        try:
-            values = model.model_validate(args)
-        except ValidationError as e:
-            raise ToolFailed(f"error: invalid arguments for {name!r}: {_brief(e)}") from None
-        kwargs = {field: values.__dict__[field] for field in model.model_fields}
+        kwargs = validated(model, args, name)
+        if processes is not None:
+            return await processes.call(name, args)
         return as_text(await _in_thread(fn, kwargs, name, slot, is_async))
 
-    return Tool(schema=function_schema(name, _description(fn), parameters),
-                source=at, call=call)
+    return Tool(schema=function_schema(name, _description(fn), parameters), source=at,
+                call=call, close=processes.close if processes is not None else None)
 
 
-def _arguments_model(name: str, fn: Callable[..., Any]) -> type[BaseModel]:
+def validated(model: type[BaseModel], args: dict[str, Any], name: str) -> dict[str, Any]:
+    """The function's keyword arguments, checked by its model."""
+    try:
+        values = model.model_validate(args)
+    except ValidationError as e:
+        raise ToolFailed(f"error: invalid arguments for {name!r}: {_brief(e)}") from None
+    return {field: values.__dict__[field] for field in model.model_fields}
+
+
+def arguments_model(name: str, fn: Callable[..., Any]) -> type[BaseModel]:
     """A pydantic model of the keyword arguments, one field per parameter (unknown
     arguments are errors)."""
     fields: dict[str, Any] = {}

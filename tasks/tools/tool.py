@@ -35,6 +35,8 @@ class Tool:
     # Why its source is down for good (an MCP server that could not be restarted); None
     # while it serves.
     down: Callable[[], str | None] = lambda: None
+    # Stops what the source keeps running (worker processes), on the toolbox's loop at close.
+    close: Callable[[], Awaitable[None]] | None = None
 
 
 def function_schema(name: str, description: str, parameters: dict[str, Any]) -> dict[str, Any]:

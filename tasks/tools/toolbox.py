@@ -265,14 +265,16 @@ class Toolbox:
         await mcp.serve(sources, base_dir, ready, self._stop, self._secrets, self._serving)
 
     async def _shutdown(self) -> None:
-        """End the turns still running, then the sessions, so the loop stops with no
-        task pending."""
+        """End the turns still running, then the sessions and the worker processes, so
+        the loop stops with no task pending."""
         self._stop.set()
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in others:
             if task not in self._serving:
                 task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
+        await asyncio.gather(*(close() for close in
+                               {t.close for t in self._tools.values() if t.close is not None}))
         await self._loop.shutdown_asyncgens()
 
 

@@ -44,6 +44,8 @@ def test_defaults_and_sources():
      "tools.0.mcp.max_restarts", "greater than or equal"),
     ({"tools": [{"python": "t.py"}], "max_tool_error_rate": 0}, "max_tool_error_rate",
      "greater than 0"),
+    ({"tools": [{"mcp": {"command": ["x"]}, "isolated": True}]}, "tools.0",
+     "isolated applies to a python source only"),
     ({"tools": [{"mcp": {"url": "http://h/mcp", "env": {"A": "1"}}}]}, "tools.0.mcp",
      "env applies to a stdio command only"),
     ({"tools": [{"python": "t.py", "pyhton": "u.py"}]}, "tools.0.pyhton", "Extra inputs"),
@@ -60,13 +62,16 @@ def test_refused(rollout: dict[str, Any], where: str, message: str):
     assert message in err["msg"]
 
 
-def test_mcp_fields_added_later_are_dumped_only_when_set():
-    """`headers` and `max_restarts` came later: at their defaults a source dumps as it did
+def test_fields_added_later_are_dumped_only_when_set():
+    """`headers`, `max_restarts` and `isolated` came later: at their defaults a source dumps as it did
     before them, so the resume fingerprint of an output written then is unchanged; set,
     they count, header values masked as secrets."""
     old = {"command": ["python", "server.py"], "env": {"X": "${X}"}}
     spec = RolloutSpec.model_validate({"tools": [{"mcp": old}]})
-    assert spec.model_dump(mode="json")["tools"][0]["mcp"] == {**old, "url": None}
+    assert spec.model_dump(mode="json")["tools"][0] == {
+        "python": None, "mcp": {**old, "url": None}, "recorded": None, "functions": None}
+    assert RolloutSpec.model_validate({"tools": [{"python": "t.py", "isolated": True}]}
+                                      ).model_dump()["tools"][0]["isolated"] is True
     spec = RolloutSpec.model_validate({"tools": [
         {"mcp": {**old, "max_restarts": 0}},
         {"mcp": {"url": "http://h/mcp", "headers": {"Authorization": "Bearer tok-secret-1",

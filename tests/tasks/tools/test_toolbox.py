@@ -674,3 +674,50 @@ def test_a_server_that_keeps_failing_is_down_and_its_calls_say_so(
     assert why == "tool 'pid' is unavailable: " + down.error.split("unavailable: ", 1)[1]
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "no restart left" in errors[0]
+
+
+def test_an_isolated_python_tool_runs_in_a_process_that_its_timeout_kills(tools_file: Path):
+    """`isolated: true`: a call that hangs is killed at its timeout, so it holds neither a
+    thread nor a slot; the workers are reused, and none outlives the toolbox."""
+    before = processes.tree(os.getpid())
+    rollout = spec({"python": "my_tools.py", "isolated": True}, tool_timeout_s=3,
+                   max_concurrent_tools=1)
+    with Toolbox.open(rollout, tools_file) as box:
+        first = run(box, [call("double", n=21), call("boom", message="no luck"),
+                          call("double", n="many"), call("anap", seconds=0),
+                          call("norm", p={"x": 3, "y": 4})], wait_s=60)
+        workers = {p: s for p, s in processes.tree(os.getpid()).items() if p not in before}
+        started = time.monotonic()
+        hung, after = run(box, [call("nap", seconds=600), call("double", n=2)], wait_s=60)
+        elapsed = time.monotonic() - started
+        threads = _threads("nap")
+        # The killed worker is replaced by a new one: the one before served every call.
+        assert len(workers) == 1 and processes.left_alive(workers, 5) == []
+        later = {p: s for p, s in processes.tree(os.getpid()).items() if p not in before}
+    assert [r.content for r in first] == [
+        "42", "error: tool 'boom' failed: RuntimeError: no luck",
+        first[2].content, "awake", '{"norm": 5.0}']
+    assert first[2].content.startswith("error: invalid arguments for 'double': n: ")
+    assert hung.content == "error: tool 'nap' timed out after 3 s"
+    assert after.content == "4" and elapsed < 3 + 10  # one slot, freed by the kill
+    assert threads == 0
+    assert len(later) == 1 and processes.left_alive(later, 5) == []
+
+
+def test_close_kills_an_isolated_call_that_runs(tools_file: Path):
+    before = processes.tree(os.getpid())
+    box = Toolbox.open(spec({"python": "my_tools.py", "isolated": True}, tool_timeout_s=600),
+                       tools_file)
+    got: list[list[ToolResult]] = []
+    box.run([call("nap", seconds=600)], None, got.append)
+    deadline = time.monotonic() + 30
+    while not (workers := {p: s for p, s in processes.tree(os.getpid()).items()
+                           if p not in before}):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1)  # the worker imports the tools and takes the call
+    started = time.monotonic()
+    box.close()
+    assert time.monotonic() - started < 3
+    assert [r.content for r in got[0]] == ["error: tool 'nap' was cancelled: the toolbox closed"]
+    assert processes.left_alive(workers, 5) == []
