@@ -190,7 +190,7 @@ def test_failing_tools_are_results_the_model_reads_not_failed_rows(tmp_path: Pat
     started = time.monotonic()
     row = _run(job, engine)[0, 0]
 
-    assert time.monotonic() - started < 5  # stall (30 s) was abandoned at 0.5 s
+    assert time.monotonic() - started < 5  # stall (10 s) was abandoned at 0.5 s
     assert (row["status"], row["num_turns"], row["tool_calls_total"], row["tool_errors"]) == (
         "ok", 2, 4, 4)
     results = row["turns"][0]["tool_results"]
