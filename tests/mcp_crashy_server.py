@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from mcp.server.mcpserver import MCPServer
 
@@ -28,6 +29,9 @@ if __name__ == "__main__":
     with open(os.environ["STARTS_FILE"], "a") as f:
         f.write(f"{os.getpid()}\n")
     with open(os.environ["STARTS_FILE"]) as f:
-        if len(f.read().split()) > int(os.environ.get("STARTS_OK", "1000")):
-            sys.exit(3)
+        started = len(f.read().split())
+    if started > int(os.environ.get("STARTS_HANG", "1000")):
+        time.sleep(3600)
+    if started > int(os.environ.get("STARTS_OK", "1000")):
+        sys.exit(3)
     server.run()

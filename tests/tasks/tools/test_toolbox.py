@@ -721,3 +721,20 @@ def test_close_kills_an_isolated_call_that_runs(tools_file: Path):
     assert time.monotonic() - started < 3
     assert [r.content for r in got[0]] == ["error: tool 'nap' was cancelled: the toolbox closed"]
     assert processes.left_alive(workers, 5) == []
+
+
+def test_close_does_not_wait_for_a_server_restarting(tmp_path: Path):
+    """A restart under way (a server that starts slowly) is cancelled at close: close
+    returns at once and the half-started server is stopped with it."""
+    rollout, starts = _crashy(tmp_path, env={"STARTS_HANG": "1"})
+    before = processes.tree(os.getpid())
+    box = Toolbox.open(rollout, tmp_path)
+    try:
+        run(box, [call("crash", arguments="{}")])
+        _wait_for(lambda: len(starts.read_text().split()) == 2)
+        hanging = {p: s for p, s in processes.tree(os.getpid()).items() if p not in before}
+    finally:
+        started = time.monotonic()
+        box.close()
+    assert time.monotonic() - started < 5
+    assert len(hanging) == 1 and processes.left_alive(hanging, 10) == []
