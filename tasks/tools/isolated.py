@@ -6,7 +6,8 @@ Workers are started on demand (at most one per call running, so at most
 `max_concurrent_tools`), reused while they answer, and killed when a call is abandoned.
 Each imports the module itself and checks the arguments again; only JSON crosses the
 pipe (one line each way), and the tool's own prints go to stderr, not into the replies.
-A worker ends when its stdin closes, so none outlives a killed thinkbatch. The module is
+A worker ends when its stdin closes, and on Linux it is killed with thinkbatch (a parent
+death signal), so none outlives a killed thinkbatch, in a call that hangs either. The module is
 imported in thinkbatch's process too (its schemas come from there), so its top-level
 code runs there as well; isolation is for the calls.
 
@@ -19,6 +20,7 @@ import asyncio
 import inspect
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,7 @@ def _serve(source: ToolSource, base_dir: Path, at: str) -> None:
     """The worker: answer one JSON line per request line until stdin closes."""
     from thinkbatch.tasks.tools.python import arguments_model, defined_functions, validated
 
+    _die_with_parent()
     replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # the tool's prints go to stderr, not into the replies
     functions = defined_functions(source, base_dir, at)
@@ -125,6 +128,19 @@ def _serve(source: ToolSource, base_dir: Path, at: str) -> None:
             reply = {"error": f"error: tool {name!r} failed: {type(e).__name__}: {e}"}
         replies.write(json.dumps(reply, ensure_ascii=False) + "\n")
         replies.flush()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when the thread that started it (the toolbox's) ends."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):  # not Linux: stdin's end still stops an idle worker
+        return
+    if os.getppid() != parent:  # the parent died before the signal was asked for
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -511,6 +511,37 @@ def test_mcp_stdio_server_dies_with_a_killed_owner():
     assert processes.left_alive(servers, 5) == []
 
 
+ISOLATED_OWNER = '''
+import sys, time
+from pathlib import Path
+from thinkbatch.schemas.rollout import RolloutSpec
+from thinkbatch.tasks.tools.toolbox import Toolbox
+
+spec = RolloutSpec.model_validate(
+    {"tools": [{"python": "my_tools.py", "isolated": True}], "tool_timeout_s": 600})
+box = Toolbox.open(spec, Path(sys.argv[1]))
+box.run([{"id": "c", "name": "nap", "arguments": '{"seconds": 600}'}], None, print)
+time.sleep(60)
+'''
+
+
+def test_an_isolated_call_that_hangs_dies_with_a_killed_owner(tools_file: Path):
+    """SIGKILL leaves no close() to run, and a worker in a hung call reads no stdin: it
+    must end with its owner all the same."""
+    owner = subprocess.Popen([sys.executable, "-c", ISOLATED_OWNER, str(tools_file)])
+    try:
+        deadline = time.monotonic() + 30
+        while not (workers := processes.tree(owner.pid)):
+            assert time.monotonic() < deadline and owner.poll() is None
+            time.sleep(0.05)
+        time.sleep(2)  # the worker imports the tools and takes the call
+        assert len(workers) == 1
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    assert processes.left_alive(workers, 5) == []
+
+
 def test_mcp_streamable_http_server():
     port = free_port()
     server = subprocess.Popen([sys.executable, str(EXAMPLES / "mcp_weather_server.py"),
