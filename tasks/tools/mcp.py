@@ -37,6 +37,7 @@ OPEN_TIMEOUT_S = 60.0  # start an MCP server, initialize, list its tools
 HEALTH_S = 2.0  # an idle session is pinged this often
 PING_TIMEOUT_S = 10.0  # a ping not answered by then: a busy server, not a lost one
 BACKOFF_S, BACKOFF_MAX_S = 0.5, 30.0  # the wait before restart k: 0.5 * 2**(k-1) s, capped
+SESSION_GONE = ("Session terminated", "Session not found")  # an HTTP server forgot the session
 
 Sources = list[tuple[int, str, ToolSource]]  # (index in rollout.tools, where, source)
 Ready = concurrent.futures.Future[list[tuple[int, Tool]]]
@@ -136,14 +137,15 @@ class Server:
         self._generation += 1
         self._settled.set()
         if self._generation > 1:
-            log.warning("toolbox: %s: the MCP server is back (restart %d)", self.at,
-                        self._generation - 1)
+            log.warning("toolbox: %s: the MCP server is back (restart %d of at most %d)",
+                        self.at, self._losses, self.spec.max_restarts)
 
     async def _watch(self, session: Any, stop: asyncio.Event) -> str | None:
         """Until `stop` (None) or the session is lost (why): a call reported it, or a
         ping of the idle session found it closed."""
         import anyio
 
+        warned = False
         while True:
             self._wake.clear()
             if stop.is_set():
@@ -163,8 +165,10 @@ class Server:
             except Exception as e:
                 if _lost(e):
                     return _what(e)
-                log.warning("toolbox: %s: ping failed: %s", self.at,
-                            self.secrets.scrub(_what(e)))
+                if not warned:  # once per session: the calls say the rest
+                    log.warning("toolbox: %s: ping failed: %s", self.at,
+                                self.secrets.scrub(_what(e)))
+                    warned = True
 
     async def _backoff(self, why: str, stop: asyncio.Event) -> bool:
         """Wait before the next restart (False: none is left, the source is down, or
@@ -293,11 +297,12 @@ def _lost(e: BaseException) -> bool:
     import anyio
     import httpx2
     from mcp.shared.exceptions import MCPError
-    from mcp_types import CONNECTION_CLOSED
+    from mcp_types import CONNECTION_CLOSED, INVALID_REQUEST
 
     leaf = _leaf(e)
-    if isinstance(leaf, MCPError):
-        return leaf.code == CONNECTION_CLOSED or leaf.error.message == "Session terminated"
+    if isinstance(leaf, MCPError):  # an HTTP 404 on a session: the client's or the server's word
+        return leaf.code == CONNECTION_CLOSED or (
+            leaf.code == INVALID_REQUEST and leaf.error.message in SESSION_GONE)
     return isinstance(leaf, (anyio.BrokenResourceError, anyio.ClosedResourceError,
                              anyio.EndOfStream, httpx2.TransportError))
 
