@@ -29,18 +29,17 @@ from thinkbatch.schemas.rollout import ToolSource
 from thinkbatch.tasks.tools.tool import ToolFailed, as_text
 
 LINE_LIMIT = 1 << 30  # a reply is one JSON line; asyncio's default limit is 64 KiB
-CLOSE_TIMEOUT_S = 5.0  # a killed worker is reaped within this
+CLOSE_TIMEOUT_S = 5.0  # a killed worker is reaped within this (it takes milliseconds)
 
 
 class Processes:
-    """The idle workers of one source, and the running ones to kill at close."""
+    """The idle workers of one source, and all of them to kill at close."""
 
     def __init__(self, source: ToolSource, base_dir: Path, at: str):
         self._argv = [sys.executable, "-m", "thinkbatch.tasks.tools.isolated",
                       source.model_dump_json(), str(base_dir), at]
         self._idle: list[asyncio.subprocess.Process] = []
         self._all: set[asyncio.subprocess.Process] = set()
-        self._dying: set[asyncio.subprocess.Process] = set()  # killed, not yet reaped
         self._closed = False
 
     async def call(self, name: str, args: dict[str, Any]) -> str:
@@ -51,26 +50,24 @@ class Processes:
             await worker.stdin.drain()
             line = await worker.stdout.readline()
         except BaseException:  # timed out, cancelled at close, or the pipe broke
-            self._kill(worker)
+            await self._end(worker)
             raise
         if not line:
-            self._kill(worker)
-            code = await worker.wait()
+            code = await self._end(worker)
             raise ToolFailed(f"error: tool {name!r} failed: its process exited with code {code}")
-        self._give(worker)
+        if self._closed:
+            await self._end(worker)
+        else:
+            self._idle.append(worker)
         reply = json.loads(line)
         if "error" in reply:
             raise ToolFailed(reply["error"])
         return reply["text"]
 
     async def close(self) -> None:
-        """Kill every worker and reap them (bounded), so that no pipe outlives the loop."""
+        """Kill every worker (a call still running ends with its cancellation)."""
         self._closed = True
-        for worker in list(self._all):
-            self._kill(worker)
-        if self._dying:
-            await asyncio.wait([asyncio.ensure_future(w.wait()) for w in self._dying],
-                               timeout=CLOSE_TIMEOUT_S)
+        await asyncio.gather(*(self._end(w) for w in list(self._all)))
 
     async def _take(self) -> asyncio.subprocess.Process:
         while self._idle:
@@ -84,24 +81,25 @@ class Processes:
         self._all.add(worker)
         return worker
 
-    def _give(self, worker: asyncio.subprocess.Process) -> None:
-        if self._closed:
-            self._kill(worker)
-        else:
-            self._idle.append(worker)
-
-    def _kill(self, worker: asyncio.subprocess.Process) -> None:
+    async def _end(self, worker: asyncio.subprocess.Process) -> int | None:
+        """Kill the worker and reap it here, reading its stdout to the end, so that its
+        pipes close on the loop (a task doing it could be cancelled by the toolbox's
+        close, and the pipes left to a closed loop). Its exit code; None if it would
+        not end within CLOSE_TIMEOUT_S."""
         self._all.discard(worker)
-        if worker.stdin is not None:
-            worker.stdin.close()
+        assert worker.stdin is not None and worker.stdout is not None
+        worker.stdin.close()
         if worker.returncode is None:
             try:
                 worker.kill()
             except ProcessLookupError:
                 pass
-        self._dying.add(worker)
-        asyncio.ensure_future(worker.wait()).add_done_callback(
-            lambda _: self._dying.discard(worker))
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await worker.stdout.read()
+                return await worker.wait()
+        except TimeoutError:
+            return None
 
 
 def _serve(source: ToolSource, base_dir: Path, at: str) -> None:

@@ -64,6 +64,7 @@ class Toolbox:
         self._stop = asyncio.Event()
         self._serving: set[asyncio.Task[None]] = set()  # the MCP sessions' tasks: end at stop
         self._turns: set[concurrent.futures.Future[list[ToolResult]]] = set()
+        self._turn_tasks: set[asyncio.Task[list[ToolResult]]] = set()  # on the loop
         self._lock = threading.RLock()
         self._closed = False
         self._loop = asyncio.new_event_loop()
@@ -177,7 +178,13 @@ class Toolbox:
     # -- on the loop ---------------------------------------------------------------------
 
     async def _turn(self, calls: list[dict[str, Any]], recorded: Any) -> list[ToolResult]:
-        return list(await asyncio.gather(*(self._call(c, recorded) for c in calls)))
+        task = asyncio.current_task()
+        assert task is not None
+        self._turn_tasks.add(task)
+        try:
+            return list(await asyncio.gather(*(self._call(c, recorded) for c in calls)))
+        finally:
+            self._turn_tasks.discard(task)
 
     async def _call(self, call: dict[str, Any], recorded: Any) -> ToolResult:
         call_id, name = str(call.get("id") or ""), str(call.get("name") or "")
@@ -268,6 +275,8 @@ class Toolbox:
         """End the turns still running, then the sessions and the worker processes, so
         the loop stops with no task pending."""
         self._stop.set()
+        if self._turn_tasks:  # cancelled by close: let them clean up (an isolated worker)
+            await asyncio.wait(self._turn_tasks, timeout=CLOSE_TIMEOUT_S)
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in others:
             if task not in self._serving:
