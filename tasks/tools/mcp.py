@@ -126,6 +126,7 @@ class Server:
                     return
         finally:
             stopper.cancel()
+            self._session = None
             self._settled.set()  # no call waits for a session that will not come
 
     async def _stop_on(self, stop: asyncio.Event) -> None:
