@@ -11,7 +11,8 @@ death signal), so none outlives a killed thinkbatch, in a call that hangs either
 imported in thinkbatch's process too (its schemas come from there), so its top-level
 code runs there as well; isolation is for the calls.
 
-Run as `python -m thinkbatch.tasks.tools.isolated SOURCE_JSON BASE_DIR AT`: the worker.
+Run as `python -m thinkbatch.tasks.tools.isolated SOURCE_JSON BASE_DIR AT PARENT_PID`: the
+worker.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Processes:
 
     def __init__(self, source: ToolSource, base_dir: Path, at: str):
         self._argv = [sys.executable, "-m", "thinkbatch.tasks.tools.isolated",
-                      source.model_dump_json(), str(base_dir), at]
+                      source.model_dump_json(), str(base_dir), at, str(os.getpid())]
         self._idle: list[asyncio.subprocess.Process] = []
         self._all: set[asyncio.subprocess.Process] = set()
         self._closed = False
@@ -102,11 +103,11 @@ class Processes:
             return None
 
 
-def _serve(source: ToolSource, base_dir: Path, at: str) -> None:
+def _serve(source: ToolSource, base_dir: Path, at: str, parent: int) -> None:
     """The worker: answer one JSON line per request line until stdin closes."""
     from thinkbatch.tasks.tools.python import arguments_model, defined_functions, validated
 
-    _die_with_parent()
+    _die_with_parent(parent)
     replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # the tool's prints go to stderr, not into the replies
     functions = defined_functions(source, base_dir, at)
@@ -128,18 +129,19 @@ def _serve(source: ToolSource, base_dir: Path, at: str) -> None:
         replies.flush()
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this worker when the thread that started it (the toolbox's) ends."""
-    parent = os.getppid()
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this worker when the thread that started it (the toolbox's) ends;
+    if thinkbatch (`parent`) is gone already, end now."""
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (AttributeError, OSError):  # not Linux: stdin's end still stops an idle worker
         return
-    if os.getppid() != parent:  # the parent died before the signal was asked for
+    if os.getppid() != parent:  # it died before the signal was asked for
         os._exit(1)
 
 
 if __name__ == "__main__":
-    _serve(ToolSource.model_validate_json(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
+    _serve(ToolSource.model_validate_json(sys.argv[1]), Path(sys.argv[2]), sys.argv[3],
+           int(sys.argv[4]))

@@ -534,12 +534,17 @@ def test_an_isolated_call_that_hangs_dies_with_a_killed_owner(tools_file: Path):
         while not (workers := processes.tree(owner.pid)):
             assert time.monotonic() < deadline and owner.poll() is None
             time.sleep(0.05)
-        time.sleep(2)  # the worker imports the tools and takes the call
+        time.sleep(2)  # the worker imports the tools and takes the call (or not yet)
         assert len(workers) == 1
     finally:
         owner.send_signal(signal.SIGKILL)
         owner.wait()
     assert processes.left_alive(workers, 5) == []
+    deadline = time.monotonic() + 5  # nothing else of it either
+    while [p for p in os.listdir("/proc") if p.isdigit()
+           and str(tools_file) in processes.cmdline(int(p))]:
+        assert time.monotonic() < deadline, "a worker outlived its owner"
+        time.sleep(0.1)
 
 
 def test_mcp_streamable_http_server():
