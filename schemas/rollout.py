@@ -3,8 +3,8 @@ until it answers. Where the tools come from is a list of sources, each exactly o
 Python module, an MCP server, or results recorded in an input column; tasks/tools/
 opens them (and checks that tool names are unique across sources) before the model loads.
 
-An MCP server's `env` values and its URL's credentials (user info, query values, fragment)
-are secrets: a JSON dump of the job (the manifest's config, the resume fingerprint,
+An MCP server's `env` values, its `headers` values and its URL's credentials (user info,
+query values, fragment) are secrets: a JSON dump of the job (the manifest's config, the resume fingerprint,
 Prefect's parameters) shows them as `MASK`, so none is written and a rotated key changes
 no fingerprint. A value may instead name variables of the environment (`${API_KEY}`),
 read where the server starts: such a value is written as it is, and survives a retry or
@@ -17,8 +17,12 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
+from typing import Any
 
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler,
+                      field_serializer, model_serializer, model_validator)
+
+MAX_RESTARTS = 3
 MASK = "**********"  # a secret's place in anything written (pydantic's SecretStr mask)
 REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -63,6 +67,17 @@ class McpServerSpec(_Strict):
         description="A streamable-HTTP endpoint, e.g. http://host:8000/mcp; its user info, "
                     "query values and fragment are secrets, never written; `${VAR}` takes "
                     "one from thinkbatch's environment.")
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="HTTP headers sent to a url server, e.g. `Authorization: Bearer "
+                    "${MCP_TOKEN}`. Values are secrets, never written; `${VAR}` takes one "
+                    "from thinkbatch's environment.")
+    max_restarts: int = Field(
+        default=MAX_RESTARTS, ge=0,
+        description="A server that stops (a stdio command that exits, an HTTP session "
+                    "lost) is started again, with backoff, at most this many times without "
+                    "serving a call in between; then its tools fail and conversations that "
+                    "call them end `tool_error`.")
 
     @model_validator(mode="after")
     def _one_transport(self) -> McpServerSpec:
@@ -70,11 +85,24 @@ class McpServerSpec(_Strict):
             raise ValueError("set one of command (a stdio server) or url (streamable HTTP)")
         if self.url is not None and self.env:
             raise ValueError("env applies to a stdio command only, not to a url")
+        if self.command is not None and self.headers:
+            raise ValueError("headers apply to a url only, not to a stdio command")
         return self
 
-    @field_serializer("env", when_used="json")
-    def _masked_env(self, env: dict[str, str]) -> dict[str, str]:
-        return {k: masked(v) for k, v in env.items()}
+    @field_serializer("env", "headers", when_used="json")
+    def _masked_values(self, values: dict[str, str]) -> dict[str, str]:
+        return {k: masked(v) for k, v in values.items()}
+
+    @model_serializer(mode="wrap")
+    def _later_fields_when_set(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """Fields added later are dumped only when set: a job written before them keeps
+        its resume fingerprint (tasks/store/fingerprint.py counts the dump)."""
+        data = handler(self)
+        if not self.headers:
+            data.pop("headers", None)
+        if self.max_restarts == MAX_RESTARTS:
+            data.pop("max_restarts", None)
+        return data
 
     @field_serializer("url", when_used="json")
     def _masked_url(self, url: str | None) -> str | None:
@@ -102,6 +130,10 @@ class ToolSource(_Strict):
     functions: list[str] | None = Field(
         default=None, min_length=1,
         description="python or mcp: only these tools of the source (default: all).")
+    isolated: bool = Field(
+        default=False,
+        description="python only: run each call in a worker process, killed at its timeout "
+                    "(default: a thread, which Python cannot stop).")
 
     @model_validator(mode="after")
     def _one_kind(self) -> ToolSource:
@@ -111,7 +143,17 @@ class ToolSource(_Strict):
                              f"{kinds or 'none'}")
         if self.recorded is not None and self.functions is not None:
             raise ValueError("functions picks tools of a python or mcp source, not recorded")
+        if self.isolated and self.python is None:
+            raise ValueError("isolated applies to a python source only")
         return self
+
+    @model_serializer(mode="wrap")
+    def _later_fields_when_set(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """`isolated` came later: dumped only when set (see McpServerSpec's)."""
+        data = handler(self)
+        if not self.isolated:
+            data.pop("isolated", None)
+        return data
 
     @property
     def label(self) -> str:
@@ -132,6 +174,12 @@ class RolloutSpec(_Strict):
     tool_timeout_s: float = Field(
         default=30, gt=0,
         description="A call running longer is abandoned; the model sees a timeout error.")
+    max_tool_error_rate: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Stop the job once more than this share of its tool calls failed (judged "
+                    "from 20 calls on): tools that are down should not turn into thousands "
+                    "of conversations about error messages. Default: never stop.",
+        json_schema_extra={"speed_only": True})  # it stops the job; it changes no row
     max_concurrent_tools: int = Field(default=16, ge=1,
                                       description="Tool calls running at once, all rows.",
                                       json_schema_extra={"speed_only": True})

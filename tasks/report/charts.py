@@ -31,7 +31,8 @@ STATUS_COLORS = {s.value: c for s, c in {
     Status.OK: "#2f9e44", Status.TRUNCATED: "#f08c00", Status.NO_ANSWER: "#fab005",
     Status.PARSE_ERROR: "#e8590c", Status.SCHEMA_ERROR: "#d6336c",
     Status.INVALID_INPUT: "#868e96", Status.PROMPT_TOO_LONG: "#495057",
-    Status.ENGINE_ERROR: "#c92a2a", Status.MAX_TURNS: "#7048e8"}.items()}
+    Status.ENGINE_ERROR: "#c92a2a", Status.MAX_TURNS: "#7048e8",
+    Status.TOOL_ERROR: "#a61e4d"}.items()}
 REASONING, ANSWER = "#4263eb", "#0c8599"
 TTFT, LATENCY = "#ae3ec9", "#1c7ed6"
 ROWS, TOKENS = "#2f9e44", "#f76707"

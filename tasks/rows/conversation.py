@@ -8,7 +8,9 @@ in tool calls hands them to the toolbox (tools/toolbox.py), which runs them on i
 pool and puts the results on a queue; the driver takes them from there and submits the
 conversation's next turn ahead of new rows, so conversations in flight finish first.
 A conversation is one output row, written when it ends: an answer (`ok`), `max_turns`,
-or a turn that failed (its status; a rollout names the turn in `error`).
+a turn that failed (its status; a rollout names the turn in `error`), or `tool_error`
+when a call failed because its source is down for good (an MCP server no restart brought
+back): the model would only read errors where the data meant results.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.record import (Generation, Parsed, RowRequest, ToolResult, Trajectory,
                                        Turn)
 from thinkbatch.tasks.rows.parse import OutputParser, schema_problem
+from thinkbatch.tasks.tools.tool import ToolboxError
 from thinkbatch.tasks.tools.toolbox import Toolbox
 
 
@@ -177,7 +180,10 @@ class Conversations:
         return Parsed(status, error=f"turn {len(conv.turns) + 1}: {error}")
 
     def ready(self) -> Conversation | None:
-        """A conversation whose tools returned, its results in its history; else None."""
+        """A conversation whose tools returned, its results in its history; else None.
+        One that met a tool source down for good comes back refused (its request's
+        error set), so that submitting it ends it `tool_error`. Raises ToolboxError
+        (the job stops) once the calls fail beyond rollout.max_tool_error_rate."""
         if not self._at_tools:
             return None
         try:
@@ -185,8 +191,13 @@ class Conversations:
         except queue.Empty:
             return None
         self._at_tools -= 1
+        if (stop := self.toolbox.failing()) is not None:
+            raise ToolboxError(stop)
         conv.turns[-1].results = results
         conv.messages.extend(tool_message(r) for r in results)
+        if (why := self.toolbox.unavailable(results)) is not None:
+            conv.req = dataclasses.replace(conv.req, status=Status.TOOL_ERROR,
+                                           error=f"turn {len(conv.turns)}: {why}")
         return conv
 
     def wait(self, timeout: float) -> None:

@@ -1,8 +1,8 @@
 """The secrets of MCP servers, in one place: resolved where a server starts, scrubbed from
 every error text the toolbox logs or writes, and refused where they could not arrive.
 
-An MCP server's `env` values and its URL's user info, query values and fragment are
-secrets. How they are written (masked in every JSON dump of the job) is the schema's
+An MCP server's `env` and `headers` values and its URL's user info, query values and
+fragment are secrets. How they are written (masked in every JSON dump of the job) is the schema's
 concern (schemas/rollout.py, which may import nothing of tasks/); everything done with
 their values is here: `${VAR}` references expanded from this process's environment, the
 resolved values kept for scrubbing, and the check that a scale-out job's secrets can
@@ -43,6 +43,11 @@ def resolved_env(server: McpServerSpec) -> dict[str, str]:
     return {k: expand(v, f"env.{k}") for k, v in server.env.items()}
 
 
+def resolved_headers(server: McpServerSpec) -> dict[str, str]:
+    """The HTTP headers as sent to a url server; ValueError names a value it lacks."""
+    return {k: expand(v, f"headers.{k}") for k, v in server.headers.items()}
+
+
 def resolved_url(server: McpServerSpec) -> str | None:
     return None if server.url is None else expand(server.url, "url")
 
@@ -70,7 +75,10 @@ class Secrets:
         for at, server in servers:
             try:
                 url = resolved_url(server)
-                found += [*resolved_env(server).values(), *(_url_credentials(url) if url else ())]
+                headers = resolved_headers(server).values()
+                found += [*resolved_env(server).values(), *headers,
+                          *(h.split()[-1] for h in headers if h.split()),  # a bearer's token
+                          *(_url_credentials(url) if url else ())]
             except ValueError as e:
                 raise ToolboxError(f"{at}: {e}") from None
         return cls(s for s in found if len(s) >= SECRET_MIN_CHARS)
@@ -92,9 +100,11 @@ def unsent(job: JobSpec) -> list[str]:
         if source.mcp is None:
             continue
         written, given = source.mcp.model_dump(mode="json"), source.mcp.model_dump()
-        errors += [f"rollout.tools[{i}].mcp.env.{k}: with scale.workers > 1 a secret "
+        errors += [f"rollout.tools[{i}].mcp.{field}.{k}: with scale.workers > 1 a secret "
                    "reaches the workers only from their environment: write it as ${VAR}"
-                   for k in given["env"] if written["env"][k] != given["env"][k]]
+                   for field in ("env", "headers")
+                   for k in given.get(field, {})
+                   if written[field][k] != given[field][k]]
         if written["url"] != given["url"]:
             errors.append(f"rollout.tools[{i}].mcp.url: with scale.workers > 1 its "
                           "credentials reach the workers only from their environment: "

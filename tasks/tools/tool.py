@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from thinkbatch.tasks.tools.slots import Slot
 
 
 class ToolboxError(RuntimeError):
@@ -27,7 +30,13 @@ class ToolFailed(Exception):
 class Tool:
     schema: dict[str, Any]  # OpenAI function tool
     source: str  # where it comes from, for messages
-    call: Callable[[dict[str, Any]], Awaitable[str]]  # on the toolbox's loop
+    # On the toolbox's loop, in the slot the toolbox took for it (tools/slots.py).
+    call: Callable[[dict[str, Any], Slot], Awaitable[str]]
+    # Why its source is down for good (an MCP server that could not be restarted); None
+    # while it serves.
+    down: Callable[[], str | None] = lambda: None
+    # Stops what the source keeps running (worker processes), on the toolbox's loop at close.
+    close: Callable[[], Awaitable[None]] | None = None
 
 
 def function_schema(name: str, description: str, parameters: dict[str, Any]) -> dict[str, Any]:

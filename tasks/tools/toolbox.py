@@ -2,10 +2,11 @@
 per call comes out, off the caller's thread.
 
 A `Toolbox` owns one asyncio event loop in a daemon thread. MCP sessions live on it
-(tools/mcp.py), and every call is scheduled on it under one semaphore
-(`max_concurrent_tools`) and a per-call timeout. Python tools (tools/python.py) run each
-in a daemon thread of their own; recorded results (tools/recorded.py) answer calls by
-their ids.
+(tools/mcp.py), and every call is scheduled on it in a slot of `max_concurrent_tools`
+(tools/slots.py) under a per-call timeout. No tool's code runs on that loop: Python tools
+(tools/python.py), async ones too, run each in a daemon thread of their own, so a tool
+that blocks cannot stall the timeouts or the other calls; recorded results
+(tools/recorded.py) answer calls by their ids.
 
 A failing tool never fails the row: unknown tool, arguments that are not a JSON object or
 do not match the tool's schema, an exception, a timeout, an MCP error result, a call with
@@ -30,15 +31,17 @@ from typing import Any
 from thinkbatch.schemas.record import ToolResult
 from thinkbatch.schemas.rollout import RolloutSpec
 from thinkbatch.schemas.tools import tool_errors
-from thinkbatch.tasks.tools import mcp
+from thinkbatch.tasks.tools import allowed, mcp
 from thinkbatch.tasks.tools.python import python_tools
 from thinkbatch.tasks.tools.recorded import recorded_result
 from thinkbatch.tasks.tools.secrets import Secrets
+from thinkbatch.tasks.tools.slots import Slot, Slots
 from thinkbatch.tasks.tools.tool import Tool, ToolboxError, ToolFailed
 
 log = logging.getLogger("thinkbatch.toolbox")
 
 CLOSE_TIMEOUT_S = 15.0  # the mcp package stops a stdio server within ~6 s (stdin, TERM, KILL)
+ERROR_RATE_MIN_CALLS = 20  # rollout.max_tool_error_rate is judged from this many calls on
 
 
 class Toolbox:
@@ -51,13 +54,17 @@ class Toolbox:
 
     def __init__(self, spec: RolloutSpec):
         self._timeout_s = spec.tool_timeout_s
+        self._max_error_rate = spec.max_tool_error_rate
+        self._calls = self._errors = 0
+        self._last_error: str | None = None
         self._recorded = spec.recorded_column is not None
         self._tools: dict[str, Tool] = {}
         self._secrets = Secrets()  # the MCP servers' env values and URL credentials
-        self._slots = asyncio.Semaphore(spec.max_concurrent_tools)
+        self._slots = Slots(spec.max_concurrent_tools)
         self._stop = asyncio.Event()
-        self._serving: asyncio.Task[None] | None = None
+        self._serving: set[asyncio.Task[None]] = set()  # the MCP sessions' tasks: end at stop
         self._turns: set[concurrent.futures.Future[list[ToolResult]]] = set()
+        self._turn_tasks: set[asyncio.Task[list[ToolResult]]] = set()  # on the loop
         self._lock = threading.RLock()
         self._closed = False
         self._loop = asyncio.new_event_loop()
@@ -71,7 +78,10 @@ class Toolbox:
     def open(cls, spec: RolloutSpec, base_dir: Path) -> Toolbox:
         """Import the Python tools and start the MCP sessions; relative paths (a tools
         file, a stdio server's working directory) are relative to `base_dir`, the working
-        directory, like every path of a job. Raises ToolboxError naming the source that failed."""
+        directory, like every path of a job. Raises ToolboxError naming the source that failed,
+        or those the machine does not allow (tools/allowed.py), before any is opened."""
+        if refused := allowed.refused(spec, base_dir):
+            raise ToolboxError("; ".join(refused))
         box = cls(spec)
         try:
             where = {i: f"rollout.tools[{i}] ({s.label})" for i, s in enumerate(spec.tools)}
@@ -100,6 +110,27 @@ class Toolbox:
         A recorded source has none: its tools are described by the job's or the row's
         `tools`."""
         return [copy.deepcopy(t.schema) for t in self._tools.values()]
+
+    def unavailable(self, results: list[ToolResult]) -> str | None:
+        """Why a conversation cannot go on as its data means: a call failed because its
+        source is down for good (an MCP server that no restart brought back); else None."""
+        for r in results:
+            tool = self._tools.get(r.name)
+            if r.error is not None and tool is not None and (why := tool.down()) is not None:
+                return f"tool {r.name!r} is unavailable: {why}"
+        return None
+
+    def failing(self) -> str | None:
+        """Why the job should stop: more than `rollout.max_tool_error_rate` of the calls
+        so far failed (once ERROR_RATE_MIN_CALLS ran); else None."""
+        with self._lock:
+            calls, errors, last = self._calls, self._errors, self._last_error
+        rate = self._max_error_rate
+        if rate is None or calls < ERROR_RATE_MIN_CALLS or errors <= rate * calls:
+            return None
+        return (f"rollout.max_tool_error_rate ({rate:g}) exceeded: {errors} of {calls} tool "
+                f"calls failed ({errors / calls:.0%}); the job stops, its open conversations "
+                f"are not written (a rerun resumes them). The last error: {last}")
 
     def run(self, calls: list[dict[str, Any]], recorded: Any | None,
             done: Callable[[list[ToolResult]], None]) -> None:
@@ -147,7 +178,13 @@ class Toolbox:
     # -- on the loop ---------------------------------------------------------------------
 
     async def _turn(self, calls: list[dict[str, Any]], recorded: Any) -> list[ToolResult]:
-        return list(await asyncio.gather(*(self._call(c, recorded) for c in calls)))
+        task = asyncio.current_task()
+        assert task is not None
+        self._turn_tasks.add(task)
+        try:
+            return list(await asyncio.gather(*(self._call(c, recorded) for c in calls)))
+        finally:
+            self._turn_tasks.discard(task)
 
     async def _call(self, call: dict[str, Any], recorded: Any) -> ToolResult:
         call_id, name = str(call.get("id") or ""), str(call.get("name") or "")
@@ -160,19 +197,22 @@ class Toolbox:
                 content = recorded_result(recorded, call_id, name)
             else:
                 args = _arguments(call.get("arguments"), name)
-                async with self._slots:
+                slot = await self._slots.take(name)
+                try:
                     start = time.perf_counter()
-                    content = await self._timed(tool, name, args)
+                    content = await self._timed(tool, name, args, slot)
+                finally:
+                    slot.call_over()
         except ToolFailed as e:
             text = self._secrets.scrub(str(e))
             return ToolResult(call_id, name, text, text, time.perf_counter() - start)
         return ToolResult(call_id, name, content, None, time.perf_counter() - start)
 
-    async def _timed(self, tool: Tool, name: str, args: dict[str, Any]) -> str:
+    async def _timed(self, tool: Tool, name: str, args: dict[str, Any], slot: Slot) -> str:
         async def guarded() -> str:
             """The tool's own exceptions (a TimeoutError too) become its error text."""
             try:
-                return await tool.call(args)
+                return await tool.call(args, slot)
             except ToolFailed:
                 raise
             except Exception as e:
@@ -195,6 +235,12 @@ class Toolbox:
             results = [_failed(c, f"failed: {turn.exception()!r}") for c in calls]
         else:
             results = turn.result()
+        with self._lock:
+            self._calls += len(results)
+            for r in results:
+                if r.error is not None:
+                    self._errors += 1
+                    self._last_error = r.error
         self._callbacks.submit(_deliver, done, results)
 
     def _add(self, tools: list[Tool]) -> None:
@@ -220,18 +266,24 @@ class Toolbox:
                 f"MCP servers did not start within {mcp.OPEN_TIMEOUT_S:g} s") from None
 
     async def _serve(self, sources: mcp.Sources, base_dir: Path, ready: mcp.Ready) -> None:
-        self._serving = asyncio.current_task()
-        await mcp.serve(sources, base_dir, ready, self._stop, self._secrets)
+        task = asyncio.current_task()
+        assert task is not None
+        self._serving.add(task)
+        await mcp.serve(sources, base_dir, ready, self._stop, self._secrets, self._serving)
 
     async def _shutdown(self) -> None:
-        """End the turns still running, then the sessions, so the loop stops with no
-        task pending."""
+        """End the turns still running, then the sessions and the worker processes, so
+        the loop stops with no task pending."""
         self._stop.set()
+        if self._turn_tasks:  # cancelled by close: let them clean up (an isolated worker)
+            await asyncio.wait(self._turn_tasks, timeout=CLOSE_TIMEOUT_S)
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in others:
-            if task is not self._serving:
+            if task not in self._serving:
                 task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
+        await asyncio.gather(*(close() for close in
+                               {t.close for t in self._tools.values() if t.close is not None}))
         await self._loop.shutdown_asyncgens()
 
 

@@ -36,3 +36,24 @@ def test_mcp_secrets_come_from_the_environment_and_never_reach_error_texts(
                                            r"\(thinkbatch writes no secret\); write it as"):
         Toolbox.open(written, tmp_path)
     assert len(_starts(starts)) == 1
+
+
+def test_header_values_are_secrets_that_scale_out_must_name_from_the_environment():
+    """A bearer token in `headers`: scrubbed from error texts (the whole value and the
+    token alone), and a literal one cannot reach scale-out workers (a JSON dump masks it)."""
+    from types import SimpleNamespace
+
+    from thinkbatch.tasks.tools.secrets import Secrets, unsent
+
+    def rollout(value: str) -> RolloutSpec:
+        return RolloutSpec.model_validate({"tools": [
+            {"mcp": {"url": "http://search:8000/mcp", "headers": {"Authorization": value}}}]})
+
+    literal = rollout("Bearer tok-7c1d3f9a2b")
+    scrubbed = Secrets.of([("at", literal.tools[0].mcp)]).scrub(
+        "401: token tok-7c1d3f9a2b refused (Authorization: Bearer tok-7c1d3f9a2b)")
+    assert scrubbed == "401: token ********** refused (Authorization: **********)"
+    assert unsent(SimpleNamespace(rollout=literal)) == [
+        "rollout.tools[0].mcp.headers.Authorization: with scale.workers > 1 a secret reaches "
+        "the workers only from their environment: write it as ${VAR}"]
+    assert unsent(SimpleNamespace(rollout=rollout("Bearer ${TB_TOKEN}"))) == []

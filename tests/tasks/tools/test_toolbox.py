@@ -83,6 +83,12 @@ async def anap(seconds: float) -> str:
     return "awake"
 
 
+async def ablock(seconds: float) -> str:
+    """Blocks its event loop, as a synchronous client inside an async tool does."""
+    time.sleep(seconds)
+    return "unblocked"
+
+
 def norm(p: Point, scale: float = 1.0) -> dict:
     return {"norm": (p.x ** 2 + p.y ** 2) ** 0.5 * scale}
 
@@ -166,7 +172,8 @@ def test_example_tools_are_declared_as_the_miniature_learned_them():
 
 def test_python_tools_ok_raise_invalid_unknown(tools_file: Path):
     with Toolbox.open(spec({"python": "my_tools.py"}), tools_file) as box:
-        assert box.names == ["double", "boom", "nap", "peak", "anap", "norm", "route"]
+        assert box.names == ["double", "boom", "nap", "peak", "anap", "ablock", "norm",
+                             "route"]
         norm, route = (s["function"] for s in box.schemas()[-2:])
         assert norm["parameters"]["properties"]["p"]["$ref"] == "#/$defs/Point"
         assert route["description"] == "A route.\n\nFrom somewhere, to somewhere else."
@@ -206,19 +213,80 @@ def test_python_tools_ok_raise_invalid_unknown(tools_file: Path):
         assert r.latency_s >= 0
 
 
-def test_timeout_abandons_the_call_and_frees_its_slot(tools_file: Path):
+def test_an_async_tool_is_cancelled_at_its_timeout_and_frees_its_slot(tools_file: Path):
     with Toolbox.open(spec({"python": "my_tools.py"}, tool_timeout_s=0.5,
                            max_concurrent_tools=1), tools_file) as box:
         started = time.monotonic()
-        results = run(box, [call("nap", seconds=5), call("anap", seconds=5),
-                            call("nap", seconds=0, tag="after")])
+        results = run(box, [call("anap", seconds=5), call("nap", seconds=0, tag="after")])
         elapsed = time.monotonic() - started
-    assert [r.content for r in results] == [
-        "error: tool 'nap' timed out after 0.5 s", "error: tool 'anap' timed out after 0.5 s",
-        "after"]
+    assert [r.content for r in results] == ["error: tool 'anap' timed out after 0.5 s",
+                                            "after"]
     assert results[0].error == results[0].content
     assert 0.5 <= results[0].latency_s < 2
-    assert elapsed < 4  # one slot: the abandoned sleeper does not keep it
+    assert elapsed < 4  # one slot: the cancelled call does not keep it
+
+
+def _threads(name: str) -> int:
+    """Threads running calls of the tool `name`, from any toolbox."""
+    return sum(t.name == f"tool-{name}" for t in threading.enumerate())
+
+
+def test_a_blocking_async_tool_times_out_and_stalls_no_other_call(tools_file: Path):
+    """An `async def` tool that blocks (time.sleep) runs off the toolbox's loop: its
+    timeout fires on time, and another conversation's call is not held up."""
+    with Toolbox.open(spec({"python": "my_tools.py"}, tool_timeout_s=0.5), tools_file) as box:
+        blocked: list[list[ToolResult]] = []
+        started = time.monotonic()
+        box.run([call("ablock", seconds=3)], None, blocked.append)
+        time.sleep(0.1)  # the blocking call is running
+        [other] = run(box, [call("double", n=4)])
+        other_s = time.monotonic() - started
+        deadline = time.monotonic() + 10
+        while not blocked and time.monotonic() < deadline:
+            time.sleep(0.02)
+        blocked_s = time.monotonic() - started
+    assert other.content == "8" and other_s < 1.5
+    assert blocked and blocked[0][0].content == "error: tool 'ablock' timed out after 0.5 s"
+    assert blocked_s < 1.5 and blocked[0][0].latency_s < 1.5
+
+
+def test_timed_out_calls_keep_their_slots_until_their_threads_end(tools_file: Path):
+    """Python cannot stop a thread: a call abandoned at its timeout holds its slot until
+    it returns, so the cap bounds the threads really running; with every slot held so,
+    further calls fail at once rather than wait forever or start more threads."""
+    hang_s = 2.0
+    with Toolbox.open(spec({"python": "my_tools.py"}, tool_timeout_s=0.2,
+                           max_concurrent_tools=2), tools_file) as box:
+        started = time.monotonic()
+        results = run(box, [call("nap", id=f"c{i}", seconds=hang_s) for i in range(5)])
+        elapsed = time.monotonic() - started
+        threads = _threads("nap")
+        [also_held] = run(box, [call("double", n=1)])
+        time.sleep(hang_s + 0.3)  # the naps end, and their slots are free again
+        [after] = run(box, [call("double", n=2)])
+        [peak] = run(box, [call("peak", arguments="{}")])
+    timed_out = "error: tool 'nap' timed out after 0.2 s"
+    held = ("error: tool '{}' was not run: all 2 tool slots (rollout.max_concurrent_tools) "
+            "are held by calls that timed out and still run")
+    assert [r.content for r in results] == [timed_out] * 2 + [held.format("nap")] * 3
+    assert elapsed < 1.5
+    assert threads == 2 and peak.content == "2"
+    assert also_held.content == held.format("double")
+    assert after.content == "4"
+    assert _threads("nap") == 0
+
+
+def test_close_does_not_wait_for_tools_that_never_return(tools_file: Path):
+    box = Toolbox.open(spec({"python": "my_tools.py"}, tool_timeout_s=600), tools_file)
+    got: list[list[ToolResult]] = []
+    box.run([call("ablock", seconds=3600), call("nap", seconds=3600)], None, got.append)
+    time.sleep(0.3)
+    started = time.monotonic()
+    box.close()
+    assert time.monotonic() - started < 3
+    assert [r.content for r in got[0]] == [
+        "error: tool 'ablock' was cancelled: the toolbox closed",
+        "error: tool 'nap' was cancelled: the toolbox closed"]
 
 
 def test_random_sleeps_come_back_in_call_order(tools_file: Path):
@@ -443,6 +511,42 @@ def test_mcp_stdio_server_dies_with_a_killed_owner():
     assert processes.left_alive(servers, 5) == []
 
 
+ISOLATED_OWNER = '''
+import sys, time
+from pathlib import Path
+from thinkbatch.schemas.rollout import RolloutSpec
+from thinkbatch.tasks.tools.toolbox import Toolbox
+
+spec = RolloutSpec.model_validate(
+    {"tools": [{"python": "my_tools.py", "isolated": True}], "tool_timeout_s": 600})
+box = Toolbox.open(spec, Path(sys.argv[1]))
+box.run([{"id": "c", "name": "nap", "arguments": '{"seconds": 600}'}], None, print)
+time.sleep(60)
+'''
+
+
+def test_an_isolated_call_that_hangs_dies_with_a_killed_owner(tools_file: Path):
+    """SIGKILL leaves no close() to run, and a worker in a hung call reads no stdin: it
+    must end with its owner all the same."""
+    owner = subprocess.Popen([sys.executable, "-c", ISOLATED_OWNER, str(tools_file)])
+    try:
+        deadline = time.monotonic() + 30
+        while not (workers := processes.tree(owner.pid)):
+            assert time.monotonic() < deadline and owner.poll() is None
+            time.sleep(0.05)
+        time.sleep(2)  # the worker imports the tools and takes the call (or not yet)
+        assert len(workers) == 1
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    assert processes.left_alive(workers, 5) == []
+    deadline = time.monotonic() + 5  # nothing else of it either
+    while [p for p in os.listdir("/proc") if p.isdigit()
+           and str(tools_file) in processes.cmdline(int(p))]:
+        assert time.monotonic() < deadline, "a worker outlived its owner"
+        time.sleep(0.1)
+
+
 def test_mcp_streamable_http_server():
     port = free_port()
     server = subprocess.Popen([sys.executable, str(EXAMPLES / "mcp_weather_server.py"),
@@ -472,6 +576,57 @@ def test_mcp_streamable_http_server():
         Toolbox.open(rollout, Path("."))
 
 
+HEADERS = Path(__file__).resolve().parents[2] / "mcp_header_server.py"
+
+
+def _http_server(port: int) -> subprocess.Popen[bytes]:
+    server = subprocess.Popen([sys.executable, str(HEADERS), str(port)],
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server
+        except OSError:
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.1)
+
+
+def test_mcp_http_headers_are_secrets_and_a_lost_session_is_started_again(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    """A bearer token in `headers` comes from the environment, reaches the server, is
+    never written; a server restarted under the session (which then no longer knows it)
+    is reconnected, and calls succeed after."""
+    import hashlib
+
+    token = "tok-7c1d3f9a2b"
+    monkeypatch.setenv("TB_TEST_TOKEN", token)
+    port = free_port()
+    rollout = spec({"mcp": {"url": f"http://127.0.0.1:{port}/mcp",
+                            "headers": {"Authorization": "Bearer ${TB_TEST_TOKEN}"}}},
+                   tool_timeout_s=15)
+    literal = spec({"mcp": {"url": f"http://127.0.0.1:{port}/mcp",
+                            "headers": {"Authorization": f"Bearer {token}"}}})
+    assert token not in literal.model_dump_json()
+    assert "Bearer ${TB_TEST_TOKEN}" in rollout.model_dump_json()
+    caplog.set_level("WARNING", logger="thinkbatch.toolbox")
+    server = _http_server(port)
+    try:
+        with Toolbox.open(rollout, Path(".")) as box:
+            [before] = run(box, [call("authorization", arguments="{}")])
+            server.terminate()
+            server.wait(10)
+            server = _http_server(port)
+            _wait_for(lambda: any("is back" in r.getMessage() for r in caplog.records), 30)
+            [after] = run(box, [call("authorization", arguments="{}")])
+    finally:
+        server.terminate()
+        server.wait(10)
+    digest = hashlib.sha256(f"Bearer {token}".encode()).hexdigest()
+    assert (before.content, after.content, after.error) == (digest, digest, None)
+    assert not any(token in r.getMessage() for r in caplog.records)
+
+
 COUNTING = Path(__file__).resolve().parents[2] / "mcp_counting_server.py"
 
 
@@ -482,3 +637,140 @@ def _counting(starts: Path, key: str, **over: Any) -> RolloutSpec:
 
 def _starts(starts: Path) -> list[str]:
     return starts.read_text().split() if starts.exists() else []
+
+
+CRASHY = Path(__file__).resolve().parents[2] / "mcp_crashy_server.py"
+
+
+def _crashy(tmp_path: Path, **mcp: Any) -> tuple[RolloutSpec, Path]:
+    starts = tmp_path / "starts"
+    env = {"STARTS_FILE": str(starts), **mcp.pop("env", {})}
+    return spec({"mcp": {"command": ["python", str(CRASHY)], "env": env, **mcp}},
+                tool_timeout_s=10), starts
+
+
+def _wait_for(predicate: Any, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def test_a_stdio_server_that_dies_is_restarted_and_serves_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """Killed between calls: found by a ping and restarted before the next call. Dying
+    during a call: that call fails saying so (not repeated), the next one waits for the
+    restart. Each restart is logged once, naming the server."""
+    rollout, starts = _crashy(tmp_path)
+    caplog.set_level("WARNING", logger="thinkbatch.toolbox")
+    with Toolbox.open(rollout, tmp_path) as box:
+        [first] = run(box, [call("pid", arguments="{}")])
+        os.kill(int(first.content), signal.SIGKILL)
+        _wait_for(lambda: len(starts.read_text().split()) == 2)
+        [second] = run(box, [call("pid", arguments="{}")])
+        [crashed] = run(box, [call("crash", arguments="{}")])
+        [after] = run(box, [call("pid", arguments="{}")])
+    pids = starts.read_text().split()
+    assert len(pids) == 3 and first.content == pids[0]
+    assert (second.content, second.error) == (pids[1], None)
+    assert crashed.error is not None and crashed.error.startswith(
+        "error: tool 'crash' failed: the MCP server rollout.tools[0] (mcp ['python', "
+        f"'{CRASHY}']) was lost during the call (MCPError: Connection closed); it is "
+        "being restarted, the call is not repeated")
+    assert (after.content, after.error) == (pids[2], None)
+    restarts = [r.getMessage() for r in caplog.records if "restarting it" in r.getMessage()]
+    assert len(restarts) == 2
+    assert all(m.startswith(f"toolbox: rollout.tools[0] (mcp ['python', '{CRASHY}']): "
+                            "the MCP server stopped (") for m in restarts)
+    # Each restart served a call: the count of restarts without one starts again.
+    assert "restart 1 of at most 3" in restarts[0] and "restart 1 of at most 3" in restarts[1]
+    assert len([r for r in caplog.records if "is back" in r.getMessage()]) == 2
+
+
+def test_a_server_that_keeps_failing_is_down_and_its_calls_say_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """Restarts are bounded (with backoff): a server that no longer starts makes its
+    source down for good, its calls fail at once naming why, and the toolbox tells a
+    conversation so (it ends `tool_error`)."""
+    rollout, starts = _crashy(tmp_path, env={"STARTS_OK": "1"}, max_restarts=2)
+    with Toolbox.open(rollout, tmp_path) as box:
+        [crashed] = run(box, [call("crash", arguments="{}")])
+        _wait_for(lambda: len(starts.read_text().split()) == 3)
+        started = time.monotonic()
+        [down] = run(box, [call("pid", arguments="{}")])
+        waited = time.monotonic() - started
+        why = box.unavailable([down])
+        [ok] = run(box, [call("nope", arguments="{}")])
+        assert box.unavailable([ok]) is None
+    assert down.error == (
+        "error: tool 'pid' is unavailable: the MCP server rollout.tools[0] (mcp ['python', "
+        f"'{CRASHY}']) stopped (could not start: MCPError: Connection closed) and was "
+        "restarted 2 times without serving a call")
+    assert waited < 5  # the backoffs 0.5 s and 1 s, then at once
+    assert why == "tool 'pid' is unavailable: " + down.error.split("unavailable: ", 1)[1]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "no restart left" in errors[0]
+
+
+def test_an_isolated_python_tool_runs_in_a_process_that_its_timeout_kills(tools_file: Path):
+    """`isolated: true`: a call that hangs is killed at its timeout, so it holds neither a
+    thread nor a slot; the workers are reused, and none outlives the toolbox."""
+    before, nap_threads = processes.tree(os.getpid()), _threads("nap")
+    rollout = spec({"python": "my_tools.py", "isolated": True}, tool_timeout_s=3,
+                   max_concurrent_tools=1)
+    with Toolbox.open(rollout, tools_file) as box:
+        first = run(box, [call("double", n=21), call("boom", message="no luck"),
+                          call("double", n="many"), call("anap", seconds=0),
+                          call("norm", p={"x": 3, "y": 4})], wait_s=60)
+        workers = {p: s for p, s in processes.tree(os.getpid()).items() if p not in before}
+        started = time.monotonic()
+        hung, after = run(box, [call("nap", seconds=600), call("double", n=2)], wait_s=60)
+        elapsed = time.monotonic() - started
+        threads = _threads("nap")
+        # The killed worker is replaced by a new one: the one before served every call.
+        assert len(workers) == 1 and processes.left_alive(workers, 5) == []
+        later = {p: s for p, s in processes.tree(os.getpid()).items() if p not in before}
+    assert [r.content for r in first] == [
+        "42", "error: tool 'boom' failed: RuntimeError: no luck",
+        first[2].content, "awake", '{"norm": 5.0}']
+    assert first[2].content.startswith("error: invalid arguments for 'double': n: ")
+    assert hung.content == "error: tool 'nap' timed out after 3 s"
+    assert after.content == "4" and elapsed < 3 + 10  # one slot, freed by the kill
+    assert threads == nap_threads  # none started here (another test's may linger)
+    assert len(later) == 1 and processes.left_alive(later, 5) == []
+
+
+def test_close_kills_an_isolated_call_that_runs(tools_file: Path):
+    before = processes.tree(os.getpid())
+    box = Toolbox.open(spec({"python": "my_tools.py", "isolated": True}, tool_timeout_s=600),
+                       tools_file)
+    got: list[list[ToolResult]] = []
+    box.run([call("nap", seconds=600)], None, got.append)
+    deadline = time.monotonic() + 30
+    while not (workers := {p: s for p, s in processes.tree(os.getpid()).items()
+                           if p not in before}):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1)  # the worker imports the tools and takes the call
+    started = time.monotonic()
+    box.close()
+    assert time.monotonic() - started < 3
+    assert [r.content for r in got[0]] == ["error: tool 'nap' was cancelled: the toolbox closed"]
+    assert processes.left_alive(workers, 5) == []
+
+
+def test_close_does_not_wait_for_a_server_restarting(tmp_path: Path):
+    """A restart under way (a server that starts slowly) is cancelled at close: close
+    returns at once and the half-started server is stopped with it."""
+    rollout, starts = _crashy(tmp_path, env={"STARTS_HANG": "1"})
+    before = processes.tree(os.getpid())
+    box = Toolbox.open(rollout, tmp_path)
+    try:
+        run(box, [call("crash", arguments="{}")])
+        _wait_for(lambda: len(starts.read_text().split()) == 2)
+        hanging = {p: s for p, s in processes.tree(os.getpid()).items() if p not in before}
+    finally:
+        started = time.monotonic()
+        box.close()
+    assert time.monotonic() - started < 5
+    assert len(hanging) == 1 and processes.left_alive(hanging, 10) == []
