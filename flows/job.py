@@ -10,6 +10,7 @@ parent does not double them), waits for them, starts new ones while shards remai
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -32,7 +33,7 @@ from thinkbatch.tasks.process.stop import Stopped
 from thinkbatch.tasks.process.vllm_env import prepare_vllm_env
 from thinkbatch.tasks.report.figures import merge_workers
 from thinkbatch.tasks.runner import MAX_OPEN_SHARDS
-from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store import checkpoint, heartbeat
 from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.lease import acquire_run_lease
 
@@ -57,16 +58,18 @@ def finalize(job: JobSpec, layout: OutputLayout, plan: Plan, run: RunFigures) ->
     return done.manifest
 
 
-def _wait_round(run_ids: list[Any], layout: OutputLayout, plan: Plan, grace_s: float,
+def _wait_round(run_ids: list[Any], layout: OutputLayout, plan: Plan, timeout_s: float,
                 progress: artifacts.ProgressArtifact) -> list[Any]:
-    """Until every worker run ends, or the job is done. A SIGKILLed worker never reports
-    an end, so once all shards are done its run gets `grace_s` (its claims' TTL) to end
-    by itself, then is marked Crashed: the state in the UI tells the truth. The job's
-    progress artifact follows the done shards."""
+    """Until every worker run ends, or the job is done. A worker is judged by its
+    heartbeat (store/heartbeat.py), not by its state alone: a SIGKILLed worker never
+    reports an end, so one whose heartbeat is older than `timeout_s` is marked Crashed
+    (the state in the UI tells the truth, and a round whose workers all vanished ends);
+    once every shard is done, one that never claimed a shard (still pulling its image or
+    loading its model) is cancelled, so its node is free at once. The job's progress
+    artifact follows the done shards."""
     from prefect.client.orchestration import get_client
-    from prefect.states import Crashed
+    from prefect.states import Cancelling, Crashed
 
-    done_at: float | None = None
     with get_client(sync_client=True) as client:
         while True:
             runs = [client.read_flow_run(i) for i in run_ids]
@@ -75,13 +78,22 @@ def _wait_round(run_ids: list[Any], layout: OutputLayout, plan: Plan, grace_s: f
                 return runs
             done = checkpoint.done_shards(layout)
             progress.set(plan.percent_in(done))
-            if len(done) == len(plan.shards):
-                done_at = done_at or time.monotonic()
-                if time.monotonic() - done_at > grace_s:
-                    for r in live:
-                        client.set_flow_run_state(r.id, Crashed(
-                            message="worker stopped renewing its shard claims: presumed dead"),
-                            force=True)
+            for r in live:
+                running = r.state is not None and r.state.is_running() and r.start_time
+                running_s = ((datetime.now(timezone.utc) - r.start_time).total_seconds()
+                             if running else None)
+                judged = heartbeat.verdict(
+                    heartbeat.read(layout.store, layout.worker_heartbeat(str(r.id))),
+                    running_s, len(done) == len(plan.shards), timeout_s)
+                if judged is None:
+                    continue
+                action, why = judged
+                if action == "crash":
+                    client.set_flow_run_state(r.id, Crashed(message=why), force=True)
+                elif r.state is None or r.state.is_scheduled():  # nothing runs yet
+                    client.set_flow_run_state(r.id, Cancelled(message=why), force=True)
+                elif not r.state.is_cancelling():  # its Prefect worker stops it
+                    client.set_flow_run_state(r.id, Cancelling(message=why), force=True)
             time.sleep(WORKER_POLL_S)
 
 
@@ -105,8 +117,8 @@ def run_workers(spec: JobSpec, layout: OutputLayout, plan: Plan,
                                idempotency_key=f"{parent}-round{round_no}-worker{i}")
                 for i in range(spec.scale.workers)]
         run_ids += [r.id for r in runs]
-        ended = _wait_round([r.id for r in runs], layout, plan, spec.scale.claim_ttl_s,
-                            progress)
+        ended = _wait_round([r.id for r in runs], layout, plan,
+                            spec.scale.heartbeat_timeout_s, progress)
         rounds.append({r.name: r.state.type.value for r in ended})
         for r in ended:
             if r.state.is_failed():
@@ -126,9 +138,12 @@ def run_workers(spec: JobSpec, layout: OutputLayout, plan: Plan,
 
 
 def _worker_figures(layout: OutputLayout, run_ids: list[Any]) -> list[WorkerFigures]:
-    """The figures the workers wrote, read once and removed: the manifest keeps them."""
+    """The figures the workers wrote, read once and removed: the manifest keeps them.
+    The heartbeats a killed worker left go too."""
     found = []
     for run_id in run_ids:
+        if layout.store.exists(beat := layout.worker_heartbeat(str(run_id))):
+            layout.store.delete(beat)
         path = layout.worker_figures(str(run_id))
         try:
             found.append(WorkerFigures.model_validate_json(layout.store.read_bytes(path)))

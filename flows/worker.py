@@ -32,6 +32,7 @@ from thinkbatch.tasks.process.vllm_env import prepare_vllm_env
 from thinkbatch.tasks.rows.engine import close_engines
 from thinkbatch.tasks.runner import MAX_OPEN_SHARDS, output, work_shards
 from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.heartbeat import Heartbeat
 
 # The job as a flow parameter: Prefect validates it into a JobSpec before the flow runs.
 # The JSON schema a server checks deployment runs against is any mapping: the one pydantic
@@ -81,9 +82,17 @@ def shard_worker(job: JobParameter, worker_index: int = 0) -> RunFigures | State
     progress = artifacts.ProgressArtifact(
         job.name, f"progress-worker-{worker_index}",
         f"worker {worker_index}: rows done in {layout.root}, as far as this worker knows")
+    beat = Heartbeat(layout.store, layout.worker_heartbeat(run_id), job.scale.heartbeat_timeout_s)
+
+    def track(shard_id: int, done: Future[ShardStats]) -> Callable[[], object]:
+        beat.claimed += 1
+        return track_shard(shard_id, done)
+
     try:
-        run, tally = work_shards(job, layout, plan, owner, start_at, worker_index=worker_index,
-                                 watch=progress.watch, track=track_shard)
+        with beat:
+            run, tally = work_shards(job, layout, plan, owner, start_at,
+                                     worker_index=worker_index, watch=progress.watch,
+                                     track=track)
         progress.finish()
         layout.store.write_atomic(layout.worker_figures(run_id), WorkerFigures(
             name=flow_run.get_name() or owner, figures=run, tally=tally.state()).to_json())

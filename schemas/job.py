@@ -236,6 +236,11 @@ class ScaleSpec(_Strict):
                                 description="Rounds of new workers while shards remain.")
     claim_ttl_s: float = Field(default=120.0, gt=0,
                                description="A shard claim not renewed for this long is free.")
+    heartbeat_timeout_s: float = Field(
+        default=300.0, gt=0,
+        description="A worker whose heartbeat (rewritten every fifth of this from its "
+                    "start, model load included) is older is presumed dead, its run marked "
+                    "Crashed and its shards left to the others and to the next round.")
     shared_filesystem: bool = Field(
         default=False,
         description="A local output.path with workers > 1 is one folder every worker "

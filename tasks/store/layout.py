@@ -69,3 +69,7 @@ class OutputLayout:
     def worker_figures(self, flow_run_id: str) -> str:
         """A scale-out worker's figures (`WorkerFigures`), until the parent finalizes."""
         return join(self.root, "_workers", f"{flow_run_id}.json")
+
+    def worker_heartbeat(self, flow_run_id: str) -> str:
+        """A scale-out worker's heartbeat (store/heartbeat.py), while it runs."""
+        return join(self.root, "_workers", f"{flow_run_id}.alive.json")

@@ -64,7 +64,8 @@ def _job(tmp_path: Path, s3, bucket: str, tiny_model: str, rows: int) -> Path:
     return write_job(tmp_path / "job.yaml", job_dict(
         tmp_path / "in.parquet", f"s3://{bucket}/out", engine_section(tiny_model),  # type: ignore[arg-type]
         shards={"rows_per_shard": 50}, output={"flush_rows": 25},
-        scale={"workers": 2, "claim_ttl_s": 15, "worker_deployment": "thinkbatch-worker/gpu"}))
+        scale={"workers": 2, "claim_ttl_s": 15, "heartbeat_timeout_s": 20,
+               "worker_deployment": "thinkbatch-worker/gpu"}))
 
 
 def _ids(s3, bucket: str) -> list[str]:

@@ -46,7 +46,8 @@ def _planned_job(tmp_path: Path, tiny_model: str) -> dict[str, Any]:
     job = job_dict(tmp_path / "in.parquet", tmp_path / "out",
                    engine_section(tiny_model, max_in_flight=16),
                    output={"flush_rows": 16}, shards={"rows_per_shard": 100},
-                   scale={"workers": 2, "shared_filesystem": True, "worker_deployment": "thinkbatch-worker/gpu"})
+                   scale={"workers": 2, "shared_filesystem": True,
+                          "worker_deployment": "thinkbatch-worker/gpu"})
     spec = JobSpec.model_validate(job)
     layout = OutputLayout(spec.output.path, Storage(spec.storage))
     checkpoint.open_plan(layout, make_plan(spec, layout.store))
