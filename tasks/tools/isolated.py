@@ -105,7 +105,7 @@ class Processes:
 
 def _serve(source: ToolSource, base_dir: Path, at: str, parent: int) -> None:
     """The worker: answer one JSON line per request line until stdin closes."""
-    from thinkbatch.tasks.tools.python import arguments_model, defined_functions, validated
+    from thinkbatch.tasks.tools.functions import arguments_model, defined_functions, validated
 
     _die_with_parent(parent)
     replies = os.fdopen(os.dup(1), "w", encoding="utf-8")

@@ -1,6 +1,6 @@
 """Python tools: each public function a module defines is a tool, its JSON schema from its
 signature (through a pydantic model that also checks the model's arguments before the
-call), its description from its docstring.
+call), its description from its docstring (tools/functions.py).
 
 Every call runs in a daemon thread of its own, an `async def` one on an event loop of its
 own in that thread: a tool that blocks (a `time.sleep`, a synchronous HTTP client inside an
@@ -17,24 +17,17 @@ calls."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import importlib
-import importlib.util
 import inspect
-import sys
 import threading
-import warnings
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
-
 from thinkbatch.schemas.rollout import ToolSource
+from thinkbatch.tasks.tools.functions import (arguments_model, defined_functions, description,
+                                              validated)
 from thinkbatch.tasks.tools.slots import Slot
-from thinkbatch.tasks.tools.tool import (Tool, ToolboxError, ToolFailed, as_text,
-                                         function_schema, untitled)
+from thinkbatch.tasks.tools.tool import Tool, ToolboxError, as_text, function_schema, untitled
 
 if TYPE_CHECKING:
     from thinkbatch.tasks.tools.isolated import Processes
@@ -53,52 +46,8 @@ def python_tools(source: ToolSource, base_dir: Path, at: str) -> list[Tool]:
     return [_python_tool(name, fn, at, processes) for name, fn in functions.items()]
 
 
-def defined_functions(source: ToolSource, base_dir: Path, at: str) -> dict[str, Callable[..., Any]]:
-    """The source's tools by name: its public functions (or those of `functions`)."""
-    assert source.python is not None
-    module = _import(source.python, base_dir, at)
-    defined = {name: fn for name, fn in vars(module).items()
-               if inspect.isfunction(fn) and fn.__module__ == module.__name__
-               and not name.startswith("_")}
-    for name in source.functions or []:
-        if name not in defined:
-            raise ToolboxError(f"{at}: no public function {name!r} defined there "
-                               f"(it has: {', '.join(defined) or 'none'})")
-    if not defined:
-        raise ToolboxError(f"{at}: defines no public function")
-    return {name: defined[name] for name in source.functions or defined}
 
 
-def _import(ref: str, base_dir: Path, at: str) -> ModuleType:
-    """A file path (`tools.py`, `lib/tools.py`; relative to base_dir) or a module name
-    (`package.tools`, found on sys.path, else in base_dir)."""
-    try:
-        if ref.endswith(".py") or "/" in ref:
-            path = (base_dir / ref).resolve()
-            if not path.is_file():
-                raise ToolboxError(f"{at}: no such file {path}")
-            name = f"thinkbatch_tools_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
-            spec = importlib.util.spec_from_file_location(name, path)
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module  # annotations and pickling look the module up
-            try:
-                spec.loader.exec_module(module)
-            except BaseException:
-                del sys.modules[name]
-                raise
-            return module
-        try:
-            return importlib.import_module(ref)
-        except ModuleNotFoundError as e:
-            if e.name != ref.split(".")[0] or str(base_dir) in sys.path:
-                raise
-            sys.path.append(str(base_dir))
-            return importlib.import_module(ref)
-    except ToolboxError:
-        raise
-    except Exception as e:
-        raise ToolboxError(f"{at}: import failed: {type(e).__name__}: {e}") from e
 
 
 def _python_tool(name: str, fn: Callable[..., Any], at: str,
@@ -119,34 +68,12 @@ def _python_tool(name: str, fn: Callable[..., Any], at: str,
             return await processes.call(name, args)
         return as_text(await _in_thread(fn, kwargs, name, slot, is_async))
 
-    return Tool(schema=function_schema(name, _description(fn), parameters), source=at,
+    return Tool(schema=function_schema(name, description(fn), parameters), source=at,
                 call=call, close=processes.close if processes is not None else None)
 
 
-def validated(model: type[BaseModel], args: dict[str, Any], name: str) -> dict[str, Any]:
-    """The function's keyword arguments, checked by its model."""
-    try:
-        values = model.model_validate(args)
-    except ValidationError as e:
-        raise ToolFailed(f"error: invalid arguments for {name!r}: {_brief(e)}") from None
-    return {field: values.__dict__[field] for field in model.model_fields}
 
 
-def arguments_model(name: str, fn: Callable[..., Any]) -> type[BaseModel]:
-    """A pydantic model of the keyword arguments, one field per parameter (unknown
-    arguments are errors)."""
-    fields: dict[str, Any] = {}
-    for p in inspect.signature(fn, eval_str=True).parameters.values():
-        if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-            raise TypeError(f"parameter {p} is not a JSON argument (no *args, **kwargs or "
-                            f"positional-only parameters)")
-        annotation = Any if p.annotation is p.empty else p.annotation
-        fields[p.name] = (annotation, ... if p.default is p.empty else p.default)
-    with warnings.catch_warnings():  # a parameter named like a BaseModel method is fine here
-        warnings.simplefilter("ignore")
-        return create_model(f"{name}_arguments",
-                            __config__=ConfigDict(extra="forbid", protected_namespaces=()),
-                            **fields)
 
 
 async def _in_thread(fn: Callable[..., Any], kwargs: dict[str, Any], name: str, slot: Slot,
@@ -200,15 +127,3 @@ async def _in_thread(fn: Callable[..., Any], kwargs: dict[str, Any], name: str, 
             # A cancelled coroutine ends at once unless it blocks: then its slot is free.
             await asyncio.wait([ended], timeout=CANCEL_GRACE_S)
         raise
-
-
-def _description(fn: Callable[..., Any]) -> str:
-    """The docstring, its hard-wrapped lines joined: a paragraph is one line."""
-    paragraphs = (inspect.getdoc(fn) or "").split("\n\n")
-    return "\n\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
-
-
-def _brief(e: ValidationError) -> str:
-    """pydantic's errors in one line, e.g. `city: Field required; x: Input should be ...`."""
-    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'arguments'}: {err['msg']}"
-                     for err in e.errors(include_url=False))

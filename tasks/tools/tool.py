@@ -9,12 +9,9 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
-
-if TYPE_CHECKING:
-    from thinkbatch.tasks.tools.slots import Slot
 
 
 class ToolboxError(RuntimeError):
@@ -24,6 +21,13 @@ class ToolboxError(RuntimeError):
 
 class ToolFailed(Exception):
     """A call failed; the message is the whole text the model sees."""
+
+
+class Slot(Protocol):
+    """The slot a call runs in (tools/slots.py): a tool whose work outlives its call (a
+    thread) holds it until the work ends, with the release `hold` returns."""
+
+    def hold(self) -> Callable[[], None]: ...
 
 
 @dataclass(frozen=True, slots=True)
