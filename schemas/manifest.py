@@ -119,7 +119,7 @@ class InFlightFigures(BaseModel):
     the KV-cache tokens the engine reported, the tokens a request was expected to hold."""
 
     cap: int
-    kv_cache_tokens: int | None
+    kv_cache_tokens: int | None = None
     expected_tokens_per_row: int
     limit: int
 
