@@ -42,12 +42,10 @@ class Heartbeat:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """The beats stop; the record stays (the parent removes it once the run ended):
+        a record gone would read as a worker that never started."""
         self._stop.set()
         self._thread.join()
-        try:
-            self.store.delete(self.path)
-        except FileNotFoundError:
-            pass
 
     def _beat(self) -> None:
         while not self._stop.wait(self.every_s):

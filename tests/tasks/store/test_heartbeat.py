@@ -14,7 +14,7 @@ from thinkbatch.tasks.store.storage import Storage
 TIMEOUT_S = 300.0
 
 
-def test_a_worker_beats_while_it_runs_and_leaves_no_record(tmp_path: Path) -> None:
+def test_a_worker_beats_while_it_runs_then_its_record_ages(tmp_path: Path) -> None:
     store, path = Storage(), str(tmp_path / "_workers" / "run.alive.json")
     with Heartbeat(store, path, timeout_s=0.5) as beat:  # a beat every 0.1 s
         record, _ = heartbeat.read(store, path)
@@ -23,7 +23,9 @@ def test_a_worker_beats_while_it_runs_and_leaves_no_record(tmp_path: Path) -> No
         time.sleep(0.5)
         record, age_s = heartbeat.read(store, path)
         assert record["claimed"] == 2 and age_s < 0.5
-    assert heartbeat.read(store, path) is None
+    time.sleep(0.6)
+    record, age_s = heartbeat.read(store, path)
+    assert record["claimed"] == 2 and age_s > 0.5  # no beat once it left
 
 
 def test_a_worker_loading_for_minutes_is_waited_for_and_a_silent_one_is_presumed_dead() -> None:
