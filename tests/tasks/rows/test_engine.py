@@ -20,9 +20,13 @@ def _request(engine: Any, i: int, prompt_len: int) -> RowRequest:
     """A row whose rendered prompt is about `prompt_len` tokens long (not more)."""
     overhead = len(engine._render([{"role": "user", "content": ""}], None, {})[
         "prompt_token_ids"])
-    text = "word " * (prompt_len - overhead)
-    while len(engine.tokenizer.encode(text, add_special_tokens=False)) > prompt_len - overhead:
-        text = text[:-5]
+    assert overhead < prompt_len
+    per_word = len(engine.tokenizer.encode("word " * 100, add_special_tokens=False)) / 100
+    words = int((prompt_len - overhead) / per_word)
+    while len(engine.tokenizer.encode("word " * words, add_special_tokens=False)) > \
+            prompt_len - overhead:
+        words -= 1
+    text = "word " * words
     return RowRequest(i, f"r{i}", (), messages=[{"role": "user", "content": text}])
 
 
@@ -46,7 +50,7 @@ def test_max_tokens_is_cut_to_the_room_left_and_refused_only_under_the_floor(
     engine = get_engine(EngineSpec(**engine_section(tiny_model)), KIMI)
     window = engine.max_model_len
     params = SamplingParams(max_tokens=64, ignore_eos=True, temperature=0)
-    reqs = {"short": _request(engine, 0, 20), "near": _request(engine, 1, window - 40)}
+    reqs = {"short": _request(engine, 0, 200), "near": _request(engine, 1, window - 40)}
 
     done = _run(engine, reqs, params)
 
@@ -58,7 +62,8 @@ def test_max_tokens_is_cut_to_the_room_left_and_refused_only_under_the_floor(
     assert params.max_tokens == 64
     parsed = OutputParser(KIMI, engine.tokenizer, None).parse(near, None, {})
     assert parsed.status is Status.TRUNCATED
-    full = _request(engine, 2, window - 10)
+    full = _request(engine, 2, window - 4)
+    assert window - len(engine._render(full.messages, None, {})["prompt_token_ids"]) < 16
     with pytest.raises(RequestRejected) as refused:
         engine.submit("full", full, params)
     assert refused.value.status is Status.PROMPT_TOO_LONG
