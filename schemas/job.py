@@ -186,6 +186,12 @@ class SamplingSpec(_Strict):
     min_p: float = Field(default=0.0, ge=0, le=1)
     max_tokens: int = Field(default=1024, gt=0)
     min_tokens: int = Field(default=0, ge=0)
+    min_room_tokens: int = Field(
+        default=16, ge=1,
+        description="max_tokens is cut to the room a prompt leaves in max_model_len; a "
+                    "prompt leaving less than this is prompt_too_long (a rollout: the turn "
+                    "named). Not passed to vLLM.",
+        json_schema_extra={"counts_when_set": True})
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     presence_penalty: float = 0.0

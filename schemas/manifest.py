@@ -134,6 +134,9 @@ class RunFigures(BaseModel):
     engine_load_s: float | None = None
     generation_s: float | None = None
     engine_restarts: int | None = None  # once an engine was loaded
+    # Turns (a single-turn job's rows) whose max_tokens was cut to the room their prompt
+    # left in max_model_len (sampling.min_room_tokens).
+    turns_capped: int | None = None
     engine: EngineLayout | None = None  # this run's vLLM engine, as loaded
     in_flight: InFlightFigures | None = None  # requests in the engine at once
     shards_lost: int | None = None  # claims another worker took over (a pause past the TTL)

@@ -174,6 +174,11 @@ class RolloutSpec(_Strict):
     tool_timeout_s: float = Field(
         default=30, gt=0,
         description="A call running longer is abandoned; the model sees a timeout error.")
+    max_malformed_turns: int = Field(
+        default=3, ge=0,
+        description="Consecutive turns with malformed tool calls (arguments that are not a "
+                    "JSON object) answered with the error as the tool message; the next one "
+                    "ends the conversation parse_error. 0: the first one does.")
     max_tool_error_rate: float | None = Field(
         default=None, gt=0, le=1,
         description="Stop the job once more than this share of its tool calls failed (judged "

@@ -26,7 +26,7 @@ from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.record import (Generation, Parsed, RowRequest, ToolResult, Trajectory,
                                        Turn)
-from thinkbatch.tasks.rows.parse import OutputParser, schema_problem
+from thinkbatch.tasks.rows.parse import OutputParser, arguments_problem, schema_problem
 from thinkbatch.tasks.tools.tool import ToolboxError
 from thinkbatch.tasks.tools.toolbox import Toolbox
 
@@ -42,6 +42,7 @@ class Conversation:
     messages: list[dict[str, Any]] = field(default_factory=list)  # the history so far
     turns: list[Turn] = field(default_factory=list)
     started: float | None = None  # monotonic time its first turn was submitted
+    malformed: int = 0  # consecutive turns whose tool calls had malformed arguments
 
     @property
     def key(self) -> str:
@@ -144,6 +145,18 @@ class Conversations:
             return parsed
         conv.turns.append(Turn(gen, parsed))
         n = len(conv.turns)
+        if self._malformed(parsed):
+            conv.malformed += 1
+            if conv.malformed <= self.spec.max_malformed_turns:
+                parsed = dataclasses.replace(parsed, status=Status.OK, error=None)
+                conv.turns[-1].parsed = parsed
+            else:
+                return dataclasses.replace(
+                    parsed, error=f"turn {n}: {parsed.error} ({conv.malformed} malformed "
+                                  f"turns in a row, rollout.max_malformed_turns "
+                                  f"{self.spec.max_malformed_turns})")
+        else:
+            conv.malformed = 0
         if parsed.status is not Status.OK:
             return dataclasses.replace(parsed, error=f"turn {n}: {parsed.error}")
         conv.messages.append(assistant_message(parsed))
@@ -158,6 +171,13 @@ class Conversations:
         self.toolbox.run(parsed.tool_calls, conv.req.recorded,
                          lambda results: self._results.put((conv, results)))
         return None
+
+    @staticmethod
+    def _malformed(parsed: Parsed) -> bool:
+        """A turn whose only fault is a tool call's arguments: its calls run, the toolbox
+        answers each malformed one with the error text as its tool message."""
+        return (parsed.status is Status.PARSE_ERROR and bool(parsed.tool_calls)
+                and parsed.error == arguments_problem(parsed.tool_calls))
 
     def _parse(self, req: RowRequest, gen: Generation) -> Parsed:
         """The one parse of a turn: the text split by the job's parsers, then a final

@@ -205,6 +205,7 @@ class VllmEngine:
         threading.Thread(target=self._wake_on_death, name="thinkbatch-engine-watch",
                          daemon=True).start()
         self._pending: set[str] = set()
+        self._capped: set[str] = set()  # requests whose max_tokens is the room left
 
     @property
     def in_flight(self) -> int:
@@ -224,7 +225,10 @@ class VllmEngine:
     def submit(self, key: str, req: RowRequest, params: Any) -> None:
         """Render with the model's own chat template and tokenizer (data that spells control
         tokens tokenized as text, tasks/rows/prompt_tokens.py), check the length on the host (no
-        accelerator time for a prompt that cannot fit), then enqueue."""
+        accelerator time for a prompt that cannot fit), then enqueue. A prompt that leaves
+        less room than max_tokens gets the room (a long conversation goes on to the end of
+        the window, as vLLM's `LLM` would let it); one that leaves less than the job's
+        `sampling.min_room_tokens` is refused: a few tokens could hold no answer."""
         try:
             prompt = chat_prompt(self._render, self._control, req.messages, req.tools,
                                  req.chat_template_kwargs,
@@ -232,11 +236,18 @@ class VllmEngine:
         except Exception as e:  # this one row's template rendering failed
             raise _rejected(e) from e
         prompt_len = len(prompt["prompt_token_ids"])
-        if prompt_len + params.max_tokens > self.max_model_len:
-            raise RequestRejected(
-                Status.PROMPT_TOO_LONG,
-                f"prompt of {prompt_len} tokens + max_tokens {params.max_tokens} exceeds "
-                f"max_model_len {self.max_model_len}")
+        room = self.max_model_len - prompt_len
+        floor = (req.sampling.min_room_tokens if req.sampling is not None
+                 else req.min_room_tokens)
+        capped = params.max_tokens > room
+        if capped:
+            if room < floor:
+                raise RequestRejected(
+                    Status.PROMPT_TOO_LONG,
+                    f"prompt of {prompt_len} tokens leaves {max(room, 0)} of max_model_len "
+                    f"{self.max_model_len}, under sampling.min_room_tokens {floor}")
+            params = params.clone()  # shared by the rows of one sampling section
+            params.max_tokens = room
         params.output_kind = self._final_only
         try:
             self.llm.llm_engine.add_request(key, prompt, params)
@@ -245,6 +256,8 @@ class VllmEngine:
         except Exception as e:
             raise _rejected(e) from e
         self._pending.add(key)
+        if capped:
+            self._capped.add(key)
 
     def poll(self) -> list[Generation]:
         if not self._pending:
@@ -259,6 +272,8 @@ class VllmEngine:
             if not out.finished:
                 continue
             self._pending.discard(out.request_id)
+            capped = out.request_id in self._capped
+            self._capped.discard(out.request_id)
             comp = out.outputs[0]
             m = out.metrics
             done.append(Generation(
@@ -269,6 +284,7 @@ class VllmEngine:
                 prompt_token_ids=out.prompt_token_ids,
                 ttft_s=m.first_token_latency if m else None,
                 latency_s=(time.time() - m.arrival_time) if m else None,
+                capped=capped,
             ))
         return done
 
@@ -278,6 +294,7 @@ class VllmEngine:
         keys = [k for k in keys if k in self._pending]
         if keys:
             self._pending.difference_update(keys)
+            self._capped.difference_update(keys)
             try:
                 self.llm.llm_engine.abort_request(keys)
             except self._dead as e:

@@ -151,7 +151,7 @@ class OutputParser:
                           error="hit max_tokens before the answer was complete",
                           reasoning_tokens=reasoning_tokens)
         problem = (self._untraced(gen.text, reasoning, answer, tool_calls)
-                   or _arguments_problem(tool_calls))
+                   or arguments_problem(tool_calls))
         if problem:
             return Parsed(Status.PARSE_ERROR, reasoning=reasoning, answer=answer,
                           tool_calls=tool_calls, error=problem, reasoning_tokens=reasoning_tokens)
@@ -298,8 +298,10 @@ def _crowded(gaps: list[list[str]], first_call: int | None, calls: int) -> str |
     return None
 
 
-def _arguments_problem(tool_calls: list[dict[str, str | None]] | None) -> str | None:
-    """Tool-call arguments must be one JSON object, as OpenAI's API defines them."""
+def arguments_problem(tool_calls: list[dict[str, str | None]] | None) -> str | None:
+    """Tool-call arguments must be one JSON object, as OpenAI's API defines them. A parse
+    whose error is this, and nothing else, is a well-formed turn with a malformed call: a
+    rollout answers it (rows/conversation.py)."""
     for n, c in enumerate(tool_calls or ()):
         try:
             args = json.loads(c["arguments"] or "")

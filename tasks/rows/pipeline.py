@@ -72,6 +72,7 @@ class Pipeline:
         self.engine = engine
         self._restart_engine = restart_engine
         self.restarts = 0  # engines that died under this pipeline and were replaced
+        self.turns_capped = 0  # turns whose max_tokens was cut to the room left (engine.py)
         self.triage = Triage(job.engine.max_restarts if restart_engine else 0)
         self.parser = parser
         self.toolbox = toolbox  # a rollout job's tools: closed when the pipeline ends
@@ -356,6 +357,7 @@ class Pipeline:
 
     def _finish(self, conv: Conversation, gen: Generation) -> None:
         self.triage.finished()
+        self.turns_capped += gen.capped
         if conv.shard_id in self._lost:  # finished before its abort reached the engine
             self.conversations.end(conv)
             return

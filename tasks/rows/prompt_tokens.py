@@ -107,6 +107,10 @@ def _cut(marker: str) -> int:
     return 1
 
 
+def _is_tool_result(message: dict[str, Any]) -> bool:
+    return message.get("role") == "tool"
+
+
 @dataclass(slots=True)
 class Masked:
     """A row's data with each control-token occurrence replaced by a placeholder."""
@@ -139,7 +143,8 @@ class ControlTokens:
         return pattern is not None and any(
             pattern.search(s) for s in _strings((messages, tools, kwargs)))
 
-    def mask(self, messages: Messages, tools: Tools, kwargs: dict[str, Any]) -> Masked:
+    def mask(self, messages: Messages, tools: Tools, kwargs: dict[str, Any], *,
+             tool_results_only: bool = False) -> Masked:
         # Letters and digits only: the template's JSON filters leave it as it is; random,
         # so the data cannot spell it.
         nonce = "tbctl" + secrets.token_hex(8)
@@ -152,6 +157,9 @@ class ControlTokens:
         def fn(s: str) -> str:
             return self.pattern.sub(sub, s)  # type: ignore[union-attr]
 
+        if tool_results_only:
+            return Masked([_map_strings(m, fn) if _is_tool_result(m) else m for m in messages],
+                          tools, kwargs, nonce, markers)
         return Masked(_map_strings(messages, fn), _map_strings(tools, fn),
                       _map_strings(kwargs, fn), nonce, markers)
 
@@ -211,10 +219,18 @@ class ControlTokens:
 def chat_prompt(render: Render, control: ControlTokens, messages: Messages, tools: Tools,
                 kwargs: dict[str, Any], *, allow_special_tokens: bool) -> dict[str, Any]:
     """vLLM's prompt for one row, with the data's control-token text tokenized as text
-    unless the job allows special tokens. Rows without such text are vLLM's own."""
-    if allow_special_tokens or not control.found_in(messages, tools, kwargs):
+    unless the job allows special tokens. Rows without such text are vLLM's own. Tool
+    results (web pages, MCP content) are text whatever the job allows: the flag trusts
+    the job's own data, never what a tool returned."""
+    if allow_special_tokens:
+        results = [m for m in messages if _is_tool_result(m)]
+        if not control.found_in(results, None, {}):
+            return render(messages, tools, kwargs)
+        masked = control.mask(messages, tools, kwargs, tool_results_only=True)
+    elif not control.found_in(messages, tools, kwargs):
         return render(messages, tools, kwargs)
-    masked = control.mask(messages, tools, kwargs)
+    else:
+        masked = control.mask(messages, tools, kwargs)
     prompt = render(masked.messages, masked.tools, masked.kwargs)
     if prompt.get("type") != "token" or not isinstance(prompt.get("prompt"), str):
         raise ValueError("data spells control tokens and this model's renderer returns no "

@@ -296,7 +296,8 @@ class Renderer:
         for i, (row_index, row_id) in enumerate(zip(cols[ROW_INDEX], cols[ROW_ID])):
             req = RowRequest(row_index=row_index, row_id=row_id,
                              passthrough=tuple(c[i] for c in passthrough),
-                             allow_special_tokens=self.job.input.allow_special_tokens)
+                             allow_special_tokens=self.job.input.allow_special_tokens,
+                             min_room_tokens=self.job.sampling.min_room_tokens)
             try:
                 if row_id is None:
                     req.row_id = f"row:{row_index}"

@@ -27,7 +27,8 @@ def sampling_kwargs(s: SamplingSpec, keep_special_tokens: bool) -> dict[str, Any
     """A sampling section as the keyword arguments of vllm.SamplingParams, plain data
     (structured outputs as StructuredOutputsParams' own keywords): what Ray Data LLM's
     `sampling_params` column holds too (benchmarks/ray_llm.py)."""
-    fields = s.model_dump(exclude={"structured_outputs", "extra", "stop", "n"})
+    fields = s.model_dump(exclude={"structured_outputs", "extra", "stop", "n",
+                                    "min_room_tokens"})
     fields["stop"] = s.stop or None
     fields.update(s.extra)
     if s.structured_outputs is not None:

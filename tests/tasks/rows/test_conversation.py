@@ -204,6 +204,42 @@ def test_failing_tools_are_results_the_model_reads_not_failed_rows(tmp_path: Pat
     assert [m["content"] for m in tool_messages] == [r["error"] for r in results]
 
 
+def bad_call(arguments: str) -> str:
+    """A Kimi turn calling get_weather with `arguments` as written (not a JSON object)."""
+    return ("<think>I need a tool</think><|tool_calls_section_begin|><|tool_call_begin|>"
+            f"functions.get_weather:0<|tool_call_argument_begin|>{arguments}"
+            "<|tool_call_end|><|tool_calls_section_end|>")
+
+
+def test_malformed_calls_are_answered_until_max_malformed_turns_in_a_row(
+        tmp_path: Path) -> None:
+    """Arguments that are not a JSON object: the model reads the error as the tool
+    message and goes on; only more than rollout.max_malformed_turns such turns in a row
+    end the conversation parse_error, naming the turn."""
+    job = _job(tmp_path, 3, max_malformed_turns=2)
+    good = call(("get_weather", {"city": "Oslo"}))
+    engine = Script(job, {0: [bad_call('{"city": "Oslo"'), answer("Sunny.")],
+                          1: [bad_call("[1]"), bad_call("42"), good, bad_call("[]"),
+                              bad_call("[]"), answer("Done.")],
+                          2: [bad_call("[1]")] * 3})
+
+    rows = _run(job, engine)
+
+    assert (rows[0, 0]["status"], rows[0, 0]["num_turns"], rows[0, 0]["tool_errors"]) == (
+        "ok", 2, 1)
+    (result,) = rows[0, 0]["turns"][0]["tool_results"]
+    assert "arguments of 'get_weather' are not valid JSON" in result["error"]
+    tool_messages = [m for m in json.loads(rows[0, 0]["messages"]) if m["role"] == "tool"]
+    assert [m["content"] for m in tool_messages] == [result["error"]]
+    # Two in a row, a good call, two more: the count is of turns in a row.
+    assert (rows[1, 0]["status"], rows[1, 0]["num_turns"], rows[1, 0]["tool_errors"]) == (
+        "ok", 6, 4)
+    assert (rows[2, 0]["status"], rows[2, 0]["num_turns"]) == ("parse_error", 3)
+    assert rows[2, 0]["error"].startswith(
+        "turn 3: tool_calls[0].arguments is not a JSON object")
+    assert "rollout.max_malformed_turns 2" in rows[2, 0]["error"]
+
+
 def test_max_turns_ends_a_conversation_that_keeps_calling_tools(tmp_path: Path) -> None:
     job = _job(tmp_path, 1, max_turns=3)
     engine = Script(job, {0: [call(("get_weather", {"city": "Oslo"}))] * 3})

@@ -129,7 +129,8 @@ def test_an_unset_rollout_adds_no_part_so_outputs_written_before_it_resume() -> 
     assert not [k for k in _parts() if k.startswith("rollout")]
     changes = describe_changes(_parts(), _parts({"rollout": {"tools": [{"python": "t.py"}]}}))
     assert [c.split(":")[0] for c in changes] == [
-        "rollout.max_turns", "rollout.tool_timeout_s", "rollout.tools"]
+        "rollout.max_malformed_turns", "rollout.max_turns", "rollout.tool_timeout_s",
+        "rollout.tools"]
 
 
 SECRET, ROTATED = "sk-live-0123456789abcdef", "sk-live-fedcba9876543210"
