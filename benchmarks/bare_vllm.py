@@ -26,7 +26,7 @@ def _requests(job: Any) -> tuple[list[list[dict[str, str]]], list[Any]]:
     import pyarrow.dataset as ds
 
     from thinkbatch.schemas.job import SamplingSpec
-    from thinkbatch.tasks.sampling import SamplingBuilder
+    from thinkbatch.tasks.rows.sampling import SamplingBuilder
 
     table = ds.dataset(job.input.path, format="parquet").to_table()
     builder = SamplingBuilder(job)
@@ -78,8 +78,8 @@ def main(job_path: str, out_path: str, modes: list[str]) -> None:
     from vllm import LLM
 
     from thinkbatch.schemas.job import JobSpec
-    from thinkbatch.tasks.engine import machine_kwargs
-    from thinkbatch.tasks.engine_settings import may_seed
+    from thinkbatch.tasks.rows.engine import machine_kwargs
+    from thinkbatch.tasks.rows.engine_settings import may_seed
 
     job = JobSpec.model_validate(json.loads(open(job_path).read()))
     messages, params = _requests(job)

@@ -3,7 +3,7 @@
 The work pools' termination grace (deployments/work-pools/) is set from this. A running
 `thinkbatch run` gets SIGTERM a fixed time after its first request; until it exits, the
 benchmark watches what the stop does, each from its own evidence: the commit of the rows
-already generated (the run's trace, tasks/trace.py), the shard claims and the run lease
+already generated (the run's trace, tasks/report/trace.py), the shard claims and the run lease
 released (their files in the output), the engine's processes gone (`VLLM::` process
 titles under the run), and the exit (code 75).
 
@@ -31,7 +31,7 @@ from harness import job_dict, write_job
 from summary import Goal, row
 from workloads import prompts
 
-from thinkbatch.tasks import trace
+from thinkbatch.tasks.report import trace
 
 STOPPED = "thinkbatch: stopped by SIGTERM"  # the CLI's line once the flow has ended
 PREFECT_CANCEL_GRACE_S = 30  # Prefect 3.7: SIGTERM to the flow run's process, SIGKILL 30 s later

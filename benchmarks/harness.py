@@ -2,7 +2,7 @@
 
 The real CLI as a subprocess measures what a user gets (imports, Prefect, planning,
 storage), and `os.wait4` gives that one child's peak RSS. What it does when is read from
-its trace (tasks/trace.py): each row submitted and each part committed, stamped by the
+its trace (tasks/report/trace.py): each row submitted and each part committed, stamped by the
 run itself as it happens.
 """
 
@@ -24,7 +24,7 @@ import pyarrow.dataset as ds
 
 from context import HERE, Context
 
-from thinkbatch.tasks import trace
+from thinkbatch.tasks.report import trace
 
 
 def job_dict(ctx: Context, inputs: Path, out: Path, *, engine: dict[str, Any] | None = None,

@@ -19,7 +19,7 @@ from context import HERE
 
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
 REPO = str(HERE.parent)
-PIPELINE_THREADS = ("tasks/pipeline.py", "tasks/commit.py")
+PIPELINE_THREADS = ("tasks/rows/pipeline.py", "tasks/store/commit.py")
 
 
 def py_spy() -> str | None:

@@ -89,6 +89,6 @@ def machine() -> dict[str, object]:
 
 
 def versions() -> dict[str, str | None]:
-    from thinkbatch.tasks.report import versions as tb_versions
+    from thinkbatch.tasks.report.manifest import versions as tb_versions
 
     return tb_versions()

@@ -48,7 +48,7 @@ from harness import (
     write_job,
 )
 from summary import Goal, row
-from thinkbatch.tasks import trace
+from thinkbatch.tasks.report import trace
 from workloads import prompts
 
 PEERS = Path(os.environ.get("THINKBATCH_BENCH_PEERS", HERE.parent / ".bench-peers"))

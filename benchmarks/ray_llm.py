@@ -10,7 +10,7 @@ Ray Data's checkpointing by the job's id column, as its docs set it up),
 user gets from vLLM's Kimi-K2 parsers, KimiParse; "kimi+raw": with every column Ray
 writes; else Ray's columns alone). Engine arguments come from the job through
 thinkbatch's own `machine_kwargs`, and SamplingParams fields from its sampling section as
-thinkbatch builds them (`sampling_fields`), so both sides run the same engine and the
+thinkbatch builds them (tasks/rows/sampling.py `sampling_kwargs`), so both sides run the same engine and the
 same requests. Ray is installed beside the product, never in it (`make bench-peers`).
 """
 
@@ -30,24 +30,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 LIGHT_CPU = 0.25  # logical CPUs of each light Ray Data task or actor (see main)
-
-
-def sampling_fields(spec: Any, keep_special_tokens: bool) -> dict[str, Any]:
-    """A sampling section as the keyword arguments of vllm.SamplingParams, which is what
-    Ray Data LLM's `sampling_params` column holds (the same fields thinkbatch's
-    tasks/sampling.py passes; structured outputs as a dict, which Ray turns into
-    StructuredOutputsParams)."""
-    fields = spec.model_dump(exclude={"structured_outputs", "extra", "stop", "n"})
-    fields["stop"] = spec.stop or None
-    fields.update(spec.extra)
-    if spec.structured_outputs is not None:
-        so = spec.structured_outputs
-        given = {"regex": so.regex, "json": so.json_schema, "choice": so.choice,
-                 "grammar": so.grammar}
-        fields["structured_outputs"] = {k: v for k, v in given.items() if v is not None}
-    if keep_special_tokens:
-        fields["skip_special_tokens"] = False
-    return fields
 
 
 class KimiParse:
@@ -118,9 +100,9 @@ def main(spec_path: str, result_path: str) -> None:
     import ray.data
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
     from thinkbatch.schemas.job import JobSpec, SamplingSpec
-    from thinkbatch.tasks.engine import machine_kwargs
-    from thinkbatch.tasks.engine_settings import may_seed
-    from thinkbatch.tasks.sampling import keep_special
+    from thinkbatch.tasks.rows.engine import machine_kwargs
+    from thinkbatch.tasks.rows.engine_settings import may_seed
+    from thinkbatch.tasks.rows.sampling import keep_special, sampling_kwargs
 
     job = JobSpec.model_validate(json.loads(Path(spec["job"]).read_text()))
     engine_kwargs, _ = machine_kwargs(job.engine, job.parsers, may_seed(job))
@@ -141,7 +123,7 @@ def main(spec_path: str, result_path: str) -> None:
         if over not in built:
             s = (SamplingSpec.model_validate({**defaults, **json.loads(over)}) if over
                  else job.sampling)
-            built[over] = sampling_fields(s, keep)
+            built[over] = sampling_kwargs(s, keep)
         fields = dict(built[over])
         if fields.get("seed") is not None:
             fields["seed"] += int(row[job.input.id_column][1:])

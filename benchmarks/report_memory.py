@@ -27,9 +27,10 @@ from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.manifest import RunFigures
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.schemas.plan import InputFile, Plan, Segment, Shard
-from thinkbatch.tasks import checkpoint, report
-from thinkbatch.tasks.checkpoint import OutputLayout
-from thinkbatch.tasks.storage import Storage
+from thinkbatch.tasks.report.manifest import build_manifest
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.layout import OutputLayout
+from thinkbatch.tasks.store.storage import Storage
 
 ROWS_PER_SHARD = 10_000
 PART_ROWS = 2_000  # a part per flush, as output.flush_rows makes them
@@ -109,7 +110,7 @@ def build_output(root: Path, total: int) -> dict[str, Any]:
     job = load_job(inline={"name": "report-memory", "input": {"path": "synthetic.parquet"},
                            "engine": {"model": "m"}, "output": {"path": str(root)}})
     run = RunFigures(rows_generated=total, resumed=False, wall_s=at - 1_700_000_000.0)
-    checkpoint.write_manifest(layout, report.build_manifest(job, plan, layout, markers, run))
+    checkpoint.write_manifest(layout, build_manifest(job, plan, layout, markers, run))
     data = sum(f.stat().st_size for f in (root / "data").iterdir())
     return {"build_s": time.perf_counter() - started, "parts": len(os.listdir(root / "data")),
             "data_mib": data / 2**20}
@@ -119,7 +120,7 @@ def build_output(root: Path, total: int) -> dict[str, Any]:
 # process's peak RSS in KiB from /proc (its own memory since exec, unlike ru_maxrss).
 CHILD = """
 import atexit, sys
-import thinkbatch.flows.cli, thinkbatch.tasks.html_report, thinkbatch.tasks.charts
+import thinkbatch.flows.cli, thinkbatch.tasks.report.html_report, thinkbatch.tasks.report.charts
 def peak():
     status = open("/proc/self/status").read()
     print("VmHWM", status.split("VmHWM:")[1].split()[0], file=sys.stderr)

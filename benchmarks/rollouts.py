@@ -30,7 +30,7 @@ from harness import (job_dict, manifest, output_columns, run_cli, thinkbatch_fig
 from summary import Goal, row
 from workloads import prompts
 
-from thinkbatch.tasks import trace
+from thinkbatch.tasks.report import trace
 
 MAX_TURNS = 4
 MEDIAN_S, SIGMA, CAP_S = 0.2, 1.0, 5.0

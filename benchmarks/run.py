@@ -36,11 +36,12 @@ BENCHMARKS = {  # name: (module, title)
     "report_memory": ("report_memory", "the report's memory at 100k and 1M rows (no model)"),
     "peers_ray": ("peers_ray", "side by side with Ray Data LLM (make bench-peers)"),
     "peers_ray_sweep": ("peers_ray_sweep", "Ray Data LLM's batch knobs, heavy-tailed rows"),
+    "fleet_sim": ("fleet_sim", "a simulated 16-node fleet at Kimi-K2-Thinking's timings (no model)"),
 }
 # scale_costs: minutes of synthetic outputs; peers_*: need Ray, which `make bench-peers`
-# installs beside the product. Run them with --only NAME.
-OPT_IN = {"scale_costs", "peers_ray", "peers_ray_sweep"}
-NO_MODEL = {"scale_costs", "report_memory"}
+# installs beside the product; fleet_sim: ~10 minutes of both cores. Run them with --only NAME.
+OPT_IN = {"scale_costs", "peers_ray", "peers_ray_sweep", "fleet_sim"}
+NO_MODEL = {"scale_costs", "report_memory", "fleet_sim"}
 
 
 def _args() -> argparse.Namespace:

@@ -3,7 +3,7 @@
 Synthetic outputs only: part files, done markers and claims as a run leaves them, so
 no engine loads and nothing here imports vLLM.
 
-- finalize: what flows/job.py `finalize` does before writing the manifest (read every
+- finalize: what tasks/runner.py `finalize` does before writing the manifest (read every
   done marker, sweep orphan parts, sum the markers), at 1k / 10k / 100k shards on disk.
 - claim_next: one worker's claims over a plan whose first half is done, at the same
   sizes: its first claim (which lists the store) and the mean of the claims after it.
@@ -36,10 +36,11 @@ from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.manifest import RunFigures
 from thinkbatch.schemas.output import output_schema
 from thinkbatch.schemas.plan import InputFile, Plan, Segment, Shard
-from thinkbatch.tasks import checkpoint, report
-from thinkbatch.tasks.checkpoint import OutputLayout
-from thinkbatch.tasks.claims import ShardClaims
-from thinkbatch.tasks.storage import Storage
+from thinkbatch.tasks import runner
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.claims import ShardClaims
+from thinkbatch.tasks.store.layout import OutputLayout
+from thinkbatch.tasks.store.storage import Storage
 
 GOAL_FINALIZE_S = 60.0  # at 100k shards
 GOAL_FLAT = 0.10  # S3 requests per part: 10,000 objects in data/ within 10% of 100
@@ -82,14 +83,10 @@ def _done_shards(root: Path, shard_ids: range) -> int:
 
 
 def _finalize(job: JobSpec, layout: OutputLayout, plan: Plan) -> int:
-    """flows/job.py `finalize` up to the manifest it would write."""
-    markers = checkpoint.read_markers(layout, [s.shard_id for s in plan.shards])
-    missing = [s for s, m in markers.items() if m is None]
-    if missing:
-        raise RuntimeError(f"{len(missing)} shards are unfinished")
-    removed = checkpoint.sweep_orphans(layout, markers)
-    report.build_manifest(job, plan, layout, markers, RunFigures(orphan_parts_removed=removed))
-    return removed
+    """The runner's finalize up to the manifest it would write."""
+    run = RunFigures()
+    runner.final_manifest(job, layout, plan, run)
+    return run.orphan_parts_removed
 
 
 class _CountingStorage(Storage):

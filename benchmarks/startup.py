@@ -2,7 +2,7 @@
 engine, engine load excluded (imports, Prefect, job checks, planning, storage).
 
 Measured on the real CLI, by the first `submitted` event of its trace
-(tasks/trace.py), minus the manifest's `engine_load_s`: with the replay engine (no
+(tasks/report/trace.py), minus the manifest's `engine_load_s`: with the replay engine (no
 model: pure pipeline overhead) and with vLLM (the same, plus what vLLM imports).
 """
 

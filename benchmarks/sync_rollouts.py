@@ -53,12 +53,12 @@ def main(job_path: str, out_path: str) -> None:
     from thinkbatch.schemas.job import JobSpec
     from thinkbatch.schemas.output import Status
     from thinkbatch.schemas.record import Generation, ToolResult
-    from thinkbatch.tasks.engine import as_served, machine_kwargs
-    from thinkbatch.tasks.engine_settings import may_seed
-    from thinkbatch.tasks.parse import OutputParser
-    from thinkbatch.tasks.rollout import assistant_message, tool_message
-    from thinkbatch.tasks.sampling import SamplingBuilder
-    from thinkbatch.tasks.tools import Toolbox
+    from thinkbatch.tasks.rows.conversation import assistant_message, tool_message
+    from thinkbatch.tasks.rows.engine import as_served, machine_kwargs
+    from thinkbatch.tasks.rows.engine_settings import may_seed
+    from thinkbatch.tasks.rows.parse import OutputParser
+    from thinkbatch.tasks.rows.sampling import SamplingBuilder
+    from thinkbatch.tasks.tools.toolbox import Toolbox
 
     job = JobSpec.model_validate(json.loads(Path(job_path).read_text()))
     spec = job.rollout

@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 from thinkbatch.schemas.manifest import Manifest, ShardStats
-from thinkbatch.tasks import report
-from thinkbatch.tasks.checkpoint import OutputLayout
+from thinkbatch.tasks.report import summary
+from thinkbatch.tasks.report.progress import Progress
+from thinkbatch.tasks.store.layout import OutputLayout
 
 log = logging.getLogger("thinkbatch.artifacts")
 
@@ -52,12 +53,12 @@ class ProgressArtifact:
         from prefect.artifacts import create_progress_artifact
 
         self._percent, self._at = percent, time.monotonic()
-        self._latest: report.Progress | None = None
+        self._latest: Progress | None = None
         self.id: UUID | None = safely(log, "create the progress artifact", create_progress_artifact,
                                        percent, key=artifact_key(job_name, what),
                                        description=description)
 
-    def watch(self, progress: report.Progress) -> None:
+    def watch(self, progress: Progress) -> None:
         self._latest = progress
         if time.monotonic() - self._at >= PROGRESS_EVERY_S:
             self.set(progress.percent())
@@ -82,11 +83,11 @@ def publish_results(manifest: Manifest, layout: OutputLayout, markers: dict[int,
     """The figures table and the summary with sample rows, as the run ends."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    safely(log, "create the figures table", create_table_artifact, report.figure_rows(manifest),
+    safely(log, "create the figures table", create_table_artifact, summary.figure_rows(manifest),
             key=artifact_key(manifest.job, "figures"),
             description=f"{manifest.job}: this run's figures (`{layout.manifest}`)")
-    samples = safely(log, "read sample rows", report.sample_shapes, layout, markers) or {}
+    samples = safely(log, "read sample rows", summary.sample_shapes, layout, markers) or {}
     safely(log, "create the summary", create_markdown_artifact,
-            report.markdown_summary(manifest, layout, samples, report_page),
+            summary.markdown_summary(manifest, layout, samples, report_page),
             key=artifact_key(manifest.job, "summary"),
             description=f"{manifest.job}: {manifest.rows:,} rows in {layout.root}")

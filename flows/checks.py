@@ -1,5 +1,5 @@
 """The job's checks as the CLI and the flows run them, before any model loads: those of
-tasks/validate.py (the job, its inputs and output, vLLM's registries), plus the one that
+tasks/jobs/validate.py (the job, its inputs and output, vLLM's registries), plus the one that
 asks the Prefect server, which is why it lives here and not in the Prefect-free tasks/."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from thinkbatch.schemas.job import JobSpec
-from thinkbatch.tasks import validate
-from thinkbatch.tasks.metrics import check_metrics_port
+from thinkbatch.tasks import runner
+from thinkbatch.tasks.jobs import validate
+from thinkbatch.tasks.report.metrics import check_metrics_port
 
 
 def check_scale(job: JobSpec) -> list[str]:
@@ -36,8 +37,17 @@ def check_scale(job: JobSpec) -> list[str]:
     return []
 
 
+# The checks of the caller, each with the job sections it reads (skipped when one failed).
+MORE = ((check_scale, ("scale",)), (check_metrics_port, ("observability", "scale")))
+
+
 def checked_job(load: Callable[[], JobSpec]) -> JobSpec:
     """The job `load` reads, or one JobFileError with every problem, the server's and the
-    metrics port's too."""
-    return validate.checked_job(load, more=((check_scale, ("scale",)),
-                                             (check_metrics_port, ("observability", "scale"))))
+    metrics port's too (`thinkbatch validate`)."""
+    return validate.checked_job(load, more=MORE)
+
+
+def prepared(load: Callable[[], JobSpec], keep: bool = False) -> runner.Ready:
+    """The job checked as `checked_job` checks it, and planned (tasks/runner.py); `keep`:
+    for the flow this process runs next."""
+    return runner.prepare(load, more=MORE, keep=keep)

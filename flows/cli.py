@@ -11,7 +11,7 @@ import sys
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import JobFileError, load_job
 from thinkbatch.schemas.manifest import Manifest
-from thinkbatch.tasks.vllm_env import prepare_vllm_env
+from thinkbatch.tasks.process.vllm_env import prepare_vllm_env
 
 EXIT_JOB_INVALID = 2
 EXIT_JOB_FAILED = 1
@@ -75,27 +75,12 @@ def _configure_logging() -> None:
     log.propagate = False
 
 
-def _refuse_before_start(job: JobSpec, force_resume: bool) -> None:
-    """A resume of a changed job, or an output another run holds, refused before the flow
-    starts: a message and exit 2, not a crashed flow run. The flow checks both again."""
-    from thinkbatch.tasks import checkpoint
-    from thinkbatch.tasks.lease import refuse_if_held
-    from thinkbatch.tasks.plan import make_plan
-    from thinkbatch.tasks.storage import Storage
-
-    layout = checkpoint.OutputLayout(job.output.path, Storage(job.storage))
-    refuse_if_held(layout.store, layout.lease)
-    if not force_resume and layout.store.exists(layout.plan):
-        checkpoint.refuse_changed(layout, checkpoint.read_plan(layout),
-                                  make_plan(job, layout.store))
-
-
 def _run(job: JobSpec, args: argparse.Namespace) -> Manifest:
     _configure_logging()
     from thinkbatch.flows.job import generate_dataset
     from thinkbatch.flows.temporary_api import start_temporary_api
-    from thinkbatch.tasks import guardian
-    from thinkbatch.tasks.engine import close_engines
+    from thinkbatch.tasks.process import guardian
+    from thinkbatch.tasks.rows.engine import close_engines
 
     guardian.start()  # first: the temporary server and the engine die with this process
     try:
@@ -108,9 +93,9 @@ def _run(job: JobSpec, args: argparse.Namespace) -> Manifest:
 
 def _report(output: str, to: str | None) -> int:
     """Reads the data and the manifest only: no Prefect, no engine."""
-    from thinkbatch.tasks.checkpoint import OutputLayout
-    from thinkbatch.tasks.html_report import write_report
-    from thinkbatch.tasks.storage import Storage
+    from thinkbatch.tasks.report.html_report import write_report
+    from thinkbatch.tasks.store.layout import OutputLayout
+    from thinkbatch.tasks.store.storage import Storage
 
     layout = OutputLayout(output, Storage())
     try:
@@ -134,32 +119,39 @@ def main(argv: list[str] | None = None) -> int:
         return _report(args.output, args.to)
     from prefect.exceptions import CancelledRun
 
-    from thinkbatch.flows.checks import checked_job
-    from thinkbatch.tasks.checkpoint import ResumeRefused
-    from thinkbatch.tasks.lease import OutputInUse
-    from thinkbatch.tasks.stop import Stopped, raise_on_signals
+    from thinkbatch.flows.checks import checked_job, prepared
+    from thinkbatch.tasks import runner
+    from thinkbatch.tasks.process.stop import Stopped, raise_on_signals
+    from thinkbatch.tasks.store.checkpoint import ResumeRefused
+    from thinkbatch.tasks.store.lease import OutputInUse
 
     raise_on_signals()
 
     # Every check runs here, before the flow starts: a refusal is a message and exit 2,
-    # never a crashed flow run with a traceback.
+    # never a crashed flow run with a traceback. The flow takes the job checked and
+    # planned here (tasks/runner.py), so neither happens twice.
     try:
         if args.command == "reparse":
-            from thinkbatch.tasks.reparse import reparse_job
+            from thinkbatch.tasks.jobs.reparse import reparse_job
 
-            job = checked_job(lambda: reparse_job(args.output, args.to, args.reasoning_parser,
-                                                  args.tool_call_parser))
+            def load() -> JobSpec:
+                return reparse_job(args.output, args.to, args.reasoning_parser,
+                                   args.tool_call_parser)
         elif args.command == "retry":
-            from thinkbatch.tasks.retry import retry_job
+            from thinkbatch.tasks.jobs.retry import retry_job
 
-            job = checked_job(lambda: retry_job(args.output, args.to, args.status.split(","),
-                                                args.sets))
+            def load() -> JobSpec:
+                return retry_job(args.output, args.to, args.status.split(","), args.sets)
         else:
-            job = checked_job(lambda: load_job(args.job, sets=args.sets, preset=args.preset))
+            def load() -> JobSpec:
+                return load_job(args.job, sets=args.sets, preset=args.preset)
         if args.command == "validate":
+            checked_job(load)
             print(f"thinkbatch: {args.job} is valid")
             return 0
-        _refuse_before_start(job, args.force_resume)
+        ready = prepared(load, keep=True)
+        runner.refuse_early(ready, args.force_resume)
+        job = ready.job
         manifest = _run(job, args)
     except (JobFileError, ResumeRefused, OutputInUse) as e:
         print(f"thinkbatch: {e}", file=sys.stderr)
@@ -170,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         print(f"thinkbatch: job failed: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_JOB_FAILED
-    from thinkbatch.tasks.report import sample_rows, summary
+    from thinkbatch.tasks.report.summary import sample_rows, summary
 
     print(summary(manifest))
     for row in sample_rows(job, args.show_rows):

@@ -18,7 +18,7 @@ from thinkbatch.flows.artifacts import safely
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.manifest import Manifest
 from thinkbatch.schemas.output import Status
-from thinkbatch.tasks.checkpoint import OutputLayout
+from thinkbatch.tasks.store.layout import OutputLayout
 
 log = logging.getLogger("thinkbatch.events")
 

@@ -10,6 +10,7 @@ parent does not double them), waits for them, starts new ones while shards remai
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -17,57 +18,58 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from thinkbatch.flows import artifacts, events
-from thinkbatch.flows.checks import checked_job
-from thinkbatch.flows.worker import SHARDS_IN_FLIGHT, JobParameter, work_shards
+from thinkbatch.flows.checks import prepared
+from thinkbatch.flows.worker import JobParameter, track_shard
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.manifest import Manifest, RunFigures, WorkerFigures
 from thinkbatch.schemas.plan import Plan
-from thinkbatch.tasks import checkpoint, guardian, html_report, report
-from thinkbatch.tasks.checkpoint import OutputLayout
-from thinkbatch.tasks.figures import merge_workers
-from thinkbatch.tasks.lease import acquire_run_lease
-from thinkbatch.tasks.plan import make_plan
-from thinkbatch.tasks.stop import Stopped
-from thinkbatch.tasks.storage import Storage
-from thinkbatch.tasks.vllm_env import prepare_vllm_env
+from thinkbatch.tasks import runner
+from thinkbatch.tasks.process import guardian
+from thinkbatch.tasks.process.stop import Stopped
+from thinkbatch.tasks.process.vllm_env import prepare_vllm_env
+from thinkbatch.tasks.report.figures import merge_workers
+from thinkbatch.tasks.runner import MAX_OPEN_SHARDS
+from thinkbatch.tasks.store import checkpoint, heartbeat
+from thinkbatch.tasks.store.layout import OutputLayout
+from thinkbatch.tasks.store.lease import acquire_run_lease
 
 WORKER_POLL_S = 5.0
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan_job(job: JobSpec, layout: OutputLayout, force_resume: bool) -> tuple[Plan, bool]:
-    return checkpoint.open_plan(layout, make_plan(job, layout.store), force_resume=force_resume)
+def plan_job(job: JobSpec, layout: OutputLayout, force_resume: bool,
+             made: Plan) -> tuple[Plan, bool]:
+    """The prepared plan written into the output, or the stored one on resume. The caller
+    passes `made` quoted: Prefect would otherwise walk every shard of it."""
+    return runner.plan(job, layout, force_resume, made)
 
 
 @task(name="finalize", cache_policy=NO_CACHE)
 def finalize(job: JobSpec, layout: OutputLayout, plan: Plan, run: RunFigures) -> Manifest:
-    """Only when every shard is done: drop orphan parts, then write the manifest last."""
-    markers = checkpoint.read_markers(layout, [s.shard_id for s in plan.shards])
-    missing = [s for s, m in markers.items() if m is None]
-    if missing:
-        raise RuntimeError(f"{len(missing)} shards are unfinished (first: {missing[:5]})")
-    run.orphan_parts_removed = checkpoint.sweep_orphans(layout, markers)
-    manifest = report.build_manifest(job, plan, layout, markers, run)
-    checkpoint.write_manifest(layout, manifest)
-    page = html_report.write_report_of_run(layout, manifest, markers.values())  # failure: a warning
-    artifacts.publish_results(manifest, layout, markers, page)
-    events.finished(job, layout, manifest, page)
-    return manifest
+    """Only when every shard is done: drop orphan parts, then write the manifest last;
+    the run's results as artifacts and its finished event."""
+    done = runner.finalize(job, layout, plan, run)
+    artifacts.publish_results(done.manifest, layout, done.markers, done.report_page)
+    events.finished(job, layout, done.manifest, done.report_page)
+    return done.manifest
 
 
-def _wait_round(run_ids: list[Any], layout: OutputLayout, plan: Plan, grace_s: float,
+def _wait_round(run_ids: list[Any], layout: OutputLayout, plan: Plan, timeout_s: float,
                 progress: artifacts.ProgressArtifact) -> list[Any]:
-    """Until every worker run ends, or the job is done. A SIGKILLed worker never reports
-    an end, so once all shards are done its run gets `grace_s` (its claims' TTL) to end
-    by itself, then is marked Crashed: the state in the UI tells the truth. The job's
-    progress artifact follows the done shards."""
+    """Until every worker run ends, or the job is done. A worker is judged by its
+    heartbeat (store/heartbeat.py), not by its state alone: a SIGKILLed worker never
+    reports an end, so one whose heartbeat is older than `timeout_s` is marked Crashed
+    (the state in the UI tells the truth, and a round whose workers all vanished ends);
+    once every shard is done, one that never claimed a shard (still pulling its image or
+    loading its model) is cancelled, so its node is free at once. The job's progress
+    artifact follows the done shards."""
     from prefect.client.orchestration import get_client
-    from prefect.states import Crashed
+    from prefect.states import Cancelling, Crashed
 
-    done_at: float | None = None
     with get_client(sync_client=True) as client:
         while True:
             runs = [client.read_flow_run(i) for i in run_ids]
@@ -76,13 +78,22 @@ def _wait_round(run_ids: list[Any], layout: OutputLayout, plan: Plan, grace_s: f
                 return runs
             done = checkpoint.done_shards(layout)
             progress.set(plan.percent_in(done))
-            if len(done) == len(plan.shards):
-                done_at = done_at or time.monotonic()
-                if time.monotonic() - done_at > grace_s:
-                    for r in live:
-                        client.set_flow_run_state(r.id, Crashed(
-                            message="worker stopped renewing its shard claims: presumed dead"),
-                            force=True)
+            for r in live:
+                running = r.state is not None and r.state.is_running() and r.start_time
+                running_s = ((datetime.now(timezone.utc) - r.start_time).total_seconds()
+                             if running else None)
+                judged = heartbeat.verdict(
+                    heartbeat.read(layout.store, layout.worker_heartbeat(str(r.id))),
+                    running_s, len(done) == len(plan.shards), timeout_s)
+                if judged is None:
+                    continue
+                action, why = judged
+                if action == "crash":
+                    client.set_flow_run_state(r.id, Crashed(message=why), force=True)
+                elif r.state is None or r.state.is_scheduled():  # nothing runs yet
+                    client.set_flow_run_state(r.id, Cancelled(message=why), force=True)
+                elif not r.state.is_cancelling():  # its Prefect worker stops it
+                    client.set_flow_run_state(r.id, Cancelling(message=why), force=True)
             time.sleep(WORKER_POLL_S)
 
 
@@ -106,8 +117,8 @@ def run_workers(spec: JobSpec, layout: OutputLayout, plan: Plan,
                                idempotency_key=f"{parent}-round{round_no}-worker{i}")
                 for i in range(spec.scale.workers)]
         run_ids += [r.id for r in runs]
-        ended = _wait_round([r.id for r in runs], layout, plan, spec.scale.claim_ttl_s,
-                            progress)
+        ended = _wait_round([r.id for r in runs], layout, plan,
+                            spec.scale.heartbeat_timeout_s, progress)
         rounds.append({r.name: r.state.type.value for r in ended})
         for r in ended:
             if r.state.is_failed():
@@ -127,9 +138,12 @@ def run_workers(spec: JobSpec, layout: OutputLayout, plan: Plan,
 
 
 def _worker_figures(layout: OutputLayout, run_ids: list[Any]) -> list[WorkerFigures]:
-    """The figures the workers wrote, read once and removed: the manifest keeps them."""
+    """The figures the workers wrote, read once and removed: the manifest keeps them.
+    The heartbeats a killed worker left go too."""
     found = []
     for run_id in run_ids:
+        if layout.store.exists(beat := layout.worker_heartbeat(str(run_id))):
+            layout.store.delete(beat)
         path = layout.worker_figures(str(run_id))
         try:
             found.append(WorkerFigures.model_validate_json(layout.store.read_bytes(path)))
@@ -139,7 +153,7 @@ def _worker_figures(layout: OutputLayout, run_ids: list[Any]) -> list[WorkerFigu
     return found
 
 
-@flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT),
+@flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=MAX_OPEN_SHARDS),
       log_prints=True)
 def generate_dataset(job: JobParameter | str, force_resume: bool = False,
                      show_progress: bool = False) -> Manifest | State:
@@ -150,12 +164,14 @@ def generate_dataset(job: JobParameter | str, force_resume: bool = False,
     Checks run before any model loads; the output's run lease keeps a second run out."""
     prepare_vllm_env()  # first: a deployment run enters here, and the checks import vLLM
     started = time.monotonic()
-    # Checks deployment runs; a CLI run was checked already (footers come from the cache).
-    spec = checked_job(lambda: load_job(job) if isinstance(job, str) else job)
-    layout = OutputLayout(spec.output.path, Storage(spec.storage))
+    # A CLI run was checked and planned in this process already; a deployment run was not.
+    ready = (runner.take(job) if isinstance(job, JobSpec) else None) or prepared(
+        lambda: load_job(job) if isinstance(job, str) else job)
+    spec = ready.job
+    layout = runner.output(spec)
     lease = acquire_run_lease(layout.store, layout.lease)
     try:
-        plan, resumed = plan_job(spec, layout, force_resume)
+        plan, resumed = plan_job(spec, layout, force_resume, quote(ready.plan))
         done_before = checkpoint.done_shards(layout)
         get_run_logger().info("%s: %d rows in %d shards, %d done%s", spec.name,
                               plan.total_rows, len(plan.shards), len(done_before),
@@ -167,14 +183,12 @@ def generate_dataset(job: JobParameter | str, force_resume: bool = False,
             plan.percent_in(done_before))
         if spec.scale.workers == 1:
             guardian.start()  # the engine's processes die with this one (a deployment run)
-            run, _ = work_shards(spec, layout, plan, owner=f"run-{lease.owner}",
-                                 show_progress=show_progress, watch=progress.watch)
+            run, _ = runner.work_shards(spec, layout, plan, owner=f"run-{lease.owner}",
+                                        show_progress=show_progress, watch=progress.watch,
+                                        track=track_shard)
         else:
             run = run_workers(spec, layout, plan, progress)
-        gen_s = run.generation_s or time.monotonic() - started
         run.resumed, run.wall_s = resumed, time.monotonic() - started
-        run.rows_per_s = run.rows_generated / gen_s
-        run.output_tokens_per_s = (run.output_tokens or 0) / gen_s
         manifest = finalize(spec, layout, plan, run)
         progress.set(100.0)
         return manifest

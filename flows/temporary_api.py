@@ -5,7 +5,7 @@ one, in the caller's process group. Ctrl-C signals every process of that group, 
 server died first, and a run that then stopped cleanly spent minutes retrying its last
 state updates ("ConnectError: [Errno 111] Connection refused"). Started here in its own
 session, it outlives the stop; Prefect stops it when the command exits (atexit), and
-the guardian (tasks/guardian.py) kills it if thinkbatch itself is killed.
+the guardian (tasks/process/guardian.py) kills it if thinkbatch itself is killed.
 
 It gets at least STARTUP_S to answer, not Prefect's 20 s: with a fresh PREFECT_HOME it
 first builds its database, which took longer than 20 s on a busy 2-core machine and

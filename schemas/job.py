@@ -2,7 +2,7 @@
 
 A field that never changes the rows written (only speed, robustness, or where data lives)
 is declared with `json_schema_extra={"speed_only": True}`; the resume fingerprint
-(tasks/fingerprint.py) counts every other field, so a new field counts unless marked.
+(tasks/store/fingerprint.py) counts every other field, so a new field counts unless marked.
 """
 
 from __future__ import annotations
@@ -118,9 +118,15 @@ class EngineSpec(_Strict):
                                               json_schema_extra={"speed_only": True})
     seed: int = 0
     max_in_flight: int = Field(
-        default=512, gt=0, description="Requests kept inside the engine at once.",
+        default=512, gt=0, description="Most requests kept inside the engine at once; fewer "
+        "where the KV cache holds fewer (see expected_tokens_per_row).",
         json_schema_extra={"speed_only": True},
     )
+    expected_tokens_per_row: int | None = Field(
+        default=None, gt=0, json_schema_extra={"speed_only": True},
+        description="Tokens (prompt + completion) a request is expected to hold in the KV "
+                    "cache: in flight are at most the cache's tokens over this. Default: "
+                    "sampling.max_tokens, so that nothing is preempted.")
     max_restarts: int = Field(
         default=2, ge=0, json_schema_extra={"speed_only": True},
         description="Times a worker loads a new engine when its engine's processes die "
@@ -180,6 +186,12 @@ class SamplingSpec(_Strict):
     min_p: float = Field(default=0.0, ge=0, le=1)
     max_tokens: int = Field(default=1024, gt=0)
     min_tokens: int = Field(default=0, ge=0)
+    min_room_tokens: int = Field(
+        default=16, ge=1,
+        description="max_tokens is cut to the room a prompt leaves in max_model_len; a "
+                    "prompt leaving less than this is prompt_too_long (a rollout: the turn "
+                    "named). Not passed to vLLM.",
+        json_schema_extra={"counts_when_set": True})
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     presence_penalty: float = 0.0
@@ -230,11 +242,21 @@ class ScaleSpec(_Strict):
                                 description="Rounds of new workers while shards remain.")
     claim_ttl_s: float = Field(default=120.0, gt=0,
                                description="A shard claim not renewed for this long is free.")
+    heartbeat_timeout_s: float = Field(
+        default=300.0, gt=0,
+        description="A worker whose heartbeat (rewritten every fifth of this from its "
+                    "start, model load included) is older is presumed dead, its run marked "
+                    "Crashed and its shards left to the others and to the next round.")
+    shared_filesystem: bool = Field(
+        default=False,
+        description="A local output.path with workers > 1 is one folder every worker "
+                    "sees: one host, or a filesystem every worker host mounts with atomic "
+                    "mkdir and rename (NFSv4, Lustre). Say so here; else use s3://.")
 
 
 class ObservabilitySpec(_Strict):
     """Live metrics for the Prometheus (and Grafana) a GPU team already runs: vLLM's engine
-    metrics and thinkbatch's own, served while a worker runs (tasks/metrics.py).
+    metrics and thinkbatch's own, served while a worker runs (tasks/report/metrics.py).
     Speed-only as a whole (JobSpec.observability): watching a run changes none of its rows."""
 
     metrics_port: int | None = Field(

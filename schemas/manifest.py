@@ -22,7 +22,7 @@ class _Document(BaseModel):
 
 class EngineChoice(BaseModel):
     """An engine argument thinkbatch set at run time because this platform needs it
-    (tasks/engine_settings.py): no preset pins it, since other machines refuse it."""
+    (tasks/rows/engine_settings.py): no preset pins it, since other machines refuse it."""
 
     setting: str
     value: Any
@@ -83,7 +83,7 @@ class ShardStats(_Document):
 
 class Spread(BaseModel):
     """Seconds over this run's rows: the exact mean, and percentiles read from log-spaced
-    bins (tasks/tally.py, within 0.6%), so no run holds a column of them."""
+    bins (tasks/report/tally.py, within 0.6%), so no run holds a column of them."""
 
     mean: float
     p50: float
@@ -114,6 +114,16 @@ class Metrics(BaseModel):
     answer_tokens: Tokens  # completion tokens past the reasoning: the answer, tool calls
 
 
+class InFlightFigures(BaseModel):
+    """The engine's in-flight limit as the run ended (tasks/rows/in_flight.py): the job's cap,
+    the KV-cache tokens the engine reported, the tokens a request was expected to hold."""
+
+    cap: int
+    kv_cache_tokens: int | None = None
+    expected_tokens_per_row: int
+    limit: int
+
+
 class RunFigures(BaseModel):
     """What one run did (the manifest's `this_run`). The worker loop fills the first group
     (absent when workers ran as flow runs of their own); the job flow adds the rest."""
@@ -124,7 +134,12 @@ class RunFigures(BaseModel):
     engine_load_s: float | None = None
     generation_s: float | None = None
     engine_restarts: int | None = None  # once an engine was loaded
+    # Turns (a single-turn job's rows) whose max_tokens was cut to the room their prompt
+    # left in max_model_len (sampling.min_room_tokens).
+    turns_capped: int | None = None
     engine: EngineLayout | None = None  # this run's vLLM engine, as loaded
+    in_flight: InFlightFigures | None = None  # requests in the engine at once
+    shards_lost: int | None = None  # claims another worker took over (a pause past the TTL)
     metrics: Metrics | None = None
 
     worker_rounds: list[dict[str, str]] | None = None  # workers > 1: run name -> end state
@@ -146,7 +161,7 @@ class SecondsState(BaseModel):
 
 
 class TallyState(BaseModel):
-    """A worker's `RunTally` (tasks/figures.py) as it hands it to the parent: counts and
+    """A worker's `RunTally` (tasks/report/figures.py) as it hands it to the parent: counts and
     bins add up, so the parent's percentiles are those of every worker's rows."""
 
     status: dict[str, int] = {}

@@ -19,6 +19,7 @@ class Status(str, Enum):
     PROMPT_TOO_LONG = "prompt_too_long"  # prompt + max_tokens exceed max_model_len
     ENGINE_ERROR = "engine_error"  # the engine failed this request
     MAX_TURNS = "max_turns"  # a rollout still called tools after rollout.max_turns turns
+    TOOL_ERROR = "tool_error"  # a rollout called a tool whose source is down for good
 
 
 # Rows that never had a completion: nothing to re-parse, so a replay keeps them as stored.

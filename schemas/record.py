@@ -29,6 +29,7 @@ class RowRequest:
     error: str | None = None  # set: the row is invalid_input, with this reason
     status: Status = Status.INVALID_INPUT  # the status of a row with `error` (replay: as stored)
     allow_special_tokens: bool = False  # the job trusts data that spells control tokens
+    min_room_tokens: int = 16  # the job's sampling.min_room_tokens (a row's own is in sampling)
     replay_finish_reason: str = "stop"  # replay of a stored truncated row: "length"
     recorded: Any = None  # rollout: the row's recorded tool results (rollout.tools recorded)
 
@@ -42,6 +43,7 @@ class Generation:
     prompt_token_ids: Sequence[int] | None
     ttft_s: float | None
     latency_s: float | None
+    capped: bool = False  # max_tokens was cut to the room the prompt left in the context
 
 
 @dataclass(slots=True)
@@ -145,7 +147,7 @@ def _fill_rollout(row: OutputRow, trajectory: Trajectory) -> None:
 
 @dataclass(slots=True)
 class ToolResult:
-    """One tool call's outcome (tasks/tools.py). `content` is what the model reads as the
+    """One tool call's outcome (tasks/tools/). `content` is what the model reads as the
     tool message: the result text, or the error text when the call failed (`error` then
     holds the same text); a failed tool is not a failed row."""
 

@@ -1,40 +1,35 @@
 """The job's `rollout` section: run the model's tool calls and continue each conversation
 until it answers. Where the tools come from is a list of sources, each exactly one of a
-Python module, an MCP server, or results recorded in an input column; tasks/tools.py
+Python module, an MCP server, or results recorded in an input column; tasks/tools/
 opens them (and checks that tool names are unique across sources) before the model loads.
 
-An MCP server's `env` values and its URL's credentials (user info, query values, fragment)
-are secrets: a JSON dump of the job (the manifest's config, the resume fingerprint,
+An MCP server's `env` values, its `headers` values and its URL's credentials (user info,
+query values, fragment) are secrets: a JSON dump of the job (the manifest's config, the resume fingerprint,
 Prefect's parameters) shows them as `MASK`, so none is written and a rotated key changes
 no fingerprint. A value may instead name variables of the environment (`${API_KEY}`),
 read where the server starts: such a value is written as it is, and survives a retry or
-the trip to another worker.
+the trip to another worker. What is done with the values (resolved where a server
+starts, scrubbed from error texts) is tasks/tools/secrets.py's.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
+from typing import Any
 
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler,
+                      field_serializer, model_serializer, model_validator)
+
+MAX_RESTARTS = 3
 MASK = "**********"  # a secret's place in anything written (pydantic's SecretStr mask)
-_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def masked(value: str) -> str:
     """A value that names the environment's variables is no secret; any other is."""
-    return value if not value or _REFERENCE.search(value) else MASK
-
-
-def _url_credentials(url: str) -> list[str]:
-    """The parts of a URL that may hold a secret: user info (and its user, password),
-    query values, fragment."""
-    parts = urlsplit(url)
-    userinfo = parts.netloc.rpartition("@")[0]
-    return [userinfo, *userinfo.split(":"),
-            *(p.partition("=")[2] for p in parts.query.split("&")), parts.fragment]
+    return value if not value or REFERENCE.search(value) else MASK
 
 
 def masked_url(url: str) -> str:
@@ -45,21 +40,6 @@ def masked_url(url: str) -> str:
                      (p.partition("=") for p in parts.query.split("&") if p))
     return urlunsplit((parts.scheme, f"{masked(userinfo)}{at}{host}", parts.path, query,
                        masked(parts.fragment)))
-
-
-def expand(value: str, where: str) -> str:
-    """`${VAR}` replaced from this process's environment; a masked value (a job read back
-    from a manifest or from Prefect's parameters) has lost its secret."""
-    if MASK in value:
-        raise ValueError(f"{where}: the value was not stored (thinkbatch writes no secret); "
-                         "write it as ${VAR} and set VAR in the environment")
-
-    def lookup(m: re.Match[str]) -> str:
-        if m.group(1) not in os.environ:
-            raise ValueError(f"{where}: {m.group(0)} is not set in the environment")
-        return os.environ[m.group(1)]
-
-    return _REFERENCE.sub(lookup, value)
 
 
 class _Strict(BaseModel):
@@ -87,6 +67,17 @@ class McpServerSpec(_Strict):
         description="A streamable-HTTP endpoint, e.g. http://host:8000/mcp; its user info, "
                     "query values and fragment are secrets, never written; `${VAR}` takes "
                     "one from thinkbatch's environment.")
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="HTTP headers sent to a url server, e.g. `Authorization: Bearer "
+                    "${MCP_TOKEN}`. Values are secrets, never written; `${VAR}` takes one "
+                    "from thinkbatch's environment.")
+    max_restarts: int = Field(
+        default=MAX_RESTARTS, ge=0,
+        description="A server that stops (a stdio command that exits, an HTTP session "
+                    "lost) is started again, with backoff, at most this many times without "
+                    "serving a call in between; then its tools fail and conversations that "
+                    "call them end `tool_error`.")
 
     @model_validator(mode="after")
     def _one_transport(self) -> McpServerSpec:
@@ -94,27 +85,28 @@ class McpServerSpec(_Strict):
             raise ValueError("set one of command (a stdio server) or url (streamable HTTP)")
         if self.url is not None and self.env:
             raise ValueError("env applies to a stdio command only, not to a url")
+        if self.command is not None and self.headers:
+            raise ValueError("headers apply to a url only, not to a stdio command")
         return self
 
-    @field_serializer("env", when_used="json")
-    def _masked_env(self, env: dict[str, str]) -> dict[str, str]:
-        return {k: masked(v) for k, v in env.items()}
+    @field_serializer("env", "headers", when_used="json")
+    def _masked_values(self, values: dict[str, str]) -> dict[str, str]:
+        return {k: masked(v) for k, v in values.items()}
+
+    @model_serializer(mode="wrap")
+    def _later_fields_when_set(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """Fields added later are dumped only when set: a job written before them keeps
+        its resume fingerprint (tasks/store/fingerprint.py counts the dump)."""
+        data = handler(self)
+        if not self.headers:
+            data.pop("headers", None)
+        if self.max_restarts == MAX_RESTARTS:
+            data.pop("max_restarts", None)
+        return data
 
     @field_serializer("url", when_used="json")
     def _masked_url(self, url: str | None) -> str | None:
         return None if url is None else masked_url(url)
-
-    def resolved_env(self) -> dict[str, str]:
-        """The server's environment as given to it; ValueError names a value it lacks."""
-        return {k: expand(v, f"env.{k}") for k, v in self.env.items()}
-
-    def resolved_url(self) -> str | None:
-        return None if self.url is None else expand(self.url, "url")
-
-    def secrets(self) -> list[str]:
-        """The secret texts as the server gets them, to scrub from error messages."""
-        url = self.resolved_url()
-        return [*self.resolved_env().values(), *(_url_credentials(url) if url else ())]
 
 
 class RecordedSpec(_Strict):
@@ -138,6 +130,10 @@ class ToolSource(_Strict):
     functions: list[str] | None = Field(
         default=None, min_length=1,
         description="python or mcp: only these tools of the source (default: all).")
+    isolated: bool = Field(
+        default=False,
+        description="python only: run each call in a worker process, killed at its timeout "
+                    "(default: a thread, which Python cannot stop).")
 
     @model_validator(mode="after")
     def _one_kind(self) -> ToolSource:
@@ -147,7 +143,17 @@ class ToolSource(_Strict):
                              f"{kinds or 'none'}")
         if self.recorded is not None and self.functions is not None:
             raise ValueError("functions picks tools of a python or mcp source, not recorded")
+        if self.isolated and self.python is None:
+            raise ValueError("isolated applies to a python source only")
         return self
+
+    @model_serializer(mode="wrap")
+    def _later_fields_when_set(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """`isolated` came later: dumped only when set (see McpServerSpec's)."""
+        data = handler(self)
+        if not self.isolated:
+            data.pop("isolated", None)
+        return data
 
     @property
     def label(self) -> str:
@@ -168,6 +174,17 @@ class RolloutSpec(_Strict):
     tool_timeout_s: float = Field(
         default=30, gt=0,
         description="A call running longer is abandoned; the model sees a timeout error.")
+    max_malformed_turns: int = Field(
+        default=3, ge=0,
+        description="Consecutive turns with malformed tool calls (arguments that are not a "
+                    "JSON object) answered with the error as the tool message; the next one "
+                    "ends the conversation parse_error. 0: the first one does.")
+    max_tool_error_rate: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Stop the job once more than this share of its tool calls failed (judged "
+                    "from 20 calls on): tools that are down should not turn into thousands "
+                    "of conversations about error messages. Default: never stop.",
+        json_schema_extra={"speed_only": True})  # it stops the job; it changes no row
     max_concurrent_tools: int = Field(default=16, ge=1,
                                       description="Tool calls running at once, all rows.",
                                       json_schema_extra={"speed_only": True})

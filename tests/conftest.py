@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from thinkbatch.schemas.job_file import resolve_raw
-from thinkbatch.tasks import trace
+from thinkbatch.tasks.report import trace
 
 os.environ["VLLM_CONFIGURE_LOGGING"] = "0"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -86,7 +86,7 @@ def prompt_rows(n: int, start: int = 0) -> list[dict[str, Any]]:
 def _close_engines_at_exit():
     """Stop the shared engine's process while pytest's streams are still open."""
     yield
-    from thinkbatch.tasks.engine import close_engines
+    from thinkbatch.tasks.rows.engine import close_engines
 
     close_engines()
 
@@ -95,7 +95,7 @@ def _close_engines_at_exit():
 def own_engines():
     """Engines a test loads for settings no other test shares are shut down after it,
     not kept for the session beside the shared one."""
-    from thinkbatch.tasks import engine
+    from thinkbatch.tasks.rows import engine
 
     before = set(map(id, engine._ENGINES.values()))
     yield
@@ -146,7 +146,7 @@ def free_port() -> int:
 def kill_after_first_commit(job: Path | list[str], env: dict[str, str] | None = None) -> set[int]:
     """Run `thinkbatch run JOB` (or the command given as a list of arguments), SIGKILL its
     process group right after its first commit; returns the row indices it had submitted
-    to the engine by then, as its trace (tasks/trace.py) tells."""
+    to the engine by then, as its trace (tasks/report/trace.py) tells."""
     args = job if isinstance(job, list) else ["run", str(job)]
     with tempfile.TemporaryDirectory() as tmp:
         path, log = Path(tmp, "trace.jsonl"), Path(tmp, "stderr")

@@ -1,4 +1,4 @@
-"""The checks the flows add to tasks/validate.py's: the Prefect server's, in the same round."""
+"""The checks the flows add to tasks/jobs/validate.py's: the Prefect server's, in the same round."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_one_worker_needs_no_server(tmp_path: Path) -> None:
 
 
 def test_server_check_comes_in_the_same_round_as_the_others(tmp_path: Path) -> None:
-    job = _job(tmp_path, workers=2)
+    job = _job(tmp_path, workers=2, shared_filesystem=True)
     bad = job.model_copy(update={"output": job.output.model_copy(update={"compression": "nope"})})
     with pytest.raises(JobFileError) as e:
         checked_job(lambda: bad)

@@ -1,4 +1,5 @@
-"""The `thinkbatch` command as a user runs it: a subprocess, Prefect with no server."""
+"""The `thinkbatch` command as a user runs it: a subprocess, Prefect with no server (and
+one in-process run, to count what the CLI path does)."""
 
 from __future__ import annotations
 
@@ -103,3 +104,36 @@ def test_validate_reports_schema_and_input_errors_together(tmp_path: Path) -> No
     assert "sampling.temperature" in r.stderr
     assert "part-1.parquet is not readable Parquet" in r.stderr
     assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_a_cli_run_checks_and_plans_its_job_once(tmp_path: Path, tiny_model: str,
+                                                 prefect_harness, monkeypatch) -> None:
+    """In-process: the flow takes the job the CLI checked and planned, and does neither
+    again."""
+    import signal
+
+    from thinkbatch.flows import cli
+    from thinkbatch.tasks import runner
+    from thinkbatch.tasks.jobs import validate
+    from thinkbatch.tasks.store import plan as plan_module
+
+    calls = {"checked_job": 0, "make_plan": 0}
+
+    def counted(name: str, real):
+        def call(*args, **kw):
+            calls[name] += 1
+            return real(*args, **kw)
+        return call
+
+    monkeypatch.setattr(validate, "checked_job", counted("checked_job", validate.checked_job))
+    make_plan = counted("make_plan", plan_module.make_plan)
+    for module in (plan_module, runner):  # wherever it is looked up
+        monkeypatch.setattr(module, "make_plan", make_plan)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert cli.main(["run", str(_replay_job(tmp_path, tiny_model)), "--no-progress"]) == 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert calls == {"checked_job": 1, "make_plan": 1}
+    assert (tmp_path / "out" / "_manifest.json").exists()

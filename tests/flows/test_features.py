@@ -56,7 +56,7 @@ def test_per_row_sampling_thinking_and_structured_outputs(tiny_model: str, prefe
     for r, o, k in zip(rows, overrides, ctk):
         r["sampling"] = json.dumps(o) if o else None
         r["ctk"] = json.dumps(k) if k else None
-    rows[3]["prompt"] = _words_of_tokens(tiny_model, 900)  # fits alone, not with max_tokens
+    rows[3]["prompt"] = _words_of_tokens(tiny_model, 900)  # leaves less room than max_tokens
     write_prompts(tmp_path / "in.parquet", rows)
     job = job_dict(tmp_path / "in.parquet", tmp_path / "out", engine_section(tiny_model),
                    input={"sampling_column": "sampling", "chat_template_kwargs_column": "ctk"})
@@ -71,11 +71,13 @@ def test_per_row_sampling_thinking_and_structured_outputs(tiny_model: str, prefe
     # The regex may make the grammar spell the think markers as plain text, which vLLM's
     # id-based count does not see; exact counts are asserted on the trained model.
     assert 0 <= normal["reasoning_tokens"] <= normal["completion_tokens"]
-    assert long["status"] == "prompt_too_long"
-    assert "+ max_tokens 256 exceeds max_model_len 1024" in long["error"]
-    assert long["completion_tokens"] is None
+    # Its prompt leaves less room than max_tokens 256: it gets the room (counted), not
+    # prompt_too_long.
+    assert long["status"] in ("ok", "truncated")
+    assert 0 < long["completion_tokens"] <= 1024 - long["prompt_tokens"] < 256
+    assert manifest.this_run.turns_capped == 1
     assert invalid["status"] == "invalid_input" and "sampling.temperature" in invalid["error"]
-    assert manifest.status_counts["ok"] == 3
+    assert manifest.status_counts["ok"] == 3 + (long["status"] == "ok")
 
 
 def test_json_schema_answers_are_validated_and_reparse_uses_other_parsers(

@@ -19,7 +19,7 @@ JOB: dict[str, Any] = {
     "engine": {"kind": "vllm", "model": "some/model"},
     "sampling": {"samples_per_prompt": 2, "structured_outputs": {"json": {"type": "object"}}},
     "output": {"path": "out"},
-    "scale": {"workers": 2},
+    "scale": {"workers": 2, "shared_filesystem": True},
 }
 
 

@@ -1,6 +1,6 @@
 """Live metrics of a real run: the flow in-process on the real vLLM engine (CPU build,
 random-weight miniature), scraped over HTTP on 127.0.0.1 while rows commit (the run's
-trace, tasks/trace.py, says when), then closed with the run; a second run in the same
+trace, tasks/report/trace.py, says when), then closed with the run; a second run in the same
 process serves on the same port with fresh counters. A port the job cannot have is
 refused by `thinkbatch run` before any model loads."""
 
@@ -16,9 +16,10 @@ import pytest
 
 from tests.conftest import (CLI, engine_section, free_port, job_dict, prompt_rows, write_job,
                             write_prompts)
-from tests.tasks.test_metrics import scrape
+from tests.tasks.report.test_metrics import scrape
 from thinkbatch.flows.job import generate_dataset
-from thinkbatch.tasks import trace
+from thinkbatch.tasks.report import trace
+from thinkbatch.tasks.rows.engine import close_engines
 
 pytestmark = pytest.mark.engine
 
@@ -72,6 +73,9 @@ def _total(got: Scrape, name: str) -> float:
 
 def test_a_run_is_scraped_while_it_commits_and_its_port_closes_with_it(
         tiny_model: str, prefect_harness, tmp_path: Path, monkeypatch) -> None:
+    # The registry holds the vLLM collectors of the engine loaded last in this process; this
+    # test process may keep another engine (another tokenizer's) loaded after the shared one.
+    close_engines()
     port = free_port()
 
     scrapes, manifest = _run_and_scrape(_job(tmp_path / "a", tiny_model, 120, port), port,

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import CLI, engine_section, job_dict, prompt_rows, write_job, write_prompts
 from tests.processes import cmdline, left_alive, tree
-from thinkbatch.tasks import trace
+from thinkbatch.tasks.report import trace
 
 pytestmark = pytest.mark.engine
 

@@ -6,57 +6,26 @@ per shard, however long the shards generate."""
 from __future__ import annotations
 
 import os
-import re
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import prefect
 import pytest
 
-from tests.conftest import CLI, free_port, job_dict, prompt_rows, write_job, write_prompts
-from tests.prefect_server import wait_until_up
+from tests.conftest import CLI, job_dict, prompt_rows, write_job, write_prompts
+from tests.prefect_server import PrefectServer
 
 PER_SHARD = 4  # the goal: API requests per shard
-REQUEST = re.compile(r'uvicorn\.access - \S+ - "(\w+) (\S+) HTTP')
-
-
-class AccessLoggedServer:
-    """`prefect server`'s app under uvicorn with its access log in a file."""
-
-    def __init__(self, home: Path):
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}/api"
-        self.log = home / "access.log"
-        env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "false",
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "PREFECT_SERVER_LOGGING_LEVEL": "INFO", "PREFECT_LOGGING_LEVEL": "INFO"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parents[1]),
-             "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "info", "--access-log"],
-            env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-            start_new_session=True)
-        wait_until_up(self.url, self.proc)
-
-    def requests(self) -> list[tuple[str, str]]:
-        return REQUEST.findall(self.log.read_text())
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = AccessLoggedServer(tmp_path_factory.mktemp("prefect-home"))
+    srv = PrefectServer(tmp_path_factory.mktemp("prefect-home"), access_log=True)
     yield srv
     srv.stop()
 
 
-def _requests_of_a_run(server: AccessLoggedServer, tmp_path: Path, tiny_model: str,
+def _requests_of_a_run(server: PrefectServer, tmp_path: Path, tiny_model: str,
                        shards: int) -> list[tuple[str, str]]:
     """A replay job of `shards` shards of 1,000 rows: each takes seconds with four in
     flight, long enough for a loop that polls to show it."""

@@ -10,7 +10,7 @@ import pyarrow.dataset as ds
 
 from tests.conftest import job_dict, prompt_rows, write_prompts
 from thinkbatch.flows.job import generate_dataset
-from thinkbatch.tasks.reparse import reparse_job
+from thinkbatch.tasks.jobs.reparse import reparse_job
 
 
 def _rows(out: Path) -> dict[str, dict]:

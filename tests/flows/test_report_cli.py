@@ -10,19 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CLI, engine_section, job_dict, prompt_rows, write_job, write_prompts
-from tests.tasks.test_charts import CHART_TITLES, write_output
+from tests.conftest import CLI, engine_section, job_dict, prompt_rows, write_prompts
+from tests.tasks.report.test_charts import CHART_TITLES, write_output
+from thinkbatch.flows.job import generate_dataset
 from thinkbatch.schemas.manifest import Manifest
-from thinkbatch.tasks.checkpoint import OutputLayout
-from thinkbatch.tasks.storage import Storage
-from thinkbatch.tasks.tally import tally_output
+from thinkbatch.tasks.report.tally import tally_output
+from thinkbatch.tasks.store.layout import OutputLayout
+from thinkbatch.tasks.store.storage import Storage
 
 CHART_FILES = {"report.html", "status.png", "tokens.png", "timing.png", "throughput.png",
                "tools.png"}
 
 
-def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120,
                           env=os.environ.copy())
 
 
@@ -61,14 +62,15 @@ def test_report_command_on_an_s3_output(tmp_path: Path, s3) -> None:
 
 
 @pytest.mark.engine
-def test_a_run_writes_its_report_at_the_end(tiny_model: str, tmp_path: Path) -> None:
-    """A real run on the miniature (random weights: answers and get_weather calls)."""
+def test_a_run_writes_its_report_at_the_end(tiny_model: str, prefect_harness,
+                                            tmp_path: Path) -> None:
+    """A real run on the miniature (random weights: answers and get_weather calls), on
+    the engine this process's other tests share."""
     write_prompts(tmp_path / "in.parquet", prompt_rows(24))
     job = job_dict(tmp_path / "in.parquet", tmp_path / "out", engine_section(tiny_model),
                    shards={"rows_per_shard": 8}, output={"flush_rows": 4},
                    sampling={"max_tokens": 96})
-    r = _run("run", str(write_job(tmp_path / "job.yaml", job)), "--no-progress", timeout=600)
-    assert r.returncode == 0, r.stderr
+    generate_dataset(job)
 
     out = tmp_path / "out"
     manifest = Manifest.model_validate_json((out / "_manifest.json").read_text())

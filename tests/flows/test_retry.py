@@ -21,8 +21,8 @@ import pytest
 
 from tests.conftest import (CLI, engine_section, job_dict, kill_after_first_commit,
                             prompt_rows, write_prompts)
-from thinkbatch.tasks.checkpoint import OutputLayout
-from thinkbatch.tasks.storage import Storage
+from thinkbatch.tasks.store.layout import OutputLayout
+from thinkbatch.tasks.store.storage import Storage
 
 ROWS, PER_SHARD = 1200, 200
 KEY = ["id", "row_index", "sample_index"]
@@ -44,7 +44,7 @@ def _main(*args: str) -> int:
 def _retry(src: str, new: str, statuses: list[str], sets: list[str]) -> dict:
     """What `thinkbatch retry` runs, in this process (the Prefect harness is shared)."""
     from thinkbatch.flows.job import generate_dataset
-    from thinkbatch.tasks.retry import retry_job
+    from thinkbatch.tasks.jobs.retry import retry_job
 
     job = retry_job(src, new, statuses, sets)
     return generate_dataset(job)
@@ -110,7 +110,7 @@ def _check_retried(src: str, new: str, statuses: set[str]) -> None:
 
 
 def test_retry_regenerates_only_the_listed_statuses(source, tmp_path: Path) -> None:
-    from thinkbatch.tasks.report import summary
+    from thinkbatch.tasks.report.summary import summary
 
     _, src = source
     new = str(tmp_path / "new")
@@ -177,9 +177,9 @@ def test_carry_commits_kept_rows_once_in_this_versions_schema(tmp_path: Path) ->
     column null; once its rows are committed (a resumed retry), they are not again."""
     from thinkbatch.schemas.job_file import load_job
     from thinkbatch.schemas.output import output_schema
-    from thinkbatch.tasks.commit import Committer
-    from thinkbatch.tasks.report import Progress
-    from thinkbatch.tasks.retry import Carry
+    from thinkbatch.tasks.jobs.retry import Carry
+    from thinkbatch.tasks.report.progress import Progress
+    from thinkbatch.tasks.store.commit import Committer
 
     schema = output_schema()
     old = pa.schema([f for f in schema if f.name != "chat_template_kwargs"])
@@ -198,9 +198,10 @@ def test_carry_commits_kept_rows_once_in_this_versions_schema(tmp_path: Path) ->
                           on_shard_done=lambda s, stats: None, may_commit=lambda s: True)
     carry, progress = Carry(job, schema), Progress(6, 0, enabled=False)
 
-    kept = carry.keep(0, set(), committer, progress)
+    kept, copied = carry.keep(0, set(), committer)
+    progress.done_before(copied)  # as the pipeline's feeder tells it
     committer.close()
-    assert kept == {(0, 0), (2, 0), (4, 0)} and progress.rows == 0
+    assert kept == {(0, 0), (2, 0), (4, 0)} and copied == 3 and progress.rows == 0
     (written,) = layout.parts_of(0)
     table = pq.read_table(written)
     assert table.schema.equals(schema)
@@ -209,7 +210,7 @@ def test_carry_commits_kept_rows_once_in_this_versions_schema(tmp_path: Path) ->
 
     committer = Committer(layout, schema, flush_rows=10, flush_seconds=60, compression="zstd",
                           on_shard_done=lambda s, stats: None, may_commit=lambda s: True)
-    assert carry.keep(0, kept, committer, progress) == kept
+    assert carry.keep(0, kept, committer) == (kept, 0)
     committer.close()
     assert layout.parts_of(0) == [written]
 

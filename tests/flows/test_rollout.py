@@ -21,19 +21,10 @@ from tests.conftest import (CLI, engine_section, job_dict, kill_after_first_comm
                             write_job, write_prompts)
 from thinkbatch.flows.job import generate_dataset
 from thinkbatch.schemas.job_file import load_job
-from thinkbatch.schemas.output import output_schema
 from thinkbatch.schemas.record import Generation, RowRequest
-from thinkbatch.tasks import checkpoint
-from thinkbatch.tasks.checkpoint import OutputLayout
-from thinkbatch.tasks.engine import Engine, get_engine
-from thinkbatch.tasks.engine_settings import may_seed
-from thinkbatch.tasks.parse import OutputParser
-from thinkbatch.tasks.pipeline import Pipeline
-from thinkbatch.tasks.plan import make_plan
-from thinkbatch.tasks.read import input_schema
-from thinkbatch.tasks.report import Progress
-from thinkbatch.tasks.storage import Storage
-from thinkbatch.tasks.tools import Toolbox
+from thinkbatch.tasks import runner
+from thinkbatch.tasks.rows.engine import Engine, get_engine
+from thinkbatch.tasks.rows.engine_settings import may_seed
 
 TOOLS = [{"python": "tests.rollout_tools"}]
 THINK = r"<think>[a-z]{1,8}( [a-z]{1,8}){0,4}</think>"
@@ -127,6 +118,9 @@ class Recording:
             self.prompts[gen.key] = list(gen.prompt_token_ids)
         return done
 
+    def guard(self, markers: Any) -> None:
+        self.engine.guard(markers)
+
     def close(self) -> None:
         pass
 
@@ -144,15 +138,11 @@ def test_each_turn_is_vllms_chat_rendering_of_the_trajectory(tiny_model: str,
 
     job = load_job(inline=_job(tmp_path, tiny_model, 16, regex(ANSWER, WEATHER),
                                rollout={"max_turns": 4}))
-    layout = OutputLayout(job.output.path, Storage(job.storage))
-    plan, _ = checkpoint.open_plan(layout, make_plan(job, layout.store))
+    layout = runner.output(job)
+    plan, _ = runner.plan(job, layout)
     engine = get_engine(job.engine, job.parsers, may_seed(job))  # the engine the job's flow runs get
     recording = Recording(engine)
-    pipe = Pipeline(job, plan, layout, recording,
-                    OutputParser(job.parsers, engine.tokenizer, job.engine.model),
-                    output_schema(input_schema(layout.store, plan, ["topic"]), rollout=True),
-                    Progress(total=16, already_done=0, enabled=False), lambda s: True,
-                    toolbox=Toolbox.open(job.rollout, Path.cwd()))
+    pipe = runner.open_pipeline(job, layout, plan, engine=recording).pipeline
     pipe.submit_shard(0).result(timeout=300)
     pipe.close()
 

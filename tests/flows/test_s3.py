@@ -18,8 +18,8 @@ import pytest
 from tests.conftest import (CLI, engine_section, job_dict, kill_after_first_commit, prompt_rows,
                             write_job)
 from thinkbatch.flows.job import generate_dataset
-from thinkbatch.tasks.lease import acquire_run_lease
-from thinkbatch.tasks.storage import Storage
+from thinkbatch.tasks.store.lease import acquire_run_lease
+from thinkbatch.tasks.store.storage import Storage
 
 SECRET = "s3cr3t-never-printed"
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,68 +14,25 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import (CLI, engine_section, free_port, job_dict, prompt_rows, write_job,
+from tests.conftest import (CLI, engine_section, job_dict, prompt_rows, write_job,
                             write_prompts)
-from tests.prefect_server import wait_until_up
+from tests.prefect_server import DEPLOYING, PrefectServer
 
 pytestmark = pytest.mark.engine
 
 REPO = Path(__file__).resolve().parents[2]
-PREFECT = [str(Path(sys.executable).parent / "prefect")]
-
-
-class PrefectServer:
-    def __init__(self, home: Path, s3_env: dict[str, str]):
-        port = free_port()
-        self.env = {**os.environ, **s3_env, "PREFECT_HOME": str(home),
-                    "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
-                    "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
-                    "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_LOGGING_LEVEL": "WARNING",
-                    "THINKBATCH_HOME": str(REPO)}
-        self.proc = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1",
-                                      "--port", str(port)], env=self.env, cwd=REPO,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
-        wait_until_up(self.env["PREFECT_API_URL"], self.proc)
-        self.workers: dict[str, subprocess.Popen] = {}
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*PREFECT, *args], env=self.env, cwd=REPO, capture_output=True,
-                              text=True, timeout=300)
-
-    def start_worker(self, name: str) -> None:
-        self.workers[name] = subprocess.Popen(
-            [*PREFECT, "worker", "start", "--pool", "thinkbatch-gpu", "--name", name,
-             "--limit", "1"], env=self.env, cwd=REPO, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
-
-    def kill_worker(self, name: str) -> None:
-        os.killpg(self.workers.pop(name).pid, signal.SIGKILL)
-
-    def client(self):
-        from prefect.client.orchestration import SyncPrefectClient
-
-        return SyncPrefectClient(self.env["PREFECT_API_URL"])
-
-    def stop(self) -> None:
-        for name in list(self.workers):
-            self.kill_worker(name)
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def server(s3, tmp_path_factory):
-    srv = PrefectServer(tmp_path_factory.mktemp("prefect-home"),
-                        {k: v for k, v in os.environ.items() if k.startswith("AWS_")})
+    srv = PrefectServer(tmp_path_factory.mktemp("prefect-home"), env=DEPLOYING)
     for pool in ("thinkbatch-gpu", "thinkbatch-control"):
         r = srv.cli("work-pool", "create", pool, "--type", "process")
         assert r.returncode == 0, r.stderr
     r = srv.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
     assert r.returncode == 0, r.stdout + r.stderr
-    srv.start_worker("w1")
-    srv.start_worker("w2")
+    srv.start_worker("w1", "thinkbatch-gpu")
+    srv.start_worker("w2", "thinkbatch-gpu")
     yield srv
     srv.stop()
 
@@ -109,7 +64,8 @@ def _job(tmp_path: Path, s3, bucket: str, tiny_model: str, rows: int) -> Path:
     return write_job(tmp_path / "job.yaml", job_dict(
         tmp_path / "in.parquet", f"s3://{bucket}/out", engine_section(tiny_model),  # type: ignore[arg-type]
         shards={"rows_per_shard": 50}, output={"flush_rows": 25},
-        scale={"workers": 2, "claim_ttl_s": 15, "worker_deployment": "thinkbatch-worker/gpu"}))
+        scale={"workers": 2, "claim_ttl_s": 15, "heartbeat_timeout_s": 20,
+               "worker_deployment": "thinkbatch-worker/gpu"}))
 
 
 def _ids(s3, bucket: str) -> list[str]:

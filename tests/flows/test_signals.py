@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import CLI, engine_section, job_dict, prompt_rows, write_job, write_prompts
-from thinkbatch.tasks import trace
+from thinkbatch.tasks.report import trace
 
 STOPPED = re.compile(r"^thinkbatch: stopped by (SIG\w+); (\d+) rows committed, "
                      r"rerun the same command to resume$")

@@ -3,7 +3,7 @@ both of the miniature's tokenizers (its Hugging Face one, and one of Kimi-K2-Thi
 class, which ignores split_special_tokens and lists `<think>` and the tool-call markers
 only in tiktoken's special table): the prompt is tokenized as text unless the job trusts
 its data, to the same token count either way, and the rows come out the same
-(tests/tasks/test_prompt_tokens.py checks the token ids themselves without an engine)."""
+(tests/tasks/rows/test_prompt_tokens.py checks the token ids themselves without an engine)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from tests.conftest import TOKENIZERS, engine_section, job_dict, write_prompts
-from tests.tasks.test_prompt_tokens import FORGED_PROMPT
+from tests.tasks.rows.test_prompt_tokens import FORGED_PROMPT
 
 pytestmark = pytest.mark.engine
 

@@ -132,10 +132,10 @@ def test_vllms_own_chat_path_gives_our_ids_and_columns(jobs, runs) -> None:
     """`LLM.chat` (vLLM's own render and detokenizer) with the SamplingParams the job
     sends: the prompt ids thinkbatch handed the engine and the completion it wrote, parsed
     into the same columns; the same ids with both tokenizers."""
-    from thinkbatch.tasks.engine import get_engine
-    from thinkbatch.tasks.parse import OutputParser
-    from thinkbatch.tasks.prompt_tokens import chat_prompt
-    from thinkbatch.tasks.sampling import SamplingBuilder
+    from thinkbatch.tasks.rows.engine import get_engine
+    from thinkbatch.tasks.rows.parse import OutputParser
+    from thinkbatch.tasks.rows.prompt_tokens import chat_prompt
+    from thinkbatch.tasks.rows.sampling import SamplingBuilder
 
     prompts = heldout_rows(CHAT_ROWS)
     ids, columns = {}, {}

@@ -10,10 +10,8 @@ import json
 import math
 import os
 import re
-import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,14 +22,14 @@ import yaml
 
 from tests.conftest import (CLI, engine_section, free_port, job_dict, prompt_rows, write_job,
                             write_prompts)
-from tests.prefect_server import wait_until_up
+from tests.prefect_server import PrefectServer
 from thinkbatch.flows import artifacts, events
 from thinkbatch.flows.job import generate_dataset
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.manifest import Manifest
-from thinkbatch.tasks.checkpoint import OutputLayout
-from thinkbatch.tasks.report import figure_rows
-from thinkbatch.tasks.storage import Storage
+from thinkbatch.tasks.report.summary import figure_rows
+from thinkbatch.tasks.store.layout import OutputLayout
+from thinkbatch.tasks.store.storage import Storage
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = str(REPO / "assets" / "tiny-kimi-thinking")
@@ -39,33 +37,9 @@ CALL = ('<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0'
         '<|tool_call_argument_begin|>{"city": "paris"}<|tool_call_end|><|tool_calls_section_end|>')
 
 
-class Server:
-    """`prefect server start` with a PREFECT_HOME of its own."""
-
-    def __init__(self, home: Path):
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}/api"
-        env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": self.url,
-               "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
-             "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_until_up(self.url, self.proc)
-
-    def client(self):
-        from prefect.client.orchestration import SyncPrefectClient
-
-        return SyncPrefectClient(self.url)
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory) -> Server:
-    server = Server(tmp_path_factory.mktemp("prefect-server-home"))
+def prefect_server(tmp_path_factory) -> PrefectServer:
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-server-home"))
     yield server
     server.stop()
 
@@ -81,7 +55,7 @@ def _drain() -> None:
 
 
 @pytest.fixture
-def on_server(prefect_server: Server) -> Server:
+def on_server(prefect_server: PrefectServer) -> PrefectServer:
     """Flows run in this process report to the server."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -104,7 +78,7 @@ def _replay_job(root: Path, name: str, rows: int = 40, bad: int = 0) -> dict[str
     return {**job, "name": name}
 
 
-def _artifacts(server: Server, key: str) -> list[Any]:
+def _artifacts(server: PrefectServer, key: str) -> list[Any]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.client.schemas.sorting import ArtifactSort
 
@@ -114,7 +88,7 @@ def _artifacts(server: Server, key: str) -> list[Any]:
             sort=ArtifactSort.CREATED_DESC)
 
 
-def _events(server: Server, prefix: str, resource_id: str | None = None,
+def _events(server: PrefectServer, prefix: str, resource_id: str | None = None,
             count: int = 1, timeout_s: float = 60) -> list[Any]:
     """At least `count` events named `prefix...` (about `resource_id`), as the server
     has stored them: it persists what it receives in batches."""
@@ -136,7 +110,7 @@ def _manifest(out: Path) -> Manifest:
     return Manifest.model_validate_json((out / "_manifest.json").read_text())
 
 
-def test_a_run_shows_its_figures_progress_summary_and_events(on_server: Server,
+def test_a_run_shows_its_figures_progress_summary_and_events(on_server: PrefectServer,
                                                              tmp_path: Path) -> None:
     job = _replay_job(tmp_path, "Watch: Table Test", bad=4)  # 10% invalid_input
     generate_dataset(job)
@@ -180,7 +154,8 @@ def test_a_run_shows_its_figures_progress_summary_and_events(on_server: Server,
     assert any(r.id.startswith("prefect.flow-run.") for r in finished.related)
 
 
-def test_nightly_runs_add_versions_under_the_same_keys(on_server: Server, tmp_path: Path) -> None:
+def test_nightly_runs_add_versions_under_the_same_keys(on_server: PrefectServer,
+                                                       tmp_path: Path) -> None:
     for night in ("mon", "tue"):
         generate_dataset(_replay_job(tmp_path / night, "Nightly History", rows=20))
     for what in ("figures", "progress", "summary"):
@@ -190,7 +165,8 @@ def test_nightly_runs_add_versions_under_the_same_keys(on_server: Server, tmp_pa
     assert str(tmp_path / "tue") in newest.data and str(tmp_path / "mon") in oldest.data
 
 
-def test_a_resumed_run_counts_only_its_new_rows(on_server: Server, tmp_path: Path) -> None:
+def test_a_resumed_run_counts_only_its_new_rows(on_server: PrefectServer,
+                                                tmp_path: Path) -> None:
     """A finished output run again: nothing new, so this run's figures are empty while the
     output's stay; the progress artifact starts at 100."""
     job = _replay_job(tmp_path, "Resumed Twice", rows=20)
@@ -204,7 +180,7 @@ def test_a_resumed_run_counts_only_its_new_rows(on_server: Server, tmp_path: Pat
     assert all(a.data == 100 for a in _artifacts(on_server, "resumed-twice-progress"))
 
 
-def test_a_failed_job_emits_failed(on_server: Server, tmp_path: Path) -> None:
+def test_a_failed_job_emits_failed(on_server: PrefectServer, tmp_path: Path) -> None:
     job = _replay_job(tmp_path, "Fails")
     job["engine"]["tokenizer"] = str(tmp_path / "no-such-tokenizer")
     with pytest.raises(Exception):
@@ -225,7 +201,7 @@ def _readme_automation() -> dict[str, Any]:
     return yaml.safe_load(block)
 
 
-def test_the_readme_automation_fires_past_five_percent_non_ok(on_server: Server,
+def test_the_readme_automation_fires_past_five_percent_non_ok(on_server: PrefectServer,
                                                                tmp_path: Path) -> None:
     """Created on the server as the README says (its notification swapped for an action
     that needs no block): a clean run does not trigger it, one with 10% bad rows does."""
@@ -294,7 +270,7 @@ def test_without_a_server_the_cli_run_keeps_its_artifacts_and_events(tmp_path: P
 
 
 @pytest.mark.engine
-def test_real_engine_ttft_and_latency_match_the_rows(on_server: Server, tiny_model: str,
+def test_real_engine_ttft_and_latency_match_the_rows(on_server: PrefectServer, tiny_model: str,
                                                      tmp_path: Path) -> None:
     """The seed's table from a vLLM run: the manifest's TTFT and latency against the rows
     written (nearest rank, within a bin), tokens summed, and the table artifact the same."""

@@ -16,26 +16,26 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import engine_section, job_dict, prompt_rows, write_prompts
-from tests.flows.test_scale_out import PrefectServer
+from tests.prefect_server import DEPLOYING, PrefectServer
 from tests.processes import cmdline, left_alive, tree
 from thinkbatch.schemas.job import JobSpec
-from thinkbatch.tasks import checkpoint
-from thinkbatch.tasks.checkpoint import OutputLayout
-from thinkbatch.tasks.plan import make_plan
-from thinkbatch.tasks.storage import Storage
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.layout import OutputLayout
+from thinkbatch.tasks.store.plan import make_plan
+from thinkbatch.tasks.store.storage import Storage
 
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = PrefectServer(tmp_path_factory.mktemp("prefect-home"), {})
+    srv = PrefectServer(tmp_path_factory.mktemp("prefect-home"), env=DEPLOYING)
     r = srv.cli("work-pool", "create", "thinkbatch-gpu", "--type", "process")
     assert r.returncode == 0, r.stderr
     r = srv.cli("--no-prompt", "deploy", "--name", "gpu", "--prefect-file",
                 "deployments/prefect.yaml")
     assert r.returncode == 0, r.stdout + r.stderr
-    srv.start_worker("w1")
+    srv.start_worker("w1", "thinkbatch-gpu")
     yield srv
     srv.stop()
 
@@ -46,7 +46,8 @@ def _planned_job(tmp_path: Path, tiny_model: str) -> dict[str, Any]:
     job = job_dict(tmp_path / "in.parquet", tmp_path / "out",
                    engine_section(tiny_model, max_in_flight=16),
                    output={"flush_rows": 16}, shards={"rows_per_shard": 100},
-                   scale={"workers": 2, "worker_deployment": "thinkbatch-worker/gpu"})
+                   scale={"workers": 2, "shared_filesystem": True,
+                          "worker_deployment": "thinkbatch-worker/gpu"})
     spec = JobSpec.model_validate(job)
     layout = OutputLayout(spec.output.path, Storage(spec.storage))
     checkpoint.open_plan(layout, make_plan(spec, layout.store))

@@ -94,7 +94,7 @@ def test_ids_are_the_hugging_face_tokenizers_on_thousands_of_strings(tokenizers)
 
 
 def test_without_trust_remote_code_transformers_builds_another_class() -> None:
-    """What thinkbatch's validate refuses (tests/tasks/test_validate.py): from the folder's
+    """What thinkbatch's validate refuses (tests/tasks/jobs/test_validate.py): from the folder's
     tiktoken.model, transformers makes a fast tokenizer of its own, with its own split
     pattern and every control token an added token."""
     other = AutoTokenizer.from_pretrained(TIKTOKEN_MODEL)

@@ -32,7 +32,7 @@ def test_demo_jobs_take_the_miniature_settings_from_presets() -> None:
 
 # Engine arguments that one CPU's (or GPU's) attention backend accepts and another refuses
 # (vLLM's AMX MLA backend: block size a multiple of 32; its reference CPU MLA: 16 only):
-# vLLM picks them per backend, thinkbatch at run time (tasks/engine_settings.py).
+# vLLM picks them per backend, thinkbatch at run time (tasks/rows/engine_settings.py).
 MACHINE_BOUND = ("block_size", "enable_chunked_prefill", "enable_prefix_caching",
                  "attention_backend", "attention_config", "max_num_batched_tokens")
 

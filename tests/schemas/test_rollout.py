@@ -38,6 +38,14 @@ def test_defaults_and_sources():
      "set one of command"),
     ({"tools": [{"mcp": {"command": []}}]}, "tools.0.mcp.command", "at least 1 item"),
     ({"tools": [{"mcp": {"url": "h:80/mcp"}}]}, "tools.0.mcp.url", "pattern"),
+    ({"tools": [{"mcp": {"command": ["x"], "headers": {"A": "b"}}}]}, "tools.0.mcp",
+     "headers apply to a url only"),
+    ({"tools": [{"mcp": {"command": ["x"], "max_restarts": -1}}]},
+     "tools.0.mcp.max_restarts", "greater than or equal"),
+    ({"tools": [{"python": "t.py"}], "max_tool_error_rate": 0}, "max_tool_error_rate",
+     "greater than 0"),
+    ({"tools": [{"mcp": {"command": ["x"]}, "isolated": True}]}, "tools.0",
+     "isolated applies to a python source only"),
     ({"tools": [{"mcp": {"url": "http://h/mcp", "env": {"A": "1"}}}]}, "tools.0.mcp",
      "env applies to a stdio command only"),
     ({"tools": [{"python": "t.py", "pyhton": "u.py"}]}, "tools.0.pyhton", "Extra inputs"),
@@ -52,3 +60,25 @@ def test_refused(rollout: dict[str, Any], where: str, message: str):
     [err] = e.value.errors()
     assert ".".join(map(str, err["loc"])) == where
     assert message in err["msg"]
+
+
+def test_fields_added_later_are_dumped_only_when_set():
+    """`headers`, `max_restarts` and `isolated` came later: at their defaults a source dumps as it did
+    before them, so the resume fingerprint of an output written then is unchanged; set,
+    they count, header values masked as secrets."""
+    old = {"command": ["python", "server.py"], "env": {"X": "${X}"}}
+    spec = RolloutSpec.model_validate({"tools": [{"mcp": old}]})
+    assert spec.model_dump(mode="json")["tools"][0] == {
+        "python": None, "mcp": {**old, "url": None}, "recorded": None, "functions": None}
+    assert RolloutSpec.model_validate({"tools": [{"python": "t.py", "isolated": True}]}
+                                      ).model_dump()["tools"][0]["isolated"] is True
+    spec = RolloutSpec.model_validate({"tools": [
+        {"mcp": {**old, "max_restarts": 0}},
+        {"mcp": {"url": "http://h/mcp", "headers": {"Authorization": "Bearer tok-secret-1",
+                                                    "X-Team": "${TEAM}"}}}],
+        "max_tool_error_rate": 0.2})
+    dumped = [s["mcp"] for s in spec.model_dump(mode="json")["tools"]]
+    assert dumped[0]["max_restarts"] == 0 and "headers" not in dumped[0]
+    assert dumped[1]["headers"] == {"Authorization": "**********", "X-Team": "${TEAM}"}
+    assert RolloutSpec.model_fields["max_tool_error_rate"].json_schema_extra == {
+        "speed_only": True}

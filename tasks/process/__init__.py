@@ -1,0 +1,1 @@
+"""The process around the engine: clean stops, no orphans, vLLM's environment."""

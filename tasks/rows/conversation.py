@@ -1,0 +1,240 @@
+"""Every row is a conversation: one sample of one row, carried through its turns. A
+single-turn job's conversations end at their first turn (a turn with tool calls too);
+an agentic rollout's go turn after turn with their tools in between, and no
+conversation waits for another's (no barrier across turns).
+
+The pipeline's driver thread owns every conversation's state. A rollout turn that ends
+in tool calls hands them to the toolbox (tools/toolbox.py), which runs them on its own
+pool and puts the results on a queue; the driver takes them from there and submits the
+conversation's next turn ahead of new rows, so conversations in flight finish first.
+A conversation is one output row, written when it ends: an answer (`ok`), `max_turns`,
+a turn that failed (its status; a rollout names the turn in `error`), or `tool_error`
+when a call failed because its source is down for good (an MCP server no restart brought
+back): the model would only read errors where the data meant results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from thinkbatch.schemas.job import JobSpec
+from thinkbatch.schemas.output import Status
+from thinkbatch.schemas.record import (Generation, Parsed, RowRequest, ToolResult, Trajectory,
+                                       Turn)
+from thinkbatch.tasks.rows.parse import OutputParser, arguments_problem, schema_problem
+from thinkbatch.tasks.tools.tool import ToolboxError
+from thinkbatch.tasks.tools.toolbox import Toolbox
+
+
+@dataclass(slots=True)
+class Conversation:
+    """One sample of one row carried through its turns: the unit of exactly-once, keyed
+    (row_index, sample)."""
+
+    shard_id: int
+    req: RowRequest
+    sample: int
+    messages: list[dict[str, Any]] = field(default_factory=list)  # the history so far
+    turns: list[Turn] = field(default_factory=list)
+    started: float | None = None  # monotonic time its first turn was submitted
+    malformed: int = 0  # consecutive turns whose tool calls had malformed arguments
+
+    @property
+    def key(self) -> str:
+        """The engine's request id of the turn being generated."""
+        return f"{self.req.row_index}:{self.sample}:{len(self.turns)}"
+
+
+def assistant_message(parsed: Parsed) -> dict[str, Any]:
+    """A parsed turn as the OpenAI assistant message the next turn is rendered from."""
+    message: dict[str, Any] = {"role": "assistant", "content": parsed.answer or "",
+                               "reasoning_content": parsed.reasoning or ""}
+    if parsed.tool_calls:
+        message["tool_calls"] = [
+            {"id": c["id"], "type": "function",
+             "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in parsed.tool_calls]
+    return message
+
+
+def tool_message(result: ToolResult) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": result.call_id, "name": result.name,
+            "content": result.content}
+
+
+class Conversations:
+    """The conversations of one pipeline between their turns. Without `job.rollout` each
+    ends at its first turn and nothing here waits: no tools, no limit."""
+
+    def __init__(self, job: JobSpec, parser: OutputParser, toolbox: Toolbox | None = None):
+        if job.rollout is not None and toolbox is None:
+            raise ValueError("a rollout job's pipeline needs its toolbox (Toolbox.open)")
+        self.job = job
+        self.spec = job.rollout
+        self.toolbox = toolbox
+        self.parser = parser
+        self.tools = toolbox.schemas() if toolbox is not None else []
+        self._names = {t["function"]["name"] for t in self.tools}
+        # Open conversations beyond those the engine and the tool pool can serve would only
+        # wait: new rows enter while fewer are open, so memory stays bounded.
+        self.limit = (job.engine.max_in_flight + self.spec.max_concurrent_tools
+                      if self.spec is not None else None)
+        self._open: set[tuple[int, int]] = set()
+        self._at_tools = 0
+        self._results: queue.Queue[tuple[Conversation, list[ToolResult]]] = queue.Queue()
+        self._back: deque[tuple[Conversation, list[ToolResult]]] = deque()
+
+    # -- feeder thread ----------------------------------------------------------------
+
+    def prepare(self, req: RowRequest) -> RowRequest:
+        """Offer the toolbox's tools beside the row's (or the job's): a name in both would
+        be two tools the model cannot tell apart, so that row is invalid_input."""
+        if req.error is not None or self.spec is None:
+            return req
+        own = req.tools or []
+        clash = sorted({t["function"]["name"] for t in own} & self._names)
+        if clash:
+            req.error = (f"tools: {', '.join(clash)} also named by rollout.tools; a tool "
+                         "name must be one tool")
+        else:
+            req.tools = [*own, *self.tools]
+        return req
+
+    def conversation(self, shard_id: int, req: RowRequest, sample: int) -> Conversation:
+        if self.spec is None:
+            return Conversation(shard_id, req, sample)  # its history is the request's
+        return Conversation(shard_id, req, sample, messages=list(req.messages or ()))
+
+    # -- driver thread ----------------------------------------------------------------
+
+    @property
+    def full(self) -> bool:
+        return self.limit is not None and len(self._open) >= self.limit
+
+    @property
+    def at_tools(self) -> bool:
+        """Some conversation waits for its tools (results queued count until taken)."""
+        return self._at_tools > 0
+
+    def turn(self, conv: Conversation) -> int | None:
+        """The number of the turn being generated, from 1 (a rollout's; None for a
+        single-turn job, whose trace names no turn)."""
+        return len(conv.turns) + 1 if self.spec is not None else None
+
+    def request(self, conv: Conversation) -> RowRequest:
+        """The request of the conversation's next turn: its whole history."""
+        if self.spec is None:
+            return conv.req
+        if conv.started is None:
+            conv.started = time.monotonic()
+        self._open.add((conv.req.row_index, conv.sample))
+        return dataclasses.replace(conv.req, messages=conv.messages)
+
+    def turn_done(self, conv: Conversation, gen: Generation,
+                  gave_up: Parsed | None) -> Parsed | None:
+        """The conversation's end (its row's parse), or None when its tools now run.
+        `gave_up`: the engine finished the turn with abort or error. A single-turn job's
+        conversation ends here, tool calls or not."""
+        parsed = gave_up or self._parse(conv.req, gen)
+        if self.spec is None:
+            return parsed
+        conv.turns.append(Turn(gen, parsed))
+        n = len(conv.turns)
+        if self._malformed(parsed):
+            conv.malformed += 1
+            if conv.malformed <= self.spec.max_malformed_turns:
+                parsed = dataclasses.replace(parsed, status=Status.OK, error=None)
+                conv.turns[-1].parsed = parsed
+            else:
+                return dataclasses.replace(
+                    parsed, error=f"turn {n}: {parsed.error} ({conv.malformed} malformed "
+                                  f"turns in a row, rollout.max_malformed_turns "
+                                  f"{self.spec.max_malformed_turns})")
+        else:
+            conv.malformed = 0
+        if parsed.status is not Status.OK:
+            return dataclasses.replace(parsed, error=f"turn {n}: {parsed.error}")
+        conv.messages.append(assistant_message(parsed))
+        if not parsed.tool_calls:
+            return parsed
+        if n >= self.spec.max_turns:
+            return dataclasses.replace(
+                parsed, status=Status.MAX_TURNS,
+                error=f"turn {n}: still calling tools after rollout.max_turns ({n}) turns")
+        self._at_tools += 1
+        assert self.toolbox is not None
+        self.toolbox.run(parsed.tool_calls, conv.req.recorded,
+                         lambda results: self._results.put((conv, results)))
+        return None
+
+    @staticmethod
+    def _malformed(parsed: Parsed) -> bool:
+        """A turn whose only fault is a tool call's arguments: its calls run, the toolbox
+        answers each malformed one with the error text as its tool message."""
+        return (parsed.status is Status.PARSE_ERROR and bool(parsed.tool_calls)
+                and parsed.error == arguments_problem(parsed.tool_calls))
+
+    def _parse(self, req: RowRequest, gen: Generation) -> Parsed:
+        """The one parse of a turn: the text split by the job's parsers, then a final
+        answer checked against the structured outputs' JSON schema (the row's sampling,
+        else the job's). A rollout turn that calls tools is no final answer: unchecked."""
+        so = (req.sampling or self.job.sampling).structured_outputs
+        parsed = self.parser.parse(gen, req.tools, req.chat_template_kwargs)
+        if (so is not None and so.json_schema is not None and parsed.status is Status.OK
+                and not (self.spec is not None and parsed.tool_calls)):
+            problem = schema_problem(parsed.answer, so.json_schema)
+            if problem:
+                parsed.status, parsed.error = Status.SCHEMA_ERROR, problem
+        return parsed
+
+    def rejected(self, conv: Conversation, status: Status, error: str) -> Parsed:
+        """A turn the engine would not take (its prompt outgrew max_model_len...), or
+        that killed it."""
+        if self.spec is None:
+            return Parsed(status, error=error)
+        return Parsed(status, error=f"turn {len(conv.turns) + 1}: {error}")
+
+    def ready(self) -> Conversation | None:
+        """A conversation whose tools returned, its results in its history; else None.
+        One that met a tool source down for good comes back refused (its request's
+        error set), so that submitting it ends it `tool_error`. Raises ToolboxError
+        (the job stops) once the calls fail beyond rollout.max_tool_error_rate."""
+        if not self._at_tools:
+            return None
+        try:
+            conv, results = self._back.popleft() if self._back else self._results.get_nowait()
+        except queue.Empty:
+            return None
+        self._at_tools -= 1
+        if (stop := self.toolbox.failing()) is not None:
+            raise ToolboxError(stop)
+        conv.turns[-1].results = results
+        conv.messages.extend(tool_message(r) for r in results)
+        if (why := self.toolbox.unavailable(results)) is not None:
+            conv.req = dataclasses.replace(conv.req, status=Status.TOOL_ERROR,
+                                           error=f"turn {len(conv.turns)}: {why}")
+        return conv
+
+    def wait(self, timeout: float) -> None:
+        """Block until some conversation's tools return (or `timeout`): the engine is
+        idle, and only tools can give it work."""
+        try:
+            self._back.append(self._results.get(timeout=timeout))
+        except queue.Empty:
+            pass
+
+    def end(self, conv: Conversation) -> Trajectory | None:
+        """The finished conversation's trajectory (None for a single-turn job, or if no
+        turn was generated)."""
+        if self.spec is None:
+            return None
+        self._open.discard((conv.req.row_index, conv.sample))
+        if not conv.turns:
+            return None
+        assert conv.started is not None
+        return Trajectory(conv.messages, conv.turns, time.monotonic() - conv.started)

@@ -1,0 +1,154 @@
+"""Buffering finished rows and committing them as Parquet parts on a writer thread,
+so generation never waits for storage. A part is written atomically; a shard's done
+marker is written only after all of its parts."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+
+from thinkbatch.schemas.manifest import EngineLayout, ShardStats
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.layout import OutputLayout
+
+OnShardDone = Callable[[int, ShardStats], None]
+OnCommit = Callable[[int, int], None]
+
+
+class FencedOut(RuntimeError):
+    """This worker no longer holds the shard's claim: committing would duplicate rows.
+    Only that shard is given up (`on_lost`); the worker's other shards go on."""
+
+
+class Committer:
+    def __init__(self, layout: OutputLayout, schema: pa.Schema, *, flush_rows: int,
+                 flush_seconds: float, compression: str, on_shard_done: OnShardDone,
+                 may_commit: Callable[[int], bool], on_commit: OnCommit | None = None,
+                 on_lost: Callable[[int, FencedOut], None] | None = None):
+        self.layout = layout
+        self.schema = schema
+        self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self.compression = compression
+        self.on_shard_done = on_shard_done
+        self.on_commit = on_commit
+        self.may_commit = may_commit
+        self.on_lost = on_lost  # a shard whose claim was lost, told once (writer thread)
+        self._lost: set[int] = set()
+        self.engine: EngineLayout | None = None  # what generates the rows: for the markers
+        self._buffer: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        self._buffered = 0
+        self._last_flush = time.monotonic()
+        # shard -> part name -> Unix time of its commit, for the shard's marker (writer thread)
+        self._committed_at: dict[int, dict[str, float]] = defaultdict(dict)
+        # Bounded: if storage falls behind, the producer waits instead of growing memory.
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=8)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="thinkbatch-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def buffered(self) -> int:
+        return self._buffered
+
+    def add(self, shard_id: int, row: dict[str, Any]) -> None:
+        if shard_id in self._lost:
+            return
+        self._buffer[shard_id].append(row)
+        self._buffered += 1
+
+    def maybe_flush(self) -> None:
+        self.raise_if_failed()
+        due = time.monotonic() - self._last_flush >= self.flush_seconds
+        if self._buffered >= self.flush_rows or (due and self._buffered):
+            for shard_id in list(self._buffer):
+                self._flush_shard(shard_id)
+            self._last_flush = time.monotonic()
+
+    def flush(self) -> None:
+        """Commit every buffered row now: a clean stop keeps what was generated."""
+        for shard_id in list(self._buffer):
+            self._flush_shard(shard_id)
+
+    def finish_shard(self, shard_id: int) -> None:
+        """All rows of the shard have been added: commit them, then mark it done."""
+        self._flush_shard(shard_id)
+        self._put(lambda: self._done(shard_id))
+
+    def add_part(self, shard_id: int, table: pa.Table) -> None:
+        """Commit a ready table as one part (a retry's carried rows), in order with the
+        shard's other parts and fenced like them; any thread may call it."""
+        self._put(lambda: self._commit(shard_id, table))
+
+    def _done(self, shard_id: int) -> None:
+        if shard_id in self._lost:
+            return
+        if not self.may_commit(shard_id):
+            return self._give_up(shard_id, "not marking it done")
+        self.on_shard_done(shard_id, checkpoint.mark_done(
+            self.layout, shard_id, self.compression, self._committed_at.pop(shard_id, None),
+            self.engine))
+
+    def _flush_shard(self, shard_id: int) -> None:
+        rows = self._buffer.pop(shard_id, None)
+        if not rows:
+            return
+        self._buffered -= len(rows)
+        if shard_id in self._lost:
+            return
+        table = pa.Table.from_pylist(rows, schema=self.schema)
+        self._put(lambda: self._commit(shard_id, table))
+
+    def _commit(self, shard_id: int, table: pa.Table) -> None:
+        if shard_id in self._lost:
+            return
+        if not self.may_commit(shard_id):
+            return self._give_up(shard_id, "not committing")
+        part = self.layout.new_part(shard_id)
+        self.layout.store.write_parquet(part, table, self.compression)
+        self._committed_at[shard_id][part.rsplit("/", 1)[-1]] = time.time()
+        if self.on_commit:
+            self.on_commit(shard_id, table.num_rows)
+
+    def _give_up(self, shard_id: int, what: str) -> None:
+        """Another worker took the shard over: nothing more of it is written here. Without
+        `on_lost` the whole committer fails (a run holding the output's only lease)."""
+        error = FencedOut(f"lost the claim on shard {shard_id}; {what}")
+        if self.on_lost is None:
+            raise error
+        self._lost.add(shard_id)
+        self._committed_at.pop(shard_id, None)
+        self.on_lost(shard_id, error)
+
+    def _put(self, job: Callable[[], None]) -> None:
+        while True:
+            self.raise_if_failed()
+            try:
+                self._jobs.put(job, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as e:  # surfaced to the producer on its next call
+                    self._error = e
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"committing output failed: {self._error}") from self._error
+
+    def close(self) -> None:
+        """Wait for every queued commit; buffered rows not yet flushed are not written."""
+        self._jobs.put(None)
+        self._thread.join()
+        self.raise_if_failed()

@@ -1,0 +1,107 @@
+"""A fingerprint of everything that changes a job's outputs, kept part by part so a
+refused resume can name exactly what changed.
+
+It is derived from the job schema: every field counts unless schemas/job.py marks it
+`speed_only` (and `speed_only_keys` drops those keys of a mapping, e.g. engine.extra_args),
+so a field added later counts without anyone remembering to list it here. A field that
+came to count later (an optional section, `rollout`; a field once speed-only,
+`engine.decode_context_parallel_size`) is marked `counts_when_set`: at its default it adds
+no part, so outputs written before it counted still resume. Values are taken from the
+job's JSON dump, where the schema masks secrets (an MCP server's env values and URL
+credentials, see schemas/rollout.py): they count for nothing and are never written into
+`_plan.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel
+
+from thinkbatch.schemas.job import JobSpec
+from thinkbatch.tasks.store.storage import FileStat
+
+
+def _canon(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    """A mapping becomes one part per leaf, so a change names its key; an empty one adds
+    none (`{}` and unset mean the same to vLLM and to the chat template)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}", v, out)
+    else:
+        out[prefix] = _canon(value)
+
+
+def _walk(prefix: str, model: BaseModel, out: dict[str, str]) -> None:
+    """Each field under the name a job file uses (its alias, e.g. `structured_outputs.json`)."""
+    for name, info in type(model).model_fields.items():
+        marks = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if marks.get("speed_only"):
+            continue
+        if marks.get("counts_when_set") and getattr(model, name) == info.get_default(
+                call_default_factory=True):
+            continue  # came to count later: at its default, older outputs still resume
+        [(key, value)] = model.model_dump(mode="json", by_alias=True, include={name}).items()
+        if isinstance(getattr(model, name), BaseModel):
+            _walk(f"{prefix}{key}.", getattr(model, name), out)
+            continue
+        if "speed_only_keys" in marks:
+            value = {k: v for k, v in value.items() if k not in marks["speed_only_keys"]}
+        _flatten(f"{prefix}{key}", value, out)
+
+
+def fingerprint_parts(job: JobSpec, files: list[FileStat]) -> dict[str, str]:
+    """Flat `section.field -> canonical JSON value` of every field not marked speed-only;
+    the input files (path, size, mtime or ETag) hashed into one part."""
+    listing = _canon([(f.path, f.size, f.version) for f in files])
+    parts = {"input.files": hashlib.sha256(listing.encode()).hexdigest()[:16]}
+    _walk("", job, parts)
+    return parts
+
+
+def digest(parts: dict[str, str]) -> str:
+    return hashlib.sha256(_canon(parts).encode()).hexdigest()
+
+
+def _defaults(prefix: str, kind: type[BaseModel], out: dict[str, str]) -> dict[str, str]:
+    """The value a `counts_when_set` field has where it adds no part (a section's None
+    reads as unset), so a change to its default reads `8 -> 1`."""
+    for name, info in kind.model_fields.items():
+        marks = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        key = f"{prefix}{info.alias or name}"
+        if marks.get("counts_when_set"):
+            default = info.get_default(call_default_factory=True)
+            if default is not None:
+                out[key] = _canon(default)
+        elif isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            _defaults(f"{key}.", info.annotation, out)
+    return out
+
+
+_AT_DEFAULT = _defaults("", JobSpec, {})
+
+
+def describe_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """Human lines naming each changed field, e.g. `sampling.temperature: 0.6 -> 1.0`."""
+    lines = []
+    for key in sorted(old.keys() | new.keys()):
+        unset = _AT_DEFAULT.get(key, "(unset)")
+        before, after = old.get(key, unset), new.get(key, unset)
+        if before == after:
+            continue
+        if key == "input.files":
+            lines.append("input files changed (size, mtime or ETag)")
+        else:
+            lines.append(f"{key}: {_short(before)} -> {_short(after)}")
+    return lines
+
+
+def _short(value: str, keep: int = 60) -> str:
+    """A long template or tool list is shown by its ends, enough to tell the two apart."""
+    return value if len(value) <= 2 * keep + 5 else f"{value[:keep]} ... {value[-keep:]}"

@@ -1,0 +1,1 @@
+"""Rollout tool executors: the toolbox runtime and the sources it runs tools from."""

@@ -1,0 +1,249 @@
+"""The report with charts (tasks/report/tally.py, tasks/report/charts.py, tasks/report/html_report.py) on
+outputs written the way a run writes them: parts in the real output schema, done markers
+by `checkpoint.mark_done`, the manifest by `report.build_manifest`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import re
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from tests.conftest import prompt_rows, write_prompts
+from thinkbatch.schemas.job import JobSpec
+from thinkbatch.schemas.job_file import load_job
+from thinkbatch.schemas.manifest import Manifest, RunFigures
+from thinkbatch.schemas.output import OutputRow, output_schema
+from thinkbatch.tasks.report import html_report
+from thinkbatch.tasks.report.manifest import build_manifest
+from thinkbatch.tasks.report.tally import Seconds, TokenCounts, tally_output
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.layout import OutputLayout
+from thinkbatch.tasks.store.plan import make_plan
+from thinkbatch.tasks.store.storage import Storage
+
+CHART_TITLES = ["Rows by status", "Reasoning and answer tokens",
+                "TTFT and latency distributions", "Throughput over the run",
+                "Tool calls by name"]
+TOOLS = ["get_weather", "search_flights", "calculator"]
+START = 1_700_000_000.0
+
+
+def _output_row(**values: Any) -> OutputRow:
+    """An OutputRow with every column not given null."""
+    return OutputRow(**{**{f.name: None for f in fields(OutputRow)}, **values})
+
+
+def _row(i: int, rng: random.Random, rollout: bool, failed: bool) -> dict[str, Any]:
+    if failed:
+        return _output_row(id=f"q{i:05d}", row_index=i, sample_index=0, status="engine_error",
+                         error="engine died").as_dict(rollout)
+    status = rng.choice(["ok"] * 8 + ["truncated", "parse_error"])
+    reasoning = int(rng.lognormvariate(5, 0.6))
+    answer = int(rng.lognormvariate(3.5, 0.8))
+    calls = [{"id": f"functions.{n}:0", "name": n, "arguments": "{}"}
+             for n in rng.sample(TOOLS, rng.choice([0, 0, 1, 2]))]
+    row = _output_row(id=f"q{i:05d}", row_index=i, sample_index=0, status=status,
+                    reasoning="r", answer="a", tool_calls=calls or None, finish_reason="stop",
+                    prompt_tokens=40 + i % 7, completion_tokens=reasoning + answer,
+                    reasoning_tokens=reasoning, ttft_s=rng.lognormvariate(-0.5, 0.5),
+                    latency_s=rng.lognormvariate(2, 0.4))
+    if rollout:
+        turns = [{"tool_calls": calls,
+                  "tool_results": [{"call_id": c["id"], "name": c["name"], "content": "x",
+                                    "error": "boom" if rng.random() < 0.2 else None,
+                                    "latency_s": 0.1} for c in calls],
+                  "completion_tokens": reasoning, "finish_reason": "stop"},
+                 {"answer": "a", "completion_tokens": answer, "finish_reason": "stop"}]
+        row.turns, row.num_turns = turns, 2
+        row.tool_calls_total = len(calls)
+        row.tool_errors = sum(r["error"] is not None for r in turns[0]["tool_results"])
+        row.tool_calls = None  # the last turn answered
+    return row.as_dict(rollout)
+
+
+def write_output(tmp_path: Path, *, rows: int = 300, rows_per_shard: int = 100,
+                 part_rows: int = 25, rollout: bool = False, failed: bool = False,
+                 out: str | None = None) -> tuple[JobSpec, OutputLayout, Manifest]:
+    """A finished output: parts committed a few seconds apart, markers, a manifest."""
+    inputs = write_prompts(tmp_path / "in.parquet", prompt_rows(rows))
+    job_raw: dict[str, Any] = {
+        "name": "charts", "input": {"path": str(inputs)}, "engine": {"model": "m"},
+        "shards": {"rows_per_shard": rows_per_shard},
+        "output": {"path": out or str(tmp_path / "out")}}
+    if rollout:
+        job_raw["rollout"] = {"tools": [{"recorded": {"column": "results"}}]}
+    job = load_job(inline=job_raw)
+    layout = OutputLayout(job.output.path, Storage(job.storage))
+    plan, _ = checkpoint.open_plan(layout, make_plan(job, layout.store))
+    schema = output_schema(rollout=rollout)
+    rng = random.Random(7)
+    markers, at = {}, START
+    for shard in plan.shards:
+        times = {}
+        for start in range(shard.first_row, shard.first_row + shard.num_rows, part_rows):
+            part = layout.new_part(shard.shard_id)
+            batch = [_row(i, rng, rollout, failed) for i in
+                     range(start, min(start + part_rows, shard.first_row + shard.num_rows))]
+            layout.store.write_parquet(part, pa.Table.from_pylist(batch, schema=schema))
+            at += rng.uniform(2, 6)
+            times[part.rsplit("/", 1)[-1]] = at
+        markers[shard.shard_id] = checkpoint.mark_done(layout, shard.shard_id,
+                                                       committed_at=times)
+    run = RunFigures(rows_generated=rows, output_tokens=sum(m.completion_tokens
+                                                            for m in markers.values()),
+                     resumed=False, wall_s=at - START + 9, rows_per_s=rows / (at - START),
+                     output_tokens_per_s=123.456, engine_load_s=4.2)
+    manifest = build_manifest(job, plan, layout, markers, run)
+    checkpoint.write_manifest(layout, manifest)
+    return job, layout, manifest
+
+
+def _page(path: Path) -> str:
+    return path.read_text()
+
+
+def _table(page: str) -> dict[str, str]:
+    return dict(re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td></tr>", page))
+
+
+def test_page_names_every_chart_and_its_figures_are_the_manifests(tmp_path: Path) -> None:
+    _, layout, manifest = write_output(tmp_path)
+
+    target = html_report.write_report(layout)
+
+    assert target == str(tmp_path / "out" / "report" / "report.html")
+    page = _page(Path(target))
+    for title in CHART_TITLES:
+        assert f"<h2>{title}</h2>" in page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == len(CHART_TITLES)
+    for name, png in zip(["status", "tokens", "timing", "throughput", "tools"], images):
+        assert (tmp_path / "out" / "report" / f"{name}.png").read_bytes() == base64.b64decode(png)
+    figures = _table(page)
+    rows = manifest.rows
+    assert figures["rows"] == f"{rows:,} (of {manifest.input_rows:,} input rows)"
+    assert {k.removeprefix("status "): int(v.split(" ")[0].replace(",", ""))
+            for k, v in figures.items() if k.startswith("status ")} == manifest.status_counts
+    assert figures["prompt tokens"].startswith(f"{manifest.prompt_tokens:,} ")
+    assert figures["completion tokens"].startswith(f"{manifest.completion_tokens:,} ")
+    run = manifest.this_run
+    assert figures["rows/s"] == f"{run.rows_per_s:,.2f}"
+    assert figures["output tok/s"] == "123.5"
+    assert figures["engine load"] == "4.2 s" and figures["resumed"] == "no"
+
+
+def test_tally_equals_the_manifest_and_the_rows(tmp_path: Path) -> None:
+    _, layout, manifest = write_output(tmp_path, rollout=True)
+    table = pa.concat_tables(layout.store.open_parquet(p).read() for p in layout.all_parts())
+
+    tally = tally_output(layout)
+
+    assert dict(tally.status) == manifest.status_counts
+    assert (tally.prompt_tokens, tally.completion_tokens) == (manifest.prompt_tokens,
+                                                              manifest.completion_tokens)
+    assert dict(tally.rollout_sums) == {"turns": manifest.turns,
+                                        "tool_calls_total": manifest.tool_calls_total,
+                                        "tool_errors": manifest.tool_errors}
+    assert tally.reasoning.total == sum(table.column("reasoning_tokens").to_pylist())
+    ttft = sorted(table.column("ttft_s").to_pylist())
+    assert tally.ttft.mean() == pytest.approx(sum(ttft) / len(ttft))
+    assert tally.ttft.percentile(50) == pytest.approx(ttft[len(ttft) // 2], rel=0.01)
+    assert len(tally.commits) == 12 and tally.untimed_parts == 0
+    assert sum(c.rows for c in tally.commits) == manifest.rows
+
+
+def test_rollouts_show_tool_calls_run_by_name(tmp_path: Path) -> None:
+    _, layout, manifest = write_output(tmp_path, rollout=True)
+
+    tally = tally_output(layout)
+    page = _page(Path(html_report.write_report(layout)))
+
+    assert set(tally.tools) == set(TOOLS)
+    assert sum(tally.tools.values()) == manifest.tool_calls_total
+    assert sum(tally.tool_failures.values()) == manifest.tool_errors > 0
+    assert f"{manifest.tool_calls_total:,} tool calls run over every turn" in page
+    assert _table(page)["tool calls failed"] == f"{manifest.tool_errors:,}"
+
+
+def test_single_turn_tool_calls_are_counted_by_name(tmp_path: Path) -> None:
+    _, layout, _ = write_output(tmp_path)
+    table = pa.concat_tables(layout.store.open_parquet(p).read() for p in layout.all_parts())
+    names = [c["name"] for calls in table.column("tool_calls").to_pylist() for c in calls or []]
+
+    tally = tally_output(layout)
+
+    assert dict(tally.tools) == {n: names.count(n) for n in set(names)}
+    assert not tally.tool_failures
+
+
+def test_an_output_of_failed_rows_still_renders_every_chart(tmp_path: Path) -> None:
+    _, layout, manifest = write_output(tmp_path, rows=40, rows_per_shard=40, part_rows=40,
+                                       failed=True)
+
+    page = _page(Path(html_report.write_report(layout, to=str(tmp_path / "elsewhere"))))
+
+    assert manifest.status_counts == {"engine_error": 40}
+    for title in CHART_TITLES:
+        assert f"<h2>{title}</h2>" in page
+    assert _table(page)["time to first token"] == "–"
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == [
+        "report.html", "status.png", "throughput.png", "timing.png", "tokens.png", "tools.png"]
+
+
+def test_a_failing_report_at_the_end_of_a_run_is_a_warning(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    _, layout, manifest = write_output(tmp_path)
+    markers = checkpoint.read_markers(layout, [0, 1, 2])
+    for part in (tmp_path / "out" / "data").iterdir():  # the parts are gone: nothing to tally
+        part.unlink()
+
+    assert html_report.write_report_of_run(layout, manifest, markers.values()) is None
+    assert "the report was not written" in caplog.text
+
+
+def test_report_on_an_s3_output(tmp_path: Path, s3) -> None:
+    bucket = s3.bucket("report-out")
+    _, layout, manifest = write_output(tmp_path, out=f"s3://{bucket}/runs/a")
+
+    target = html_report.write_report(layout)
+
+    assert target == f"s3://{bucket}/runs/a/report/report.html"
+    assert {k for k in s3.keys(bucket, "runs/a/report/")} == {
+        f"runs/a/report/{n}" for n in ("report.html", "status.png", "tokens.png", "timing.png",
+                                       "throughput.png", "tools.png")}
+    page = layout.store.read_bytes(target).decode()
+    assert _table(page)["completion tokens"].startswith(f"{manifest.completion_tokens:,} ")
+
+
+def test_token_counts_and_seconds_are_exact_where_they_can_be() -> None:
+    import numpy as np
+
+    tokens = TokenCounts()
+    tokens.add(np.array([0, 5, 5]))
+    tokens.add(np.array([100]))
+    assert (tokens.n, tokens.total, tokens.percentile(50), tokens.percentile(100)) == (
+        4, 110, 5.0, 100.0)
+    seconds = Seconds()
+    seconds.add(np.array([0.0, 2.0, 3.0, 1e6]))
+    assert seconds.n == 4 and seconds.mean() == pytest.approx((5 + 1e6) / 4)
+    assert seconds.percentile(50) == pytest.approx(2.0, rel=0.006)
+    assert seconds.percentile(100) == 1e6  # within the exact extremes
+
+
+def test_markers_keep_each_parts_commit_time(tmp_path: Path) -> None:
+    _, layout, _ = write_output(tmp_path, rows=50, rows_per_shard=50)
+    marker = json.loads(layout.store.read_bytes(layout.done_marker(0)))
+    assert sorted(marker["committed_at"]) == marker["parts"]
+    older = {k: v for k, v in marker.items() if k != "committed_at"}
+    layout.store.write_atomic(layout.done_marker(0), json.dumps(older).encode())
+
+    tally = tally_output(layout)
+
+    assert tally.untimed_parts == 2 and not tally.commits

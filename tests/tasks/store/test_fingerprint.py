@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import prompt_rows, write_prompts
+from thinkbatch.schemas.job_file import deep_merge, load_job
+from thinkbatch.schemas.manifest import RunFigures
+from thinkbatch.tasks.report.manifest import build_manifest
+from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store.checkpoint import ResumeRefused
+from thinkbatch.tasks.store.fingerprint import describe_changes, digest, fingerprint_parts
+from thinkbatch.tasks.store.layout import OutputLayout
+from thinkbatch.tasks.store.plan import make_plan
+from thinkbatch.tasks.store.storage import FileStat, Storage
+
+FILES = [FileStat("a.parquet", 10, "1")]
+BASE: dict[str, Any] = {"input": {"path": "a"}, "engine": {"model": "m"}, "output": {"path": "o"}}
+TEMPLATE = {"input": {"prompt_template": "Q: {{ prompt }}"}}
+
+
+def _parts(change: dict[str, Any] | None = None, base: dict[str, Any] | None = None):
+    job = load_job(inline=deep_merge(deep_merge(BASE, base or {}), change or {}))
+    return fingerprint_parts(job, FILES)
+
+
+def _parts_sampling(**sampling):
+    return _parts({"sampling": sampling})
+
+
+def test_changes_name_the_field_and_values() -> None:
+    lines = describe_changes(_parts_sampling(temperature=0.6), _parts_sampling(temperature=1.0))
+    assert lines == ["sampling.temperature: 0.6 -> 1.0"]
+
+
+def test_input_file_change_is_named() -> None:
+    old = _parts()
+    new = fingerprint_parts(load_job(inline=BASE), [FileStat("a.parquet", 11, "2")])
+    assert describe_changes(old, new) == ["input files changed (size, mtime or ETag)"]
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+COUNTED = [
+    ("input.prompt_template", TEMPLATE, {"input": {"prompt_template": "Question: {{ prompt }}"}}),
+    ("tools", {}, {"tools": [TOOL]}),
+    ("input.sampling_column", {}, {"input": {"sampling_column": "params"}}),
+    ("input.tools_column", {}, {"input": {"tools_column": "tools"}}),
+    ("input.chat_template_kwargs_column", {}, {"input": {"chat_template_kwargs_column": "k"}}),
+    ("input.sample_index_column", {"engine": {"kind": "replay"}},
+     {"input": {"sample_index_column": "sample_index"}}),
+    ("engine.extra_args.compilation_config", {},
+     {"engine": {"extra_args": {"compilation_config": {"custom_ops": ["-rotary_embedding"]}}}}),
+    ("chat_template_kwargs.thinking", {}, {"chat_template_kwargs": {"thinking": False}}),
+    ("parsers.reasoning", {}, {"parsers": {"reasoning": "kimi_k2"}}),
+    ("sampling.max_tokens", {}, {"sampling": {"max_tokens": 7}}),
+    ("engine.model", {}, {"engine": {"model": "other"}}),
+]
+
+
+@pytest.mark.parametrize("field,base,change", COUNTED, ids=[c[0] for c in COUNTED])
+def test_an_output_changing_field_changes_the_digest_and_is_named(
+        field: str, base: dict, change: dict) -> None:
+    old, new = _parts(base=base), _parts(change, base=base)
+    assert digest(old) != digest(new)
+    lines = describe_changes(old, new)
+    assert lines and all(line.startswith(field) for line in lines), lines
+
+
+SPEED_ONLY = [
+    {"engine": {"max_in_flight": 3}},
+    {"output": {"flush_rows": 5, "flush_seconds": 1, "compression": "snappy", "path": "o2"}},
+    {"scale": {"workers": 4, "claim_ttl_s": 10}},
+    {"storage": {"max_attempts": 3, "endpoint_url": "http://127.0.0.1:5000"}},
+    {"engine": {"extra_args": {"enforce_eager": True, "gpu_memory_utilization": 0.5}}},
+    {"engine": {"tensor_parallel_size": 8, "pipeline_parallel_size": 2}},
+    {"engine": {"decode_context_parallel_size": 1}},  # its default: no part, as before
+    {"name": "renamed"},
+]
+
+
+@pytest.mark.parametrize("change", SPEED_ONLY, ids=lambda c: next(iter(c)))
+def test_a_speed_only_change_keeps_the_digest(change: dict) -> None:
+    assert digest(_parts(change)) == digest(_parts())
+
+
+def test_resume_refuses_a_changed_template_and_accepts_a_speed_change(tmp_path: Path) -> None:
+    store = Storage()
+    inputs = write_prompts(tmp_path / "in.parquet", prompt_rows(10))
+    job = deep_merge({"input": {"path": str(inputs)}, "engine": {"model": "m"},
+                      "output": {"path": str(tmp_path / "out")}}, TEMPLATE)
+    layout = OutputLayout(str(tmp_path / "out"), store)
+    plan, _ = checkpoint.open_plan(layout, make_plan(load_job(inline=job), store))
+
+    reworded = deep_merge(job, {"input": {"prompt_template": "Question: {{ prompt }}"}})
+    with pytest.raises(ResumeRefused, match=r"input\.prompt_template: \"Q: \{\{ prompt \}\}\" "
+                                            r"-> \"Question: \{\{ prompt \}\}\""):
+        checkpoint.open_plan(layout, make_plan(load_job(inline=reworded), store))
+
+    faster = deep_merge(job, {"engine": {"max_in_flight": 8,
+                                         "extra_args": {"enforce_eager": True}},
+                              "output": {"flush_rows": 2}, "scale": {"workers": 2, "shared_filesystem": True}})
+    resumed_plan, resumed = checkpoint.open_plan(layout, make_plan(load_job(inline=faster), store))
+    assert resumed and resumed_plan == plan
+
+
+def test_a_dcp8_output_is_not_resumed_with_dcp1(tmp_path: Path) -> None:
+    """DCP is another attention computation (with an open drift bug at long context, vLLM
+    #41623), not only a split: the two Kimi presets' outputs do not mix. TP alone may
+    change; DCP1 jobs keep the fingerprint they had when DCP was speed-only."""
+    store = Storage()
+    inputs = write_prompts(tmp_path / "in.parquet", prompt_rows(4))
+    job = {"input": {"path": str(inputs)}, "output": {"path": str(tmp_path / "out")},
+           "engine": {"model": "m", "tensor_parallel_size": 8,
+                      "decode_context_parallel_size": 8}}
+    layout = OutputLayout(str(tmp_path / "out"), store)
+    checkpoint.open_plan(layout, make_plan(load_job(inline=job), store))
+    tp8 = deep_merge(job, {"engine": {"decode_context_parallel_size": 1}})
+    with pytest.raises(ResumeRefused) as refused:
+        checkpoint.open_plan(layout, make_plan(load_job(inline=tp8), store))
+    assert "  - engine.decode_context_parallel_size: 8 -> 1\n" in str(refused.value)
+    assert digest(_parts({"engine": {"tensor_parallel_size": 8}})) == digest(_parts())
+
+
+def test_an_unset_rollout_adds_no_part_so_outputs_written_before_it_resume() -> None:
+    """`rollout` came later (counts_when_set): unset, a job's parts are those it had before
+    the section existed; set, its fields count like any other."""
+    assert not [k for k in _parts() if k.startswith("rollout")]
+    changes = describe_changes(_parts(), _parts({"rollout": {"tools": [{"python": "t.py"}]}}))
+    assert [c.split(":")[0] for c in changes] == [
+        "rollout.max_malformed_turns", "rollout.max_turns", "rollout.tool_timeout_s",
+        "rollout.tools"]
+
+
+SECRET, ROTATED = "sk-live-0123456789abcdef", "sk-live-fedcba9876543210"
+
+
+def _mcp(key: str, command: str = "server.py", host: str = "search") -> dict[str, Any]:
+    """Tool sources holding secrets: a stdio server's env value, a URL's credentials."""
+    return {"rollout": {"tools": [
+        {"mcp": {"command": ["python", command], "env": {"API_KEY": key, "MODE": "fast"}}},
+        {"mcp": {"url": f"https://bot:{key}@{host}:8000/mcp?token={key}&region=eu"}}]}}
+
+
+def test_mcp_secrets_count_for_nothing_and_are_written_nowhere(tmp_path: Path) -> None:
+    """A rotated key is the same job (a resume goes on); the server, its host and its env
+    names still count. Neither the plan's fingerprint parts nor the manifest's config
+    hold a secret: both are JSON dumps, where the schema masks them."""
+    store = Storage()
+    inputs = write_prompts(tmp_path / "in.parquet", prompt_rows(4))
+    base = {"input": {"path": str(inputs)}, "engine": {"model": "m"},
+            "output": {"path": str(tmp_path / "out")}}
+    layout = OutputLayout(str(tmp_path / "out"), store)
+    job = load_job(inline=deep_merge(base, _mcp(SECRET)))
+    plan, _ = checkpoint.open_plan(layout, make_plan(job, store))
+
+    rotated = load_job(inline=deep_merge(base, _mcp(ROTATED)))
+    assert checkpoint.open_plan(layout, make_plan(rotated, store)) == (plan, True)
+    for other in (_mcp(SECRET, command="other.py"), _mcp(SECRET, host="elsewhere")):
+        with pytest.raises(ResumeRefused, match=r"rollout\.tools: "):
+            checkpoint.open_plan(layout, make_plan(load_job(inline=deep_merge(base, other)),
+                                                   store))
+    manifest = build_manifest(rotated, plan, layout, {}, RunFigures())
+    written = [(tmp_path / "out" / "_plan.json").read_text(), manifest.to_json().decode()]
+    assert not [text for text in written if SECRET in text or ROTATED in text]
+    assert ("https://**********@search:8000/mcp?token=**********&region=**********"
+            in written[0].replace("\\", ""))
+    assert manifest.config["rollout"]["tools"][0]["mcp"]["env"] == {"API_KEY": "**********",
+                                                                    "MODE": "**********"}
