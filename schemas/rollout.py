@@ -183,11 +183,9 @@ class RolloutSpec(_Strict):
         default=None, gt=0, le=1,
         description="Stop the job once more than this share of its tool calls failed (judged "
                     "from 20 calls on): tools that are down should not turn into thousands "
-                    "of conversations about error messages. Default: never stop.",
-        json_schema_extra={"speed_only": True})  # it stops the job; it changes no row
+                    "of conversations about error messages. Default: never stop.")
     max_concurrent_tools: int = Field(default=16, ge=1,
-                                      description="Tool calls running at once, all rows.",
-                                      json_schema_extra={"speed_only": True})
+                                      description="Tool calls running at once, all rows.")
 
     @model_validator(mode="after")
     def _one_recorded(self) -> RolloutSpec:

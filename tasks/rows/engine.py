@@ -67,7 +67,8 @@ class Engine(Protocol):
 
 
 def llm_kwargs(spec: EngineSpec, parsers: ParserSpec) -> dict[str, Any]:
-    """vllm.LLM arguments, named as `vllm serve` flags are (`--decode-context-parallel-size`).
+    """vllm.LLM arguments, named as `vllm serve` flags are (`--decode-context-parallel-size`):
+    the engine fields thinkbatch reads, then the job's vLLM engine arguments as they are.
     The reasoning parser too, as `--reasoning-parser` gives it: vLLM's structured-output
     manager then starts a row's grammar where its reasoning ends, so a constrained answer
     leaves the thinking free (without it the grammar forces the thinking as well)."""
@@ -80,17 +81,13 @@ def llm_kwargs(spec: EngineSpec, parsers: ParserSpec) -> dict[str, Any]:
         pipeline_parallel_size=spec.pipeline_parallel_size,
         max_model_len=spec.max_model_len,
         trust_remote_code=spec.trust_remote_code,
-        dtype=spec.dtype,
-        quantization=spec.quantization,
-        load_format=spec.load_format,
-        kv_cache_memory_bytes=spec.kv_cache_memory_bytes,
         seed=spec.seed,
         # Stats on, so RequestOutput.metrics carries first-token times.
         disable_log_stats=False,
     )
     if parsers.reasoning:
         kwargs["reasoning_parser"] = parsers.reasoning
-    kwargs.update(spec.extra_args)
+    kwargs.update(spec.vllm_args)
     return kwargs
 
 
@@ -397,7 +394,7 @@ def get_engine(spec: EngineSpec, parsers: ParserSpec, seeded: bool = False) -> E
     platforms need settings for.
 
     Keyed by what the engine is built from (the `vllm.LLM` arguments), not by the
-    fingerprint's speed-only marks: those answer another question (`replay_column`
+    fingerprint's SPEED_ONLY list: that answers another question (`replay_column`
     changes rows but not the engine; `gpu_memory_utilization` the engine but not rows)."""
     kwargs, choices = machine_kwargs(spec, parsers, seeded) if spec.kind == "vllm" else (
         llm_kwargs(spec, parsers), [])

@@ -41,7 +41,7 @@ def seeded_sampling_errors(job: JobSpec) -> list[str]:
     engine core dies on the first prompt prefilled in part), and one whose
     `max_num_batched_tokens` is below `max_model_len` cannot turn it off (vLLM refuses a
     token budget that a whole prompt may not fit). Refused before any model loads."""
-    extra = job.engine.extra_args
+    extra = job.engine.vllm_args
     if job.engine.kind != "vllm" or not may_seed(job):
         return []
     from vllm.platforms import current_platform
@@ -49,13 +49,13 @@ def seeded_sampling_errors(job: JobSpec) -> list[str]:
     if not current_platform.is_cpu():
         return []
     if extra.get("enable_chunked_prefill"):
-        return [f"engine.extra_args.enable_chunked_prefill: true cannot run with sampling "
+        return [f"engine.enable_chunked_prefill: true cannot run with sampling "
                 f"seeds on vLLM's CPU build: {SEEDED_CPU}. Leave it unset (thinkbatch turns "
                 "it off for seeded jobs on CPU) or drop the seed"]
     budget, longest = extra.get("max_num_batched_tokens"), job.engine.max_model_len
     if "enable_chunked_prefill" not in extra and budget is not None and longest is not None \
             and budget < longest:
-        return [f"engine.extra_args.max_num_batched_tokens: {budget} is below max_model_len "
+        return [f"engine.max_num_batched_tokens: {budget} is below max_model_len "
                 f"{longest}, so chunked prefill must stay on, which cannot run with sampling "
                 f"seeds on vLLM's CPU build: {SEEDED_CPU}. Raise it to max_model_len or "
                 "leave it unset"]

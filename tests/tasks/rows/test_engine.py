@@ -40,6 +40,21 @@ def _run(engine: Any, reqs: dict[str, RowRequest], params: Any) -> dict[str, Gen
 
 
 @pytest.mark.engine
+def test_the_jobs_vllm_engine_arguments_reach_vllm_as_they_are(tiny_model: str) -> None:
+    """Written flat under `engine:` (the random-miniature preset's), each vLLM engine
+    argument is in the configuration vLLM built from them."""
+    spec = EngineSpec(**engine_section(tiny_model))
+    assert spec.vllm_args == {"kv_cache_memory_bytes": 268435456, "enforce_eager": True,
+                              "load_format": "dummy",
+                              "structured_outputs_config": {"enable_in_reasoning": True}}
+    config = get_engine(spec, KIMI).llm.llm_engine.vllm_config
+    assert config.cache_config.kv_cache_memory_bytes == 268435456
+    assert config.model_config.enforce_eager is True
+    assert config.load_config.load_format == "dummy"
+    assert config.structured_outputs_config.enable_in_reasoning is True
+
+
+@pytest.mark.engine
 def test_max_tokens_is_cut_to_the_room_left_and_refused_only_under_the_floor(
         tiny_model: str) -> None:
     """A prompt that leaves less room than max_tokens gets the room (and finishes
