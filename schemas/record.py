@@ -32,6 +32,7 @@ class RowRequest:
     min_room_tokens: int = 16  # the job's sampling.min_room_tokens (a row's own is in sampling)
     replay_finish_reason: str = "stop"  # replay of a stored truncated row: "length"
     recorded: Any = None  # rollout: the row's recorded tool results (rollout.tools recorded)
+    prompt: Any = None  # rollout: this turn's prompt, rendered ahead (tasks/rows/history.py)
 
 
 @dataclass(slots=True)
