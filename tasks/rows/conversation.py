@@ -107,7 +107,6 @@ class Conversations:
         self._renderer = (ThreadPoolExecutor(1, thread_name_prefix="thinkbatch-render")
                           if render is not None and self.spec is not None else None)
         self.rerendered = 0  # turns whose template rewrote the previous prompt (history.py)
-        self.render_s = 0.0  # time the render thread spent on next turns' prompts
 
     # -- feeder thread ----------------------------------------------------------------
 
@@ -209,7 +208,6 @@ class Conversations:
         """The results join the history and the next turn's prompt is rendered from the
         previous one; then the driver may take the conversation. A render that fails is
         left to the driver's full render, which fails the row with its reason."""
-        started = time.perf_counter()
         try:
             conv.messages.extend(tool_message(r) for r in results)
             if self._render is not None and self.toolbox.unavailable(results) is None:
@@ -221,7 +219,6 @@ class Conversations:
                               conv.req.row_id, e)
                     conv.history = None
         finally:
-            self.render_s += time.perf_counter() - started
             self._results.put((conv, results))
 
     def close(self) -> None:
