@@ -262,9 +262,12 @@ class VllmEngine:
     def render(self, req: RowRequest, prev: PromptHistory | None) -> PromptHistory | None:
         """A rollout turn's prompt from the previous turn's (tasks/rows/history.py), on the
         render thread. Raises what rendering the row raises."""
-        return self._histories.next(prev, req.messages or [], req.tools,
-                                    req.chat_template_kwargs,
-                                    allow_special_tokens=req.allow_special_tokens)
+        history = self._histories.next(prev, req.messages or [], req.tools,
+                                       req.chat_template_kwargs,
+                                       allow_special_tokens=req.allow_special_tokens)
+        if history is not None:
+            history.ready = history.ids.tolist()
+        return history
 
     def _prompt(self, req: RowRequest) -> dict[str, Any]:
         """The request's prompt: the one rendered ahead for its messages (a rollout turn),
@@ -273,8 +276,8 @@ class VllmEngine:
         ahead = req.prompt
         if (isinstance(ahead, PromptHistory) and ahead.messages == len(req.messages or ())
                 and len(ahead) <= self.max_model_len):
-            return self.llm.renderer.process_for_engine(
-                {"prompt_token_ids": ahead.ids.tolist()}, time.time())
+            ids = ahead.ready if ahead.ready is not None else ahead.ids.tolist()
+            return self.llm.renderer.process_for_engine({"prompt_token_ids": ids}, time.time())
         return chat_prompt(self._render, self._control, req.messages, req.tools,
                            req.chat_template_kwargs,
                            allow_special_tokens=req.allow_special_tokens)
@@ -314,6 +317,8 @@ class VllmEngine:
         self._pending.add(key)
         if capped:
             self._capped.add(key)
+        if isinstance(req.prompt, PromptHistory):
+            req.prompt.ready = None  # the engine holds its own while it runs
 
     def poll(self) -> list[Generation]:
         if not self._pending:

@@ -50,6 +50,9 @@ class PromptHistory:
     nonce: str | None  # the conversation's mask (prompt_tokens.py), once data spelt markers
     rerendered: bool = False  # tokenized from before the previous prompt's end
     tokenized: int = 0  # characters of `text` tokenized for this turn
+    # The ids as the engine takes them (a list), made off the driver and let go once the
+    # engine has the request: the one id list a conversation holds, and only meanwhile.
+    ready: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
