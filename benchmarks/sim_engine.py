@@ -205,6 +205,9 @@ class SimEngine:
     def guard(self, markers: Iterable[str]) -> None:
         """Nothing is tokenized."""
 
+    def render(self, req: RowRequest, prev: Any) -> None:
+        """Nothing is rendered."""
+
     def submit(self, key: str, req: RowRequest, params: Any) -> None:
         self._advance(self._clock.now())
         prompt, output, cut = self._lengths(req.row_index)

@@ -5,8 +5,11 @@ conversation waits for another's (no barrier across turns).
 
 The pipeline's driver thread owns every conversation's state. A rollout turn that ends
 in tool calls hands them to the toolbox (tools/toolbox.py), which runs them on its own
-pool and puts the results on a queue; the driver takes them from there and submits the
-conversation's next turn ahead of new rows, so conversations in flight finish first.
+pool; their results join the history and the next turn's prompt is rendered on a render
+thread (tasks/rows/history.py: the new messages tokenized, not the history), off the
+driver that steps the engine; the conversation is then put on a queue, and the driver
+takes it from there and submits its next turn ahead of new rows, so conversations in
+flight finish first.
 A conversation is one output row, written when it ends: an answer (`ok`), `max_turns`,
 a turn that failed (its status; a rollout names the turn in `error`), or `tool_error`
 when a call failed because its source is down for good (an MCP server no restart brought
@@ -16,9 +19,12 @@ back): the model would only read errors where the data meant results.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import queue
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +32,15 @@ from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.record import (Generation, Parsed, RowRequest, ToolResult, Trajectory,
                                        Turn)
+from thinkbatch.tasks.rows.history import PromptHistory
 from thinkbatch.tasks.rows.parse import OutputParser, arguments_problem, schema_problem
 from thinkbatch.tasks.tools.tool import ToolboxError
 from thinkbatch.tasks.tools.toolbox import Toolbox
+
+log = logging.getLogger("thinkbatch.conversation")
+
+# A turn's prompt from the previous turn's (the engine's `render`), on the render thread.
+Render = Callable[[RowRequest, PromptHistory | None], PromptHistory | None]
 
 
 @dataclass(slots=True)
@@ -43,6 +55,7 @@ class Conversation:
     turns: list[Turn] = field(default_factory=list)
     started: float | None = None  # monotonic time its first turn was submitted
     malformed: int = 0  # consecutive turns whose tool calls had malformed arguments
+    history: PromptHistory | None = None  # the next turn's prompt, rendered ahead
 
     @property
     def key(self) -> str:
@@ -71,7 +84,8 @@ class Conversations:
     """The conversations of one pipeline between their turns. Without `job.rollout` each
     ends at its first turn and nothing here waits: no tools, no limit."""
 
-    def __init__(self, job: JobSpec, parser: OutputParser, toolbox: Toolbox | None = None):
+    def __init__(self, job: JobSpec, parser: OutputParser, toolbox: Toolbox | None = None,
+                 render: Render | None = None):
         if job.rollout is not None and toolbox is None:
             raise ValueError("a rollout job's pipeline needs its toolbox (Toolbox.open)")
         self.job = job
@@ -88,6 +102,11 @@ class Conversations:
         self._at_tools = 0
         self._results: queue.Queue[tuple[Conversation, list[ToolResult]]] = queue.Queue()
         self._back: deque[tuple[Conversation, list[ToolResult]]] = deque()
+        self._render = render
+        # One thread: a tokenizer is not shared between threads (engine.py, _own_copy).
+        self._renderer = (ThreadPoolExecutor(1, thread_name_prefix="thinkbatch-render")
+                          if render is not None and self.spec is not None else None)
+        self.rerendered = 0  # turns whose template rewrote the previous prompt (history.py)
 
     # -- feeder thread ----------------------------------------------------------------
 
@@ -133,7 +152,7 @@ class Conversations:
         if conv.started is None:
             conv.started = time.monotonic()
         self._open.add((conv.req.row_index, conv.sample))
-        return dataclasses.replace(conv.req, messages=conv.messages)
+        return dataclasses.replace(conv.req, messages=conv.messages, prompt=conv.history)
 
     def turn_done(self, conv: Conversation, gen: Generation,
                   gave_up: Parsed | None) -> Parsed | None:
@@ -143,7 +162,7 @@ class Conversations:
         parsed = gave_up or self._parse(conv.req, gen)
         if self.spec is None:
             return parsed
-        conv.turns.append(Turn(gen, parsed))
+        conv.turns.append(Turn.of(gen, parsed))
         n = len(conv.turns)
         if self._malformed(parsed):
             conv.malformed += 1
@@ -169,8 +188,43 @@ class Conversations:
         self._at_tools += 1
         assert self.toolbox is not None
         self.toolbox.run(parsed.tool_calls, conv.req.recorded,
-                         lambda results: self._results.put((conv, results)))
+                         lambda results: self._returned(conv, results))
         return None
+
+    # -- tool and render threads ------------------------------------------------------
+
+    def _returned(self, conv: Conversation, results: list[ToolResult]) -> None:
+        """A conversation's tools returned (a tool thread): its next prompt is rendered on
+        the render thread. A pipeline that closed leaves it to a rerun."""
+        if self._renderer is None:
+            self._next_turn(conv, results)
+            return
+        try:
+            self._renderer.submit(self._next_turn, conv, results)
+        except RuntimeError:  # the render thread was shut down: the pipeline closed
+            pass
+
+    def _next_turn(self, conv: Conversation, results: list[ToolResult]) -> None:
+        """The results join the history and the next turn's prompt is rendered from the
+        previous one; then the driver may take the conversation. A render that fails is
+        left to the driver's full render, which fails the row with its reason."""
+        try:
+            conv.messages.extend(tool_message(r) for r in results)
+            if self._render is not None and self.toolbox.unavailable(results) is None:
+                try:
+                    conv.history = self._render(
+                        dataclasses.replace(conv.req, messages=conv.messages), conv.history)
+                except Exception as e:
+                    log.debug("row %s: rendering its next turn ahead failed: %s",
+                              conv.req.row_id, e)
+                    conv.history = None
+        finally:
+            self._results.put((conv, results))
+
+    def close(self) -> None:
+        """Stop the render thread; conversations it still holds are left to a rerun."""
+        if self._renderer is not None:
+            self._renderer.shutdown(wait=False, cancel_futures=True)
 
     @staticmethod
     def _malformed(parsed: Parsed) -> bool:
@@ -214,7 +268,7 @@ class Conversations:
         if (stop := self.toolbox.failing()) is not None:
             raise ToolboxError(stop)
         conv.turns[-1].results = results
-        conv.messages.extend(tool_message(r) for r in results)
+        self.rerendered += conv.history is not None and conv.history.rerendered
         if (why := self.toolbox.unavailable(results)) is not None:
             conv.req = dataclasses.replace(conv.req, status=Status.TOOL_ERROR,
                                            error=f"turn {len(conv.turns)}: {why}")
@@ -234,6 +288,7 @@ class Conversations:
         if self.spec is None:
             return None
         self._open.discard((conv.req.row_index, conv.sample))
+        conv.history = None
         if not conv.turns:
             return None
         assert conv.started is not None

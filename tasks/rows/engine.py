@@ -27,6 +27,7 @@ from thinkbatch.schemas.record import Generation, RowRequest
 from thinkbatch.tasks.process.vllm_env import engine_logging
 from thinkbatch.tasks.rows import engine_settings
 from thinkbatch.tasks.rows.engine_stderr import EngineStderr
+from thinkbatch.tasks.rows.history import Histories, PromptHistory, RenderText
 from thinkbatch.tasks.rows.prompt_tokens import ControlTokens, chat_prompt
 
 log = logging.getLogger("thinkbatch.engine")
@@ -56,6 +57,8 @@ class Engine(Protocol):
     def in_flight(self) -> int: ...
 
     def submit(self, key: str, req: RowRequest, params: Any) -> None: ...
+
+    def render(self, req: RowRequest, prev: PromptHistory | None) -> PromptHistory | None: ...
 
     def poll(self) -> list[Generation]: ...
 
@@ -132,6 +135,33 @@ def as_served(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def text_renderer(offline: Any) -> RenderText:
+    """The chat template's text as `LLM.chat` renders it (vLLM's `_preprocess_chat`: the
+    same chat parameters, messages as served), before it is tokenized. None where vLLM's
+    own render gives no text alone: a template that tokenizes (Mistral's), multimodal
+    data, prompt embeddings."""
+    from vllm.renderers import ChatParams, merge_kwargs
+    from vllm.utils.mistral import is_mistral_tokenizer
+
+    tokenizes = (is_mistral_tokenizer(offline.renderer.tokenizer)
+                 or offline.model_config.enable_prompt_embeds)
+
+    def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+               kwargs: dict[str, Any]) -> str | None:
+        if tokenizes:
+            return None
+        params = ChatParams(
+            chat_template=offline.chat_template, chat_template_content_format="auto",
+            chat_template_kwargs=merge_kwargs(kwargs or None, dict(
+                add_generation_prompt=True, continue_final_message=False, tools=tools,
+                tokenize=False)))
+        _, prompt = offline.renderer.render_messages(as_served(messages), params)
+        text = prompt.get("prompt")
+        return text if isinstance(text, str) and prompt.keys() == {"prompt"} else None
+
+    return render
+
+
 def cpu_groups(cpus: list[int], groups: int) -> str:
     """`cpus` split into `groups` contiguous shares in VLLM_CPU_OMP_THREADS_BIND's syntax
     ("0|1", "0,1|2,3"); with fewer CPUs than groups, groups share CPUs in turn."""
@@ -193,6 +223,12 @@ class VllmEngine:
         self._alive_at = time.monotonic()  # the last step that came back: a cause is after it
         self.tokenizer = self.llm.get_tokenizer()
         self._control = ControlTokens(self.tokenizer)
+        # The rollout's render thread tokenizes with a tokenizer of its own: a fast
+        # tokenizer's settings (truncation, split_special_tokens) are state that a call
+        # on the driver thread changes under it.
+        self._render_tokenizer = _own_copy(self.tokenizer)
+        self._text = text_renderer(self.llm)
+        self._histories = Histories(self._text, ControlTokens(self._render_tokenizer))
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._final_only = RequestOutputKind.FINAL_ONLY
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -213,23 +249,46 @@ class VllmEngine:
         too: a tokenizer may know them only by name (Kimi-K2-Thinking's keeps `<think>`
         and its tool-call markers out of its added tokens)."""
         self._control = ControlTokens(self.tokenizer, markers)
+        self._histories = Histories(self._text, ControlTokens(self._render_tokenizer, markers))
 
     def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                 kwargs: dict[str, Any]) -> dict[str, Any]:
         return self.llm._preprocess_chat_one(as_served(messages), tools=tools,
                                              chat_template_kwargs=kwargs or None)
 
+    def render(self, req: RowRequest, prev: PromptHistory | None) -> PromptHistory | None:
+        """A rollout turn's prompt from the previous turn's (tasks/rows/history.py), on the
+        render thread. Raises what rendering the row raises."""
+        history = self._histories.next(prev, req.messages or [], req.tools,
+                                       req.chat_template_kwargs,
+                                       allow_special_tokens=req.allow_special_tokens)
+        if history is not None:
+            history.ready = history.ids.tolist()
+        return history
+
+    def _prompt(self, req: RowRequest) -> dict[str, Any]:
+        """The request's prompt: the one rendered ahead for its messages (a rollout turn),
+        else rendered here. One past the window goes to vLLM's own render, which refuses it
+        in its own words."""
+        ahead = req.prompt
+        if (isinstance(ahead, PromptHistory) and ahead.messages == len(req.messages or ())
+                and len(ahead) <= self.max_model_len):
+            ids = ahead.ready if ahead.ready is not None else ahead.ids.tolist()
+            return self.llm.renderer.process_for_engine({"prompt_token_ids": ids}, time.time())
+        return chat_prompt(self._render, self._control, req.messages, req.tools,
+                           req.chat_template_kwargs,
+                           allow_special_tokens=req.allow_special_tokens)
+
     def submit(self, key: str, req: RowRequest, params: Any) -> None:
         """Render with the model's own chat template and tokenizer (data that spells control
-        tokens tokenized as text, tasks/rows/prompt_tokens.py), check the length on the host (no
-        accelerator time for a prompt that cannot fit), then enqueue. A prompt that leaves
-        less room than max_tokens gets the room (a long conversation goes on to the end of
-        the window, as vLLM's `LLM` would let it); one that leaves less than the job's
-        `sampling.min_room_tokens` is refused: a few tokens could hold no answer."""
+        tokens tokenized as text, tasks/rows/prompt_tokens.py), unless the prompt was
+        rendered ahead; check the length on the host (no accelerator time for a prompt
+        that cannot fit), then enqueue. A prompt that leaves less room than max_tokens
+        gets the room (a long conversation goes on to the end of the window, as vLLM's
+        `LLM` would let it); one that leaves less than the job's `sampling.min_room_tokens`
+        is refused: a few tokens could hold no answer."""
         try:
-            prompt = chat_prompt(self._render, self._control, req.messages, req.tools,
-                                 req.chat_template_kwargs,
-                                 allow_special_tokens=req.allow_special_tokens)
+            prompt = self._prompt(req)
         except Exception as e:  # this one row's template rendering failed
             raise _rejected(e) from e
         prompt_len = len(prompt["prompt_token_ids"])
@@ -255,6 +314,8 @@ class VllmEngine:
         self._pending.add(key)
         if capped:
             self._capped.add(key)
+        if isinstance(req.prompt, PromptHistory):
+            req.prompt.ready = None  # the engine holds its own while it runs
 
     def poll(self) -> list[Generation]:
         if not self._pending:
@@ -334,6 +395,14 @@ class VllmEngine:
         self.llm.llm_engine.engine_core.shutdown()
 
 
+def _own_copy(tokenizer: Any) -> Any:
+    """A fast tokenizer copied (its settings are its own); a slow one is shared: its state
+    is read only."""
+    import copy
+
+    return copy.deepcopy(tokenizer) if getattr(tokenizer, "is_fast", False) else tokenizer
+
+
 def _exit_codes(procs: list[Any]) -> list[int | None]:
     """The processes' exit codes, waited for up to EXIT_WAIT_S: a pipe can close before its
     process is reaped, and vLLM's liveness monitor reaps it from another thread, so a
@@ -368,6 +437,10 @@ class ReplayEngine:
             finish_reason=req.replay_finish_reason, prompt_token_ids=None, ttft_s=None,
             latency_s=None,
         ))
+
+    def render(self, req: RowRequest, prev: PromptHistory | None) -> PromptHistory | None:
+        """Nothing to render: no prompt is tokenized."""
+        return None
 
     def poll(self) -> list[Generation]:
         done = list(self._done)

@@ -76,7 +76,8 @@ class Pipeline:
         self.triage = Triage(job.engine.max_restarts if restart_engine else 0)
         self.parser = parser
         self.toolbox = toolbox  # a rollout job's tools: closed when the pipeline ends
-        self.conversations = Conversations(job, parser, toolbox)
+        self.conversations = Conversations(job, parser, toolbox,
+                                           lambda req, prev: self.engine.render(req, prev))
         self.sampling = SamplingBuilder(job) if job.engine.kind == "vllm" else None
         self.renderer = Renderer(job)
         self.listeners = listeners  # what watches the rows (rows/listeners.py)
@@ -175,6 +176,7 @@ class Pipeline:
         """Conversations still at their tools are left to a rerun, like requests in flight."""
         if self.toolbox is not None:
             self.toolbox.close()
+        self.conversations.close()
 
     # -- feeder thread --------------------------------------------------------------
 

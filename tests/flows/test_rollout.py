@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +104,20 @@ class Recording:
         self.engine, self.tokenizer, self.layout = engine, engine.tokenizer, engine.layout
         self.prompts: dict[str, list[int]] = {}
         self.tools: dict[str, Any] = {}
+        self.ahead: dict[str, bool] = {}  # whether each request came rendered ahead
+        self.rendered_on: set[str] = set()  # the threads that rendered next turns
 
     @property
     def in_flight(self) -> int:
         return self.engine.in_flight
 
+    def render(self, req: RowRequest, prev: Any) -> Any:
+        self.rendered_on.add(threading.current_thread().name)
+        return self.engine.render(req, prev)
+
     def submit(self, key: str, req: RowRequest, params: Any) -> None:
         self.tools[key] = req.tools
+        self.ahead[key] = req.prompt is not None
         self.engine.submit(key, req, params)
 
     def poll(self) -> list[Generation]:
@@ -164,6 +172,10 @@ def test_each_turn_is_vllms_chat_rendering_of_the_trajectory(tiny_model: str,
                            use_tqdm=False)
     for key, out in zip(keys, outs):
         assert recording.prompts[key] == list(out.prompt_token_ids), key
+    # Turns after the first came rendered ahead, incrementally, on the render thread.
+    assert {k for k in keys if recording.ahead[k]} == {k for k in keys
+                                                       if not k.endswith(":0")}
+    assert {name.split("_")[0] for name in recording.rendered_on} == {"thinkbatch-render"}
     # The second turn's prompt holds the first turn's reasoning, as Kimi's template puts it.
     row = next(r for r in rows.values() if r["num_turns"] >= 2)
     prompt = engine.tokenizer.decode(recording.prompts[f"{row['row_index']}:0:1"])
