@@ -318,7 +318,7 @@ def test_a_killed_rollout_resumes_each_conversation_at_its_last_saved_tool_call(
         "lookup", r'\{"city": "[a-z]{1,8}"\}')), rollout={
         "tools": [{"python": "tests.rollout_tally"}], "max_turns": 4,
         "max_concurrent_tools": tools, "checkpoint_seconds": 0},
-        output={"flush_rows": 16}, shards={"rows_per_shard": 24})
+        output={"flush_rows": 32}, shards={"rows_per_shard": 48})
     spec["engine"]["max_in_flight"] = in_flight
     spec["sampling"]["max_tokens"] = MARKERS_SPELLED_OUT
     job = write_job(tmp_path / "job.yaml", spec)
