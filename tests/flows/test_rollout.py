@@ -276,7 +276,8 @@ def test_tools_served_by_an_mcp_stdio_server(tiny_model: str, prefect_harness,
 def test_kill_mid_rollout_then_resume_writes_every_conversation_once_and_whole(
         tiny_model: str, tmp_path: Path) -> None:
     """Tools sleep a random time, so at the first commit conversations are at every
-    stage; the rerun redoes only those in flight, each from its first turn."""
+    stage; the rerun redoes only those in flight, each from its first turn or its last
+    saved one (rollout.checkpoint_seconds)."""
     n, in_flight, flush = 64, 16, 8
     spec = _job(tmp_path, tiny_model, n, regex(ANSWER, WEATHER, tool_call("nap")),
                 rollout={"max_turns": 4, "max_concurrent_tools": 4},
