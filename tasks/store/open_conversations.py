@@ -69,6 +69,7 @@ def sweep(layout: OutputLayout, shard_id: int) -> int:
     folder = layout.open_conversations(shard_id)
     names = layout.store.list_files(folder, ".json")
     _each(lambda name: layout.store.delete(join(folder, name)), names)
+    layout.store.remove_temporaries(folder)  # a local write a kill cut short
     return len(names)
 
 
