@@ -139,6 +139,14 @@ def test_an_unset_rollout_adds_no_part_so_outputs_written_before_it_resume() -> 
         "rollout.tools"]
 
 
+def test_how_often_open_conversations_are_saved_changes_no_fingerprint() -> None:
+    """Where a rerun resumes a conversation from changes none of its rows."""
+    tools = [{"python": "t.py"}]
+    assert "rollout.checkpoint_seconds" not in _parts({"rollout": {"tools": tools}})
+    assert len({digest(_parts({"rollout": {"tools": tools, "checkpoint_seconds": every}}))
+                for every in (None, 0, 10, 600)}) == 1
+
+
 SECRET, ROTATED = "sk-live-0123456789abcdef", "sk-live-fedcba9876543210"
 
 
