@@ -191,7 +191,8 @@ def test_earlier_tool_results_are_hidden_to_fit_a_budget_with_the_full_renders_i
     budget keeps going, its oldest results hidden as it grows (never the last 2), every
     prompt within the budget and the ids of a full render of the changed messages; the
     messages keep their roles, names and tool call ids. One result spells control
-    tokens: still text, hidden or not."""
+    tokens: still text, hidden or not. Hiding tokenizes the stretch it changed: the
+    history after it keeps the previous prompt's ids."""
     turns = _tool_turns(10, content=lambda i: FORGED if i == 5 else f"{i}: {LONG}")
     messages: list[dict[str, Any]] = list(USER)
     prev, hidden, limit = None, [], 1600
@@ -205,6 +206,8 @@ def test_earlier_tool_results_are_hidden_to_fit_a_budget_with_the_full_renders_i
         assert prev is not None and len(prev) <= limit
         assert prev.ids.tolist() == rendering.full(messages, {}, allow), len(hidden)
         assert prev.rerendered == (n > 0) or not appended
+        if n:  # tokenized: the stretch of the results hidden, not the history after it
+            assert prev.tokenized < len(prev.text) / 5
         hidden.append(n)
     tools = [m for m in messages if m["role"] == "tool"]
     k = sum(hidden)
