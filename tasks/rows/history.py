@@ -168,7 +168,8 @@ class Histories:
         shared = _shared_suffix(prev.text, text)
         i = bisect_right(prev.starts, len(prev.text) - shared - 1)
         i = max(i, cut + 1)
-        if i >= len(prev.starts) or prev.starts[i] + len(text) - len(prev.text) < prev.starts[cut]:
+        if i >= len(prev.starts) or (
+                prev.starts[i] + len(text) - len(prev.text) < prev.starts[cut]):
             return None
         return i
 
