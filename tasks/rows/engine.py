@@ -58,6 +58,7 @@ class RequestRejected(Exception):
 class Engine(Protocol):
     tokenizer: Any
     layout: EngineLayout | None  # a vLLM engine's, as loaded
+    max_model_len: int | None  # the window its prompts are checked against, where known
 
     @property
     def in_flight(self) -> int: ...
@@ -428,6 +429,7 @@ class ReplayEngine:
     def __init__(self, spec: EngineSpec):
         self.tokenizer = None
         self.layout = None
+        self.max_model_len = spec.max_model_len
         if spec.model or spec.tokenizer:
             from vllm.tokenizers import get_tokenizer
 
