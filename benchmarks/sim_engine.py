@@ -168,6 +168,7 @@ class SimEngine:
         self.model = model
         self.name = name  # written as each row's answer: which engine generated it
         self.tokenizer = None
+        self.max_model_len: int | None = None  # no prompt is rendered
         self.slots = model.slots
         self.layout = EngineLayout(
             vllm="simulated", device="sim", tensor_parallel_size=8,

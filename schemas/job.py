@@ -102,7 +102,8 @@ SPEED_ONLY = frozenset({
 # What came to count later: at its default it adds no fingerprint part, so outputs
 # written before it counted still resume; set, it counts like any other field.
 COUNTS_WHEN_SET = frozenset({
-    "engine.decode_context_parallel_size", "sampling.min_room_tokens", "rollout"})
+    "engine.decode_context_parallel_size", "sampling.min_room_tokens", "rollout",
+    "rollout.context"})
 
 
 def flat_engine_args(engine: Any) -> Any:

@@ -283,6 +283,7 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                     run.engine_restarts = pipeline.restarts
                     run.turns_capped = pipeline.turns_capped
                     run.turns_rerendered = pipeline.conversations.rerendered
+                    run.tool_results_hidden = pipeline.conversations.results_hidden
                     run.engine = pipeline.engine.layout
                     run.in_flight = pipeline.in_flight_limit.figures()
                     run.rows_generated = opened.progress.rows

@@ -9,7 +9,8 @@ pool; their results join the history and the next turn's prompt is rendered on a
 thread (tasks/rows/history.py: the new messages tokenized, not the history), off the
 driver that steps the engine; the conversation is then put on a queue, and the driver
 takes it from there and submits its next turn ahead of new rows, so conversations in
-flight finish first.
+flight finish first. A history that outgrows its budget under `rollout.context:
+hide_tool_results` has earlier tool results hidden there too (tasks/rows/context.py).
 With `rollout.checkpoint_seconds` set, a conversation's state (its messages, turns and
 malformed count) is made into bytes on the render thread once its tools returned, and the
 committer saves it (store/open_conversations.py): a rerun resumes it from there, its next
@@ -37,6 +38,7 @@ from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.record import (Generation, Parsed, RowRequest, ToolResult, Trajectory,
                                        Turn)
+from thinkbatch.tasks.rows import context
 from thinkbatch.tasks.rows.history import PromptHistory
 from thinkbatch.tasks.rows.parse import OutputParser, arguments_problem, schema_problem
 from thinkbatch.tasks.tools.tool import ToolboxError
@@ -61,6 +63,7 @@ class Conversation:
     started: float | None = None  # monotonic time its first turn was submitted
     malformed: int = 0  # consecutive turns whose tool calls had malformed arguments
     history: PromptHistory | None = None  # the next turn's prompt, rendered ahead
+    hidden: int = 0  # tool results hidden for the next turn (rollout.context)
     state: bytes | None = None  # its state at its last turn boundary, not yet saved
 
     @property
@@ -91,7 +94,8 @@ class Conversations:
     ends at its first turn and nothing here waits: no tools, no limit."""
 
     def __init__(self, job: JobSpec, parser: OutputParser, toolbox: Toolbox | None = None,
-                 render: Render | None = None):
+                 render: Render | None = None,
+                 window: Callable[[], int | None] = lambda: None):
         if job.rollout is not None and toolbox is None:
             raise ValueError("a rollout job's pipeline needs its toolbox (Toolbox.open)")
         self.job = job
@@ -113,6 +117,8 @@ class Conversations:
         self._renderer = (ThreadPoolExecutor(1, thread_name_prefix="thinkbatch-render")
                           if render is not None and self.spec is not None else None)
         self.rerendered = 0  # turns whose template rewrote the previous prompt (history.py)
+        self._window = window  # the engine's max_model_len, where it has one
+        self.results_hidden = 0  # tool results hidden to fit the context (context.py)
         # Open conversations are saved between turns (rollout.checkpoint_seconds).
         self.saving = self.spec is not None and self.spec.checkpoint_seconds is not None
 
@@ -139,8 +145,8 @@ class Conversations:
 
     def resume(self, conv: Conversation, state: bytes) -> None:
         """Continue a conversation from its saved state (a run that was killed or stopped):
-        its next turn is rendered ahead from the saved messages, on the render thread.
-        A state of another row (an input changed under --force-resume) is ignored."""
+        its next turn is rendered ahead from the saved messages (tool results hidden as
+        they were, rollout.context), on the render thread. A state of another row (an input changed under --force-resume) is ignored."""
         saved = json.loads(state)
         if self.spec is None or saved["row_id"] != conv.req.row_id or conv.req.error:
             return
@@ -152,6 +158,7 @@ class Conversations:
             req = dataclasses.replace(conv.req, messages=conv.messages)
             try:
                 conv.history = self._renderer.submit(self._render, req, None).result()
+                self._renderer.submit(self._fit, conv, req).result()
             except Exception as e:  # left to the driver's full render (see _next_turn)
                 log.debug("row %s: rendering its resumed turn ahead failed: %s",
                           conv.req.row_id, e)
@@ -239,19 +246,35 @@ class Conversations:
             conv.messages.extend(tool_message(r) for r in results)
             conv.turns[-1].results = results
             going_on = self.toolbox.unavailable(results) is None
-            if self.saving and going_on:
-                conv.state = self._state(conv)
             if self._render is not None and going_on:
                 try:
-                    conv.history = self._render(
-                        dataclasses.replace(conv.req, messages=conv.messages), conv.history)
+                    req = dataclasses.replace(conv.req, messages=conv.messages)
+                    conv.history = self._render(req, conv.history)
+                    self._fit(conv, req)
                 except Exception as e:
                     log.debug("row %s: rendering its next turn ahead failed: %s",
                               conv.req.row_id, e)
                     conv.history = None
+            if self.saving and going_on:  # the messages as the next turn reads them
+                conv.state = self._state(conv)
         finally:
             self._results.put((conv, results))
 
+    def _fit(self, conv: Conversation, req: RowRequest) -> None:
+        """Under `rollout.context: hide_tool_results`, a prompt past the budget has earlier
+        tool results hidden (in the conversation's messages) and is rendered again."""
+        assert self.spec is not None and self._render is not None
+        spec, render = self.spec.context, self._render
+        if spec.policy != "hide_tool_results" or conv.history is None:
+            return
+        floor = (req.sampling.min_room_tokens if req.sampling is not None
+                 else req.min_room_tokens)
+        limit = context.budget(spec, self._window(), floor)
+        if limit is None or len(conv.history) <= limit:
+            return
+        conv.history, conv.hidden = context.fit(
+            conv.history, conv.messages, lambda prev: render(req, prev), limit,
+            spec.keep_last)
     @staticmethod
     def _state(conv: Conversation) -> bytes:
         """What a rerun resumes the conversation from (`resume`): its turns, tool results
@@ -310,6 +333,8 @@ class Conversations:
         if (stop := self.toolbox.failing()) is not None:
             raise ToolboxError(stop)
         self.rerendered += conv.history is not None and conv.history.rerendered
+        self.results_hidden += conv.hidden
+        conv.hidden = 0
         if (why := self.toolbox.unavailable(results)) is not None:
             conv.req = dataclasses.replace(conv.req, status=Status.TOOL_ERROR,
                                            error=f"turn {len(conv.turns)}: {why}")

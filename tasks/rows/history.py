@@ -13,9 +13,12 @@ depend on the text after it, and the tokenization from it on is the tokenizer's 
 A template that extends the previous prompt (Kimi's, in a rollout: the turn, its tool
 results, the generation prompt) costs the new messages. One that writes earlier history
 otherwise (reasoning dropped before a later answer, a generation prompt that the next
-turn renders differently) costs from where the two texts part: still the ids a full
-render gives, and the turn is counted (`rerendered`). Where no control token can be
-trusted as a cut, the whole text is tokenized.
+turn renders differently) costs from where the two texts part to where they meet again
+(the first control token inside the suffix they share, whose ids and those after it are
+the previous prompt's: earlier tool results hidden, tasks/rows/context.py, cost the
+stretch hidden): still the ids a full render gives, and the turn is counted
+(`rerendered`). Where no control token can be trusted as a cut, the whole text is
+tokenized.
 
 Kept per conversation: the rendered text (its data masked, when masked), its ids as
 4-byte integers and where the template's control tokens lie; no id list.
@@ -96,15 +99,29 @@ class Histories:
         if cut is not None:
             assert prev is not None
             start = prev.starts[cut]
-            tokens = self._tokens(text, start, masked)
+            tail = None if extends else self._tail(prev, text, cut)
+            moved = len(text) - len(prev.text)
+            end = len(text) if tail is None else prev.ends[tail] + moved
+            tokens = self._tokens(text, start, masked, end)
+            if tokens is not None and tail is not None and not (
+                    tokens[1] and tokens[1][-1] == prev.starts[tail] + moved
+                    and tokens[3][-1] == len(tokens[0]) - 1):
+                tail, end = None, len(text)  # the suffix's marker is not a cut here
+                tokens = self._tokens(text, start, masked, end)
             if tokens is not None and tokens[0] and tokens[0][0] == prev.ids[prev.at[cut]]:
                 ids = prev.ids[:prev.at[cut]]
                 ids.extend(tokens[0])
                 spans = (prev.starts[:cut], prev.ends[:cut], prev.at[:cut])
                 for mine, theirs, shift in zip(spans, tokens[1:], (0, 0, prev.at[cut])):
                     mine.extend(v + shift for v in theirs)
+                if tail is not None:  # the shared suffix's ids, as the previous prompt's
+                    ids.extend(prev.ids[prev.at[tail] + 1:])
+                    shifts = (moved, moved, len(ids) - len(prev.ids))
+                    for mine, theirs, shift in zip(spans, (prev.starts, prev.ends, prev.at),
+                                                   shifts):
+                        mine.extend(v + shift for v in theirs[tail + 1:])
                 return PromptHistory(text, ids, *spans, len(messages), nonce,
-                                     rerendered=not extends, tokenized=len(text) - start)
+                                     rerendered=not extends, tokenized=end - start)
         tokens = self._tokens(text, 0, masked)
         if tokens is None:
             raise ValueError("the chat template altered data that spells control tokens; "
@@ -144,18 +161,31 @@ class Histories:
             i -= 1
         return None, extends
 
-    def _tokens(self, text: str, start: int,
-                masked: Masked | None) -> tuple[list[int], array, array, array] | None:
-        """Ids of `text[start:]` and its cuts (spans relative to `text`, places relative
-        to the ids), tokenized as a full render tokenizes that stretch: the whole text by
-        the tokenizer, or (masked) piece by piece between the template's control tokens,
-        placeholders restored. None: the template altered a placeholder."""
+    def _tail(self, prev: PromptHistory, text: str, cut: int) -> int | None:
+        """The first of the previous prompt's cuts after `cut` that lies in the suffix
+        `text` shares with it (a history whose earlier contents changed, context.py): the
+        ids from there on are the previous prompt's, as the tokenizer splits there."""
+        shared = _shared_suffix(prev.text, text)
+        i = bisect_right(prev.starts, len(prev.text) - shared - 1)
+        i = max(i, cut + 1)
+        if i >= len(prev.starts) or (
+                prev.starts[i] + len(text) - len(prev.text) < prev.starts[cut]):
+            return None
+        return i
+
+    def _tokens(self, text: str, start: int, masked: Masked | None,
+                end: int | None = None) -> tuple[list[int], array, array, array] | None:
+        """Ids of `text[start:end]` and its cuts (spans relative to `text`, places
+        relative to the ids), tokenized as a full render tokenizes that stretch: the whole
+        text by the tokenizer, or (masked) piece by piece between the template's control
+        tokens, placeholders restored. None: the template altered a placeholder."""
         control = self.control
         starts, ends, at = array("q"), array("q"), array("q")
         pattern = control.pattern
+        end = len(text) if end is None else end
         if masked is None:
-            ids = list(control.tokenizer(text[start:], add_special_tokens=False)["input_ids"])
-            matches = list(pattern.finditer(text, start)) if pattern is not None else []
+            ids = list(control.tokenizer(text[start:end], add_special_tokens=False)["input_ids"])
+            matches = list(pattern.finditer(text, start, end)) if pattern is not None else []
             where = [k for k, t in enumerate(ids) if t in self._control_ids]
             if [control.ids[m.group()] for m in matches] == [ids[k] for k in where]:
                 for m, k in zip(matches, where):
@@ -166,7 +196,7 @@ class Histories:
             return ids, starts, ends, at
         assert pattern is not None  # masked only where control tokens exist
         ids, pos = [], start
-        for m in pattern.finditer(text, start):
+        for m in pattern.finditer(text, start, end):
             piece = masked.restore(text[pos:m.start()])
             if masked.nonce.lower() in piece.lower():
                 return None
@@ -177,7 +207,7 @@ class Histories:
                 at.append(len(ids))
             ids.append(control.ids[m.group()])
             pos = m.end()
-        piece = masked.restore(text[pos:])
+        piece = masked.restore(text[pos:end])
         if masked.nonce.lower() in piece.lower():
             return None
         ids += control.text_ids(piece)
@@ -191,6 +221,18 @@ def _shared(a: str, b: str) -> int:
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _shared_suffix(a: str, b: str) -> int:
+    """The length of the longest common suffix of `a` and `b`, by halving (as _shared)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid:len(a) - lo] == b[len(b) - mid:len(b) - lo]:
             lo = mid
         else:
             hi = mid - 1

@@ -77,7 +77,8 @@ class Pipeline:
         self.parser = parser
         self.toolbox = toolbox  # a rollout job's tools: closed when the pipeline ends
         self.conversations = Conversations(job, parser, toolbox,
-                                           lambda req, prev: self.engine.render(req, prev))
+                                           lambda req, prev: self.engine.render(req, prev),
+                                           lambda: self.engine.max_model_len)
         self.sampling = SamplingBuilder(job) if job.engine.kind == "vllm" else None
         self.renderer = Renderer(job)
         self.listeners = listeners  # what watches the rows (rows/listeners.py)

@@ -24,6 +24,7 @@ from tests.conftest import (CLI, engine_section, job_dict, kill_after_first_comm
 from thinkbatch.flows.job import generate_dataset
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.record import Generation, RowRequest
+from thinkbatch.schemas.rollout import HIDDEN
 from thinkbatch.tasks import runner
 from thinkbatch.tasks.rows.engine import Engine, get_engine
 from thinkbatch.tasks.rows.engine_settings import may_seed
@@ -103,6 +104,7 @@ class Recording:
 
     def __init__(self, engine: Engine):
         self.engine, self.tokenizer, self.layout = engine, engine.tokenizer, engine.layout
+        self.max_model_len = engine.max_model_len
         self.prompts: dict[str, list[int]] = {}
         self.tools: dict[str, Any] = {}
         self.ahead: dict[str, bool] = {}  # whether each request came rendered ahead
@@ -231,6 +233,37 @@ def test_max_turns_and_a_prompt_that_outgrows_the_context_at_turn_two(
         # vLLM's renderer refuses a prompt longer than the context itself.
         assert row["error"].startswith("turn 2: This model's maximum context length is 1024")
         assert row["finish_reason"] is None and row["turns"][0]["tool_results"]
+
+
+@pytest.mark.engine
+def test_a_history_past_the_window_goes_on_with_earlier_tool_results_hidden(
+        tiny_model: str, prefect_harness, tmp_path: Path) -> None:
+    """rollout.context: a tool result longer than the window ends the conversation at
+    turn 2 under `stop`; under `hide_tool_results` (keep_last 0) it is hidden and the
+    conversation goes on to max_turns, each earlier result a placeholder in the messages
+    the model read (call ids kept) and whole in `turns`; the manifest counts them."""
+    pattern = regex(tool_call("encyclopedia"))
+    stop = generate_dataset(_job(tmp_path, tiny_model, 2, pattern, out="stop",
+                                 rollout={"context": {"policy": "stop"}}))
+    hiding = _job(tmp_path, tiny_model, 2, pattern, out="hide", rollout={
+        "context": {"policy": "hide_tool_results", "keep_last": 0}})
+    hiding["sampling"]["max_tokens"] = MARKERS_SPELLED_OUT  # no turn truncated
+    hide = generate_dataset(hiding)
+
+    for row in _rows(tmp_path / "stop" / "data").values():
+        assert (row["status"], row["num_turns"]) == ("prompt_too_long", 1)
+        assert row["error"].startswith("turn 2: ")
+    assert not stop.this_run.tool_results_hidden
+    for row in _rows(tmp_path / "hide" / "data").values():
+        assert (row["status"], row["num_turns"], row["tool_calls_total"]) == ("max_turns", 3, 2)
+        tools = [m for m in json.loads(row["messages"]) if m["role"] == "tool"]
+        results = [r for t in row["turns"] for r in t["tool_results"] or ()]
+        assert [m["content"] for m in tools] == [HIDDEN, HIDDEN]
+        assert [m["tool_call_id"] for m in tools] == [r["call_id"] for r in results]
+        assert all(r["content"].startswith("everything: lorem") for r in results)
+        assert row["prompt_tokens"] < 3 * 1024
+    assert hide.this_run.tool_results_hidden == 4
+    assert hide.this_run.turns_rerendered == 4
 
 
 @pytest.mark.engine

@@ -24,6 +24,7 @@ def test_defaults_and_sources():
         "python tools.py", "mcp ['python', 'server.py']", "mcp http://127.0.0.1:8765/mcp",
         "recorded column results"]
     assert "rollout.max_concurrent_tools" in SPEED_ONLY
+    assert (spec.context.policy, spec.context.budget_tokens) == ("stop", None)
 
 
 @pytest.mark.parametrize("rollout, where, message", [
@@ -53,6 +54,13 @@ def test_defaults_and_sources():
      "at most one recorded source"),
     ({"tools": [{"python": "t.py"}], "max_turns": 0}, "max_turns", "greater than or equal"),
     ({"tools": [{"python": "t.py"}], "tool_timeout_s": 0}, "tool_timeout_s", "greater than"),
+    ({"tools": [{"python": "t.py"}], "context": {"policy": "summarize"}}, "context.policy",
+     "'stop' or 'hide_tool_results'"),
+    ({"tools": [{"python": "t.py"}], "context": {"budget_tokens": 100}}, "context",
+     "apply to policy hide_tool_results"),
+    ({"tools": [{"python": "t.py"}], "context": {"policy": "hide_tool_results",
+                                                 "keep_last": -1}}, "context.keep_last",
+     "greater than or equal"),
 ])
 def test_refused(rollout: dict[str, Any], where: str, message: str):
     with pytest.raises(ValidationError) as e:

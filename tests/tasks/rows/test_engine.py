@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -84,3 +85,23 @@ def test_max_tokens_is_cut_to_the_room_left_and_refused_only_under_the_floor(
     assert refused.value.status is Status.PROMPT_TOO_LONG
     assert "under sampling.min_room_tokens 16" in str(refused.value)
     assert not engine.in_flight
+
+
+def test_closing_the_engine_ends_its_processes_without_waiting_out_vllms_grace(
+        tiny_model: str) -> None:
+    """Last in this file: it closes the file's engine. On the CPU build vLLM's worker
+    outlasts vLLM's own 5 s grace, so a close that waited it out took 5 s each run."""
+    import psutil
+
+    from thinkbatch.tasks.rows.engine import drop_engine
+
+    engine = get_engine(EngineSpec(**engine_section(tiny_model)), KIMI)
+    processes = psutil.Process().children(recursive=True)
+    assert any("EngineCore" in " ".join(p.cmdline()) or p.name().startswith("VLLM")
+               for p in processes), [p.name() for p in processes]
+    started = time.monotonic()
+    drop_engine(engine)
+    took = time.monotonic() - started
+    gone, alive = psutil.wait_procs(processes, timeout=5)
+    assert not [p for p in alive if p.name().startswith("VLLM")], alive
+    assert took < 4, took

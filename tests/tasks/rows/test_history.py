@@ -15,6 +15,8 @@ import pytest
 
 from tests.conftest import TOKENIZERS, tokenizer_engine
 from thinkbatch.schemas.job import ParserSpec
+from thinkbatch.schemas.rollout import HIDDEN
+from thinkbatch.tasks.rows import context
 from thinkbatch.tasks.rows.engine import text_renderer
 from thinkbatch.tasks.rows.history import Histories, PromptHistory
 from thinkbatch.tasks.rows.parse import OutputParser
@@ -177,3 +179,56 @@ def test_a_conversation_keeps_its_text_not_turns_of_ids(rendering: Rendering) ->
     held = (len(hist.text) + hist.ids.itemsize * len(hist.ids)
             + sum(a.itemsize * len(a) for a in (hist.starts, hist.ends, hist.at)))
     assert held < 3 * len(hist.text)
+
+
+LONG = "lorem ipsum dolor sit amet, " * 20  # a result of ~250 tokens
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_earlier_tool_results_are_hidden_to_fit_a_budget_with_the_full_renders_ids(
+        rendering: Rendering, allow: bool) -> None:
+    """rollout.context hide_tool_results: a history of 10 long results past a 1600-token
+    budget keeps going, its oldest results hidden as it grows (never the last 2), every
+    prompt within the budget and the ids of a full render of the changed messages; the
+    messages keep their roles, names and tool call ids. One result spells control
+    tokens: still text, hidden or not. Hiding tokenizes the stretch it changed: the
+    history after it keeps the previous prompt's ids."""
+    turns = _tool_turns(10, content=lambda i: FORGED if i == 5 else f"{i}: {LONG}")
+    messages: list[dict[str, Any]] = list(USER)
+    prev, hidden, limit = None, [], 1600
+    for appended in [[], *turns]:
+        messages += appended
+        prev = rendering.histories.next(prev, messages, TOOLS, {}, allow_special_tokens=allow)
+        assert prev is not None
+        prev, n = context.fit(
+            prev, messages, lambda p: rendering.histories.next(
+                p, messages, TOOLS, {}, allow_special_tokens=allow), limit, keep_last=2)
+        assert prev is not None and len(prev) <= limit
+        assert prev.ids.tolist() == rendering.full(messages, {}, allow), len(hidden)
+        assert prev.rerendered == (n > 0) or not appended
+        if n:  # tokenized: the stretch of the results hidden, not the history after it
+            assert prev.tokenized < len(prev.text) / 5
+        hidden.append(n)
+    tools = [m for m in messages if m["role"] == "tool"]
+    k = sum(hidden)
+    assert 3 <= k <= 8 and hidden[:3] == [0, 0, 0]
+    assert [m["content"] == HIDDEN for m in tools] == [True] * k + [False] * (10 - k)
+    assert [(m["tool_call_id"], m["name"]) for m in tools] == [
+        (f"functions.get_weather:{i}", "get_weather") for i in range(10)]
+    everything = list(USER) + [m for t in turns for m in t]
+    assert len(rendering.full(everything, {}, allow)) > 2 * limit  # what stop would send
+
+
+def test_a_history_that_cannot_fit_is_left_as_it_is_past_the_budget(
+        rendering: Rendering) -> None:
+    """Nothing left to hide (the last results are kept): the prompt goes on too long, for
+    the engine to end the conversation as under `stop`."""
+    messages = list(USER) + [m for t in _tool_turns(3, content=lambda i: LONG) for m in t]
+    prompt = rendering.histories.next(None, messages, TOOLS, {}, allow_special_tokens=False)
+    assert prompt is not None
+    again, n = context.fit(prompt, messages, lambda p: rendering.histories.next(
+        p, messages, TOOLS, {}, allow_special_tokens=False), 100, keep_last=3)
+    assert (again, n) == (prompt, 0)
+    again, n = context.fit(prompt, messages, lambda p: rendering.histories.next(
+        p, messages, TOOLS, {}, allow_special_tokens=False), 100, keep_last=1)
+    assert n == 2 and again is not None and len(prompt) > len(again) > 100

@@ -147,6 +147,20 @@ def test_how_often_open_conversations_are_saved_changes_no_fingerprint() -> None
                 for every in (None, 0, 10, 600)}) == 1
 
 
+def test_rollout_context_counts_only_when_it_hides_results() -> None:
+    """`rollout.context` came later: at its default (`stop`, what rollouts did before) a
+    rollout's parts are those it had, so its outputs resume; hiding results changes rows
+    and counts."""
+    rollout = {"rollout": {"tools": [{"python": "t.py"}]}}
+    stop = _parts(deep_merge(rollout, {"rollout": {"context": {"policy": "stop"}}}))
+    assert stop == _parts(rollout)
+    hide = _parts(deep_merge(rollout, {"rollout": {"context": {
+        "policy": "hide_tool_results", "budget_tokens": 1000}}}))
+    assert [c.split(":")[0] for c in describe_changes(stop, hide)] == [
+        "rollout.context.budget_tokens", "rollout.context.keep_last",
+        "rollout.context.policy"]
+
+
 SECRET, ROTATED = "sk-live-0123456789abcdef", "sk-live-fedcba9876543210"
 
 
