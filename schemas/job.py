@@ -96,6 +96,7 @@ SPEED_ONLY = frozenset({
     "engine.disable_log_stats", "engine.distributed_executor_backend",
     "rollout.max_tool_error_rate",  # it stops the job; it changes no row
     "rollout.max_concurrent_tools",
+    "rollout.checkpoint_seconds",  # where a rerun resumes from; the rows are the same
 })
 
 # What came to count later: at its default it adds no fingerprint part, so outputs

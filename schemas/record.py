@@ -78,6 +78,25 @@ class Turn:
                    len(gen.token_ids) if gen.token_ids else None,
                    gen.finish_reason, gen.ttft_s)
 
+    def state(self) -> dict[str, Any]:
+        """The turn as JSON data, for an open conversation's saved state (`of_state`)."""
+        p = self.parsed
+        return {"status": p.status.value, "reasoning": p.reasoning, "answer": p.answer,
+                "tool_calls": p.tool_calls, "error": p.error,
+                "reasoning_tokens": p.reasoning_tokens, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "finish_reason": self.finish_reason, "ttft_s": self.ttft_s,
+                "results": ([[r.call_id, r.name, r.content, r.error, r.latency_s]
+                             for r in self.results] if self.results is not None else None)}
+
+    @classmethod
+    def of_state(cls, d: dict[str, Any]) -> Turn:
+        parsed = Parsed(Status(d["status"]), d["reasoning"], d["answer"], d["tool_calls"],
+                        d["error"], d["reasoning_tokens"])
+        return cls(parsed, d["prompt_tokens"], d["completion_tokens"], d["finish_reason"],
+                   d["ttft_s"], [ToolResult(*r) for r in d["results"]]
+                   if d["results"] is not None else None)
+
     def as_struct(self) -> dict[str, Any]:
         """The turn as an element of the `turns` column."""
         return {"reasoning": self.parsed.reasoning, "answer": self.parsed.answer,

@@ -221,6 +221,13 @@ class RolloutSpec(_Strict):
         default_factory=ContextSpec,
         description="A history that outgrows max_model_len: stop (default) or hide earlier "
                     "tool results.")
+    checkpoint_seconds: float | None = Field(
+        default=10, ge=0,
+        description="Open conversations are saved at turn boundaries (their tools returned) "
+                    "into the output's `_open/` folder, at most this many seconds apart, so "
+                    "a kill resumes each at its last saved tool call instead of turn 1 "
+                    "(its tools not run again). 0: at every turn boundary; null: never "
+                    "(a kill redoes open conversations from their first turn).")
 
     @model_validator(mode="after")
     def _one_recorded(self) -> RolloutSpec:

@@ -11,6 +11,10 @@ driver that steps the engine; the conversation is then put on a queue, and the d
 takes it from there and submits its next turn ahead of new rows, so conversations in
 flight finish first. A history that outgrows its budget under `rollout.context:
 hide_tool_results` has earlier tool results hidden there too (tasks/rows/context.py).
+With `rollout.checkpoint_seconds` set, a conversation's state (its messages, turns and
+malformed count) is made into bytes on the render thread once its tools returned, and the
+committer saves it (store/open_conversations.py): a rerun resumes it from there, its next
+turn rendered from the saved messages, without calling those tools again.
 A conversation is one output row, written when it ends: an answer (`ok`), `max_turns`,
 a turn that failed (its status; a rollout names the turn in `error`), or `tool_error`
 when a call failed because its source is down for good (an MCP server no restart brought
@@ -20,6 +24,7 @@ back): the model would only read errors where the data meant results.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import queue
 import time
@@ -59,6 +64,7 @@ class Conversation:
     malformed: int = 0  # consecutive turns whose tool calls had malformed arguments
     history: PromptHistory | None = None  # the next turn's prompt, rendered ahead
     hidden: int = 0  # tool results hidden for the next turn (rollout.context)
+    state: bytes | None = None  # its state at its last turn boundary, not yet saved
 
     @property
     def key(self) -> str:
@@ -113,6 +119,8 @@ class Conversations:
         self.rerendered = 0  # turns whose template rewrote the previous prompt (history.py)
         self._window = window  # the engine's max_model_len, where it has one
         self.results_hidden = 0  # tool results hidden to fit the context (context.py)
+        # Open conversations are saved between turns (rollout.checkpoint_seconds).
+        self.saving = self.spec is not None and self.spec.checkpoint_seconds is not None
 
     # -- feeder thread ----------------------------------------------------------------
 
@@ -134,6 +142,26 @@ class Conversations:
         if self.spec is None:
             return Conversation(shard_id, req, sample)  # its history is the request's
         return Conversation(shard_id, req, sample, messages=list(req.messages or ()))
+
+    def resume(self, conv: Conversation, state: bytes) -> None:
+        """Continue a conversation from its saved state (a run that was killed or stopped):
+        its next turn is rendered ahead from the saved messages (tool results hidden as
+        they were, rollout.context), on the render thread. A state of another row (an input changed under --force-resume) is ignored."""
+        saved = json.loads(state)
+        if self.spec is None or saved["row_id"] != conv.req.row_id or conv.req.error:
+            return
+        conv.messages = saved["messages"]
+        conv.turns = [Turn.of_state(t) for t in saved["turns"]]
+        conv.malformed = saved["malformed"]
+        conv.started = time.monotonic() - saved["elapsed_s"]
+        if self._renderer is not None and self._render is not None:
+            req = dataclasses.replace(conv.req, messages=conv.messages)
+            try:
+                conv.history = self._renderer.submit(self._render, req, None).result()
+                self._renderer.submit(self._fit, conv, req).result()
+            except Exception as e:  # left to the driver's full render (see _next_turn)
+                log.debug("row %s: rendering its resumed turn ahead failed: %s",
+                          conv.req.row_id, e)
 
     # -- driver thread ----------------------------------------------------------------
 
@@ -216,7 +244,9 @@ class Conversations:
         left to the driver's full render, which fails the row with its reason."""
         try:
             conv.messages.extend(tool_message(r) for r in results)
-            if self._render is not None and self.toolbox.unavailable(results) is None:
+            conv.turns[-1].results = results
+            going_on = self.toolbox.unavailable(results) is None
+            if self._render is not None and going_on:
                 try:
                     req = dataclasses.replace(conv.req, messages=conv.messages)
                     conv.history = self._render(req, conv.history)
@@ -225,6 +255,8 @@ class Conversations:
                     log.debug("row %s: rendering its next turn ahead failed: %s",
                               conv.req.row_id, e)
                     conv.history = None
+            if self.saving and going_on:  # the messages as the next turn reads them
+                conv.state = self._state(conv)
         finally:
             self._results.put((conv, results))
 
@@ -243,6 +275,16 @@ class Conversations:
         conv.history, conv.hidden = context.fit(
             conv.history, conv.messages, lambda prev: render(req, prev), limit,
             spec.keep_last)
+    @staticmethod
+    def _state(conv: Conversation) -> bytes:
+        """What a rerun resumes the conversation from (`resume`): its turns, tool results
+        in, and the history they make."""
+        assert conv.started is not None
+        return json.dumps({"row_id": conv.req.row_id, "messages": conv.messages,
+                           "turns": [t.state() for t in conv.turns],
+                           "malformed": conv.malformed,
+                           "elapsed_s": time.monotonic() - conv.started},
+                          ensure_ascii=False, default=str).encode()
 
     def close(self) -> None:
         """Stop the render thread; conversations it still holds are left to a rerun."""
@@ -290,7 +332,6 @@ class Conversations:
         self._at_tools -= 1
         if (stop := self.toolbox.failing()) is not None:
             raise ToolboxError(stop)
-        conv.turns[-1].results = results
         self.rerendered += conv.history is not None and conv.history.rerendered
         self.results_hidden += conv.hidden
         conv.hidden = 0

@@ -8,6 +8,7 @@ between an answer and the tool calls a test offers."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 from pathlib import Path
@@ -308,7 +309,8 @@ def test_tools_served_by_an_mcp_stdio_server(tiny_model: str, prefect_harness,
 def test_kill_mid_rollout_then_resume_writes_every_conversation_once_and_whole(
         tiny_model: str, tmp_path: Path) -> None:
     """Tools sleep a random time, so at the first commit conversations are at every
-    stage; the rerun redoes only those in flight, each from its first turn."""
+    stage; the rerun redoes only those in flight, each from its first turn or its last
+    saved one (rollout.checkpoint_seconds)."""
     n, in_flight, flush = 64, 16, 8
     spec = _job(tmp_path, tiny_model, n, regex(ANSWER, WEATHER, tool_call("nap")),
                 rollout={"max_turns": 4, "max_concurrent_tools": 4},
@@ -335,6 +337,64 @@ def test_kill_mid_rollout_then_resume_writes_every_conversation_once_and_whole(
     assert len(redone) < in_flight + 4 + flush, (len(redone), len(submitted))
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["turns"] == sum(r["num_turns"] for r in first + second)
+
+
+@pytest.mark.engine
+def test_a_killed_rollout_resumes_each_conversation_at_its_last_saved_tool_call(
+        tiny_model: str, tmp_path: Path) -> None:
+    """Open conversations are saved at every turn boundary (`checkpoint_seconds: 0`), so
+    after a SIGKILL the rerun continues them from their saved tool results: calls that
+    ran and were saved do not run again (their results, written by the first run's
+    process, are in the rows), each conversation is one row, and whole."""
+    n, in_flight, tools = 48, 16, 4
+    tally = tmp_path / "tally"
+    spec = _job(tmp_path, tiny_model, n, regex(ANSWER, tool_call(
+        "lookup", r'\{"city": "[a-z]{1,8}"\}')), rollout={
+        "tools": [{"python": "tests.rollout_tally"}], "max_turns": 4,
+        "max_concurrent_tools": tools, "checkpoint_seconds": 0},
+        output={"flush_rows": 32}, shards={"rows_per_shard": 48})
+    spec["engine"]["max_in_flight"] = in_flight
+    spec["sampling"]["max_tokens"] = MARKERS_SPELLED_OUT
+    job = write_job(tmp_path / "job.yaml", spec)
+    env = {"TALLY_FILE": str(tally)}
+    submitted = kill_after_first_commit(job, env=env)
+    ran_first = {line.split()[0] for line in tally.read_text().splitlines()}
+    data = tmp_path / "out" / "data"
+    first_parts = set(data.glob("*.parquet"))
+    first = [r for p in sorted(first_parts) for r in pq.read_table(p).to_pylist()]
+    open_at_kill = submitted - {r["row_index"] for r in first}
+    assert (tmp_path / "out" / "_open").exists()
+
+    r = subprocess.run([*CLI, "run", str(job), "--no-progress"], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, **env})
+    assert r.returncode == 0, r.stderr
+    second = [r for p in sorted(set(data.glob("*.parquet")) - first_parts)
+              for r in pq.read_table(p).to_pylist()]
+    assert sorted(r["row_index"] for r in first + second) == list(range(n))  # each once
+    for row in first + second:
+        _assert_whole(row, 4)
+
+    def tokens(row: dict[str, Any]) -> list[str]:
+        return [res["content"].rsplit(": ", 1)[1] for t in row["turns"]
+                for res in t["tool_results"] or ()]
+
+    kept = [t for row in first + second for t in tokens(row)]
+    assert len(kept) == len(set(kept))
+    ran = {line.split()[0] for line in tally.read_text().splitlines()}
+    ran_second = ran - ran_first
+    # Resumed: rows of the rerun whose earlier turns' results are the first run's.
+    resumed = [row for row in second if set(tokens(row)) & ran_first]
+    assert resumed, "no conversation was resumed from its saved turns"
+    for row in resumed:
+        marks = [t in ran_first for t in tokens(row)]
+        assert marks == sorted(marks, reverse=True), marks  # the first run's, then the rerun's
+        assert row["row_index"] in open_at_kill
+    # The rerun ran no call twice, and of the first run's calls only those whose results
+    # were not yet saved at the kill (at most one turn of each open conversation) are lost.
+    assert ran_second == set(kept) - ran_first
+    lost = ran_first - set(kept)
+    assert len(lost) <= len(open_at_kill) + tools, (len(lost), len(open_at_kill))
+    assert not [p for p in (tmp_path / "out" / "_open").rglob("*") if p.is_file()]
 
 
 def test_a_rollout_job_is_refused_before_any_model_loads(tmp_path: Path) -> None:

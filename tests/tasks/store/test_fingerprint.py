@@ -139,6 +139,13 @@ def test_an_unset_rollout_adds_no_part_so_outputs_written_before_it_resume() -> 
         "rollout.tools"]
 
 
+def test_how_often_open_conversations_are_saved_changes_no_fingerprint() -> None:
+    """Where a rerun resumes a conversation from changes none of its rows."""
+    tools = [{"python": "t.py"}]
+    assert "rollout.checkpoint_seconds" not in _parts({"rollout": {"tools": tools}})
+    assert len({digest(_parts({"rollout": {"tools": tools, "checkpoint_seconds": every}}))
+                for every in (None, 0, 10, 600)}) == 1
+
 
 def test_rollout_context_counts_only_when_it_hides_results() -> None:
     """`rollout.context` came later: at its default (`stop`, what rollouts did before) a
@@ -152,6 +159,8 @@ def test_rollout_context_counts_only_when_it_hides_results() -> None:
     assert [c.split(":")[0] for c in describe_changes(stop, hide)] == [
         "rollout.context.budget_tokens", "rollout.context.keep_last",
         "rollout.context.policy"]
+
+
 SECRET, ROTATED = "sk-live-0123456789abcdef", "sk-live-fedcba9876543210"
 
 
