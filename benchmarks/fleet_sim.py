@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -346,6 +347,9 @@ class Fleet:
             from fleet_figures import Records, figures
 
             records = Records.read(self, s3_log, prefect, ended)
+            # The servers' records are gone once they stop: kept with the scratch folder
+            # (--keep), the figures can be drawn again without running the fleet again.
+            (self.work / "records.pickle").write_bytes(pickle.dumps(records))
             out = figures(records)
             out["wall_s"] = time.time() - real_started
             out["run_wall_s"] = ended * self.s.scale
