@@ -245,7 +245,8 @@ def _rows(r: Records, end: float, t95: float) -> dict[str, Any]:
     spans in the engine, submit to finish (to its abort, or the node's end, where the
     trace has no finish). From these: rows finished over time, per node the output rate
     (each row's tokens spread over its span) and slot use (rows in the engine, at most
-    its slots), per simulated hour."""
+    its slots), per simulated hour; and the rows an engine held on average, which a
+    cap on requests in flight below its slots shows in."""
     q = r.requests
     rows = r.output["rows"]
     first = np.full(rows, np.inf)
@@ -255,7 +256,7 @@ def _rows(r: Records, end: float, t95: float) -> dict[str, Any]:
     np.minimum.at(first, sub[:, 2].astype(int), sub[:, 0])
     edges = _edges(end)
     per: dict[str, dict[str, Any]] = {}
-    busy_s = slot_s = 0.0
+    busy_s = slot_s = alive_s = in_engine_s = 0.0
     fleet_busy, fleet_slots = np.zeros(len(edges) - 1), np.zeros(len(edges) - 1)
     for node in r.nodes:
         mine = q[q[:, 1] == node.pid]
@@ -275,8 +276,10 @@ def _rows(r: Records, end: float, t95: float) -> dict[str, Any]:
         final[done[ours, 2].astype(int)] = done[ours, 1]
         tokens = r.output_tokens[done[:, 2].astype(int)].astype(float)
         rate = _spread(done[:, 0], done[:, 1], tokens, edges) / BIN_S
-        t, area = _integral(np.concatenate([a[:, 0], a[:, 1]]),
-                            np.concatenate([np.ones(len(a)), -np.ones(len(a))]), node.slots)
+        moves = (np.concatenate([a[:, 0], a[:, 1]]),
+                 np.concatenate([np.ones(len(a)), -np.ones(len(a))]))
+        t, area = _integral(*moves, node.slots)
+        t_all, area_all = _integral(*moves, len(a))
         busy = lambda x, b: float(np.interp(b, t, area, left=0.0)  # noqa: E731
                                   - np.interp(x, t, area, left=0.0)) if len(t) else 0.0
         bins = list(zip(edges[:-1], edges[1:]))
@@ -289,6 +292,9 @@ def _rows(r: Records, end: float, t95: float) -> dict[str, Any]:
         if node.slots:
             busy_s += busy(0.0, t95)
             slot_s += node.slots * node.alive(0.0, t95)
+            alive_s += node.alive(0.0, t95)
+            if len(t_all):
+                in_engine_s += float(np.interp(t95, t_all, area_all))
     finished = np.sort(final[~np.isnan(final)])
     span = final - first
     longest = int(np.nanargmax(span)) if len(finished) else None
@@ -303,6 +309,7 @@ def _rows(r: Records, end: float, t95: float) -> dict[str, Any]:
         "t90_s": t90, "t95_s": t95f, "last_finish_s": last,
         "tail_last_10pct_share": (last - t90) / last if last else None,
         "slot_use_until_95pct_committed": busy_s / slot_s if slot_s else None,
+        "in_engine_per_node_until_95pct": in_engine_s / alive_s if alive_s else None,
         "first_submit_s": float(first.min()) if len(sub) else None,
         "longest_row": None if longest is None else {
             "row": longest, "first_submit_s": float(first[longest]),
@@ -541,7 +548,8 @@ def _row_rows(tag: str, f: dict[str, Any]) -> list[dict[str, Any]]:
             f"({_hours(x['last_finish_s'] - x['t90_s'])} of {_hours(x['last_finish_s'])})"),
         row(f"{tag} slot use until 95% committed, from the rows' start and finish",
             f"{x['slot_use_until_95pct_committed']:.3f} (the engines' own: "
-            f"{f['slot_use_until_95pct']:.3f})"),
+            f"{f['slot_use_until_95pct']:.3f}); rows in an engine: "
+            f"{x['in_engine_per_node_until_95pct']:.0f} on average"),
         row(f"{tag} the longest row, first submit to final finish",
             f"{_hours(longest['span_s'])} = {longest['span_s'] / x['last_finish_s']:.1%} of "
             f"the run ({longest['output_tokens']:,} tokens: "

@@ -57,6 +57,8 @@ def test_rows_give_each_row_its_span_and_each_node_its_use_and_rate():
     assert b["slot_use"] == [0.25, None, None, None]  # one row of two slots, half an hour
     assert b["output_tok_s"][0] == 0.0 and (b["rows_finished"], b["rows_dropped"]) == (0, 1)
     assert rows["fleet_slot_use"] == [pytest.approx(0.625), 1.0, 1.0, 0.5]
+    # until 95% committed (4 h): a held 7 row-hours over 4 h, b 0.5 over 1 h
+    assert rows["in_engine_per_node_until_95pct"] == pytest.approx(7.5 / 5)
 
 
 def test_the_chart_and_summary_draw_from_the_rows(tmp_path: Path):
