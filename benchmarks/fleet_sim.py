@@ -2,6 +2,7 @@
 
     python benchmarks/run.py --only fleet_sim            # ~10 min on 2 cores
     FLEET_SIM_LABEL=after python benchmarks/run.py --only fleet_sim
+    FLEET_SIM_SETTINGS='{"expected_tokens_per_row": 25000}' FLEET_SIM_LABEL=... (a variant)
 
 Each node is a process running the real worker flow (`shard_worker`, sim_worker.py)
 against a real Prefect server and moto's S3 server, with a simulated engine
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BUCKET = "fleet-sim"
 LABEL_ENV = "FLEET_SIM_LABEL"
+SETTINGS_ENV = "FLEET_SIM_SETTINGS"  # JSON: Settings fields over the defaults (a variant)
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Settings:
     timeout_real_s: float = 1500.0
     seed: int = 24
     model: dict[str, Any] = field(default_factory=dict)  # SimModel fields over its defaults
+    expected_tokens_per_row: int | None = None  # the job's, over the preset's (32,768)
 
     @classmethod
     def quick(cls) -> Settings:
@@ -86,7 +89,9 @@ def job_dict(s: Settings) -> dict[str, Any]:
         "name": "fleet-sim",
         "input": {"path": f"s3://{BUCKET}/in/", "id_column": "id"},
         "shards": {"rows_per_shard": s.rows_per_shard},
-        "engine": {"kind": "replay", "replay_column": "raw_text"},
+        "engine": {"kind": "replay", "replay_column": "raw_text",
+                   **({"expected_tokens_per_row": s.expected_tokens_per_row}
+                      if s.expected_tokens_per_row else {})},
         "parsers": {"reasoning": None, "tool_call": None},
         "output": {"path": f"s3://{BUCKET}/out", "flush_seconds": s.flush_sim_s * s.scale},
         "scale": {"workers": s.workers, "claim_ttl_s": s.claim_ttl_sim_s * s.scale},
@@ -418,7 +423,8 @@ def run(ctx: Any) -> dict[str, Any]:
 
     import resource
 
-    s = Settings.quick() if ctx.quick else Settings()
+    s = replace(Settings.quick() if ctx.quick else Settings(),
+                **json.loads(os.environ.get(SETTINGS_ENV) or "{}"))
     label = os.environ.get(LABEL_ENV, "latest")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = {**Fleet(s, ctx.work / "fleet_sim").run(), **_commit(),
