@@ -138,8 +138,7 @@ def _node(path: Path, launch: Any, ended: float) -> Node:
             node.preemptions += 1
             node.recomputed_tokens += e["done"]
         elif kind == "abort":
-            index, sample = e["k"].split(":")[:2]
-            node.aborted[int(index), int(sample)] = e["t"]
+            node.aborted[_request(e["k"])] = e["t"]
     if samples:
         node.samples = np.array(samples, dtype=float)
     return node
@@ -239,6 +238,24 @@ def _spread(start: np.ndarray, finish: np.ndarray, amount: np.ndarray,
     return np.diff(done @ amount)
 
 
+def _request(key: str) -> tuple[int, int]:
+    """(row, sample) of an engine request's key (row:sample, a turn after)."""
+    row_index, sample = key.split(":")[:2]
+    return int(row_index), int(sample)
+
+
+def _keys(requests: np.ndarray) -> list[tuple[int, int]]:
+    return [(int(x), int(y)) for x, y in requests[:, 2:4]]
+
+
+def _quantiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    q = np.percentile(values, [50, 90, 99])
+    return {"median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
+            "mean": float(np.mean(values))}
+
+
 def _rows(r: Records, end: float, t95: float) -> dict[str, Any]:
     """What the product's records say of the engines: each row's first submit and final
     finish (the finish by the node whose output was kept), and per node its requests'
@@ -246,7 +263,10 @@ def _rows(r: Records, end: float, t95: float) -> dict[str, Any]:
     trace has no finish). From these: rows finished over time, per node the output rate
     (each row's tokens spread over its span) and slot use (rows in the engine, at most
     its slots), per simulated hour; and the rows an engine held on average, which a
-    cap on requests in flight below its slots shows in."""
+    cap on requests in flight below its slots shows in. Also from the engines' records:
+    the longest single attempt (submit to finish in one engine), and the poll lag, from
+    a row's finish in the engine to the pipeline's taking it: a simulated engine polled
+    late (a CPU-starved machine: the clock runs on) looks idle meanwhile."""
     q = r.requests
     rows = r.output["rows"]
     first = np.full(rows, np.inf)
@@ -257,6 +277,8 @@ def _rows(r: Records, end: float, t95: float) -> dict[str, Any]:
     edges = _edges(end)
     per: dict[str, dict[str, Any]] = {}
     busy_s = slot_s = alive_s = in_engine_s = 0.0
+    lags: list[float] = []
+    attempts: list[float] = []
     fleet_busy, fleet_slots = np.zeros(len(edges) - 1), np.zeros(len(edges) - 1)
     for node in r.nodes:
         mine = q[q[:, 1] == node.pid]
@@ -272,6 +294,12 @@ def _rows(r: Records, end: float, t95: float) -> dict[str, Any]:
             spans.append((t, node.aborted.get((index, sample), node.ended), index, False))
         a = np.array(spans, dtype=float).reshape(-1, 4)
         done = a[a[:, 3] == 1]
+        engine_fin = {_request(k): t for k, t in node.finished.items()}
+        taken = mine[mine[:, 4] == 1]
+        lags += [t - engine_fin[key] for t, key in zip(taken[:, 0], _keys(taken))
+                 if key in engine_fin]
+        attempts += [t - node.submitted[k] for k, t in node.finished.items()
+                     if k in node.submitted]
         ours = np.array([kept.get(int(x)) == node.name for x in done[:, 2]], dtype=bool)
         final[done[ours, 2].astype(int)] = done[ours, 1]
         tokens = r.output_tokens[done[:, 2].astype(int)].astype(float)
@@ -316,6 +344,8 @@ def _rows(r: Records, end: float, t95: float) -> dict[str, Any]:
             "final_finish_s": float(final[longest]), "span_s": float(span[longest]),
             "output_tokens": int(r.output_tokens[longest]),
             "decode_s_at_full_speed": float(r.output_tokens[longest] * r.model.s_per_token)},
+        "longest_attempt_s": max(attempts, default=None),
+        "poll_lag_s": _quantiles(lags),
         "decode_s_p99_at_full_speed": float(np.percentile(r.output_tokens, 99)
                                             * r.model.s_per_token),
         "finished_series": {"bin_s": BIN_S, "rows": [int(x) for x in
@@ -542,7 +572,7 @@ def _row_rows(tag: str, f: dict[str, Any]) -> list[dict[str, Any]]:
     if not x:
         return []
     longest = x["longest_row"]
-    return [
+    return [r for r in [
         row(f"{tag} the tail by the rows' final finish (trace): the last 10% of rows",
             f"{x['tail_last_10pct_share']:.1%} of the run to the last finish "
             f"({_hours(x['last_finish_s'] - x['t90_s'])} of {_hours(x['last_finish_s'])})"),
@@ -550,11 +580,22 @@ def _row_rows(tag: str, f: dict[str, Any]) -> list[dict[str, Any]]:
             f"{x['slot_use_until_95pct_committed']:.3f} (the engines' own: "
             f"{f['slot_use_until_95pct']:.3f}); rows in an engine: "
             f"{x['in_engine_per_node_until_95pct']:.0f} on average"),
+        row(f"{tag} the pipeline took finished rows from the engine after (median, p90)",
+            f"{_hours(x['poll_lag_s']['median'])}, {_hours(x['poll_lag_s']['p90'])} "
+            f"(an engine step blocks at most {_step_s(f):.0f} s)") if x.get("poll_lag_s")
+        else None,
         row(f"{tag} the longest row, first submit to final finish",
             f"{_hours(longest['span_s'])} = {longest['span_s'] / x['last_finish_s']:.1%} of "
             f"the run ({longest['output_tokens']:,} tokens: "
-            f"{_hours(longest['decode_s_at_full_speed'])} of decoding at full speed)"),
-    ] if longest else []
+            f"{_hours(longest['decode_s_at_full_speed'])} of decoding at full speed; the "
+            f"longest in one engine: {_hours(x['longest_attempt_s'] or 0)})"),
+    ] if r is not None] if longest else []
+
+
+def _step_s(f: dict[str, Any]) -> float:
+    """The longest a simulated engine's step blocks, in simulated seconds."""
+    s = f["settings"]
+    return s["step_real_s"] / s["scale_wall_s_per_sim_s"]
 
 
 def _grid(nodes: dict[str, Any], names: list[str], key: str) -> np.ndarray:
@@ -589,12 +630,14 @@ def chart(f: dict[str, Any], path: Path) -> None:
                             height_ratios=[2.6] + [0.2 * len(names) + 0.4] * (panels - 1))
     top = fig.add_subplot(grid[0, 0])
     heat = [fig.add_subplot(grid[i, 0], sharex=top) for i in range(1, panels)]
-    edges = np.arange(hours + 1)
+    # Hourly series, each from 0 to its own end: the engines' to the last commit, the
+    # rows' to the last node's end.
     engines = np.array([np.nan if v is None else v for v in f["slot_use_series"]["fleet"]])
-    top.stairs(engines, edges, color="#1c7ed6", lw=1.6, label="slot use (the engines' own)")
+    top.stairs(engines, np.arange(len(engines) + 1), color="#1c7ed6", lw=1.6,
+               label="slot use (the engines' own)")
     if rows_view:
         from_rows = np.array([np.nan if v is None else v for v in rows_view["fleet_slot_use"]])
-        top.stairs(from_rows, edges, color="#1c7ed6", lw=1.2, ls=":",
+        top.stairs(from_rows, np.arange(len(from_rows) + 1), color="#1c7ed6", lw=1.2, ls=":",
                    label="slot use (from the rows' start and finish)")
     top.set_ylim(0, 1.05)
     top.set_ylabel("fleet slot use")
@@ -604,7 +647,7 @@ def chart(f: dict[str, Any], path: Path) -> None:
     committed = np.array(f["committed_series"], dtype=float).reshape(-1, 2)
     if rows_view:
         done = np.array(rows_view["finished_series"]["rows"], dtype=float)
-        right.plot(np.append(0, edges[1:len(done) + 1]), np.append(0, done) / total,
+        right.plot(np.arange(len(done) + 1), np.append(0, done) / total,
                    color="#2f9e44", lw=1.4, label="rows finished")
     if len(committed):
         right.plot(committed[:, 0] / 3600, committed[:, 1] / total, color="#2f9e44", lw=1.0,

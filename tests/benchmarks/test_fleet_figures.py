@@ -22,10 +22,11 @@ H = 3600.0
 def _records() -> Records:
     """Node a (2 slots, 0-4 h) runs rows 0 and 1 from 0 to 2 h, rows 2 and 3 from 2 h
     to 4 h and 3 h; node b (2 slots, 0-1 h) took row 3 at 0 and dropped it at 0.5 h (a
-    lost claim), then was killed at 1 h."""
+    lost claim), then was killed at 1 h. a's engine finished row 0 at 1.5 h, the pipeline
+    took it at 2 h."""
     model = SimModel(kv_tokens=2, tokens_per_row=1)
     a = Node("a", 0, 0, pid=100, started=0.0, ended=4 * H, fate="done", rc=0, loaded=0.0,
-             slots=2)
+             slots=2, submitted={"0:0:0": 0.0}, finished={"0:0:0": 1.5 * H})
     b = Node("b", 1, 1, pid=200, started=0.0, ended=1 * H, fate="killed", rc=-9,
              loaded=0.0, slots=2, aborted={(3, 0): 0.5 * H})
     spans = [(100, 0, 0, 2), (100, 1, 0, 2), (100, 2, 2, 4), (100, 3, 2, 3)]
@@ -59,11 +60,15 @@ def test_rows_give_each_row_its_span_and_each_node_its_use_and_rate():
     assert rows["fleet_slot_use"] == [pytest.approx(0.625), 1.0, 1.0, 0.5]
     # until 95% committed (4 h): a held 7 row-hours over 4 h, b 0.5 over 1 h
     assert rows["in_engine_per_node_until_95pct"] == pytest.approx(7.5 / 5)
+    assert rows["poll_lag_s"]["median"] == 0.5 * H and rows["longest_attempt_s"] == 1.5 * H
 
 
 def test_the_chart_and_summary_draw_from_the_rows(tmp_path: Path):
-    f = {**figures(_records()), "commit": "0" * 40, "run_wall_s": 4.0, "wall_s": 5.0,
-         "settings": {"sim_hour_s": 1.0}}
+    records = _records()
+    records.ended = records.nodes[0].ended = 6.5 * H  # a node ends hours after the last commit
+    f = {**figures(records), "commit": "0" * 40, "run_wall_s": 4.0, "wall_s": 5.0,
+         "settings": {"sim_hour_s": 1.0, "step_real_s": 0.05, "scale_wall_s_per_sim_s": 1 / H}}
+    assert len(f["from_rows"]["fleet_slot_use"]) > len(f["slot_use_series"]["fleet"])
     chart(f, tmp_path / "fleet.png")
     assert (tmp_path / "fleet.png").read_bytes()[:4] == b"\x89PNG"
     figures_named = [r["figure"] for r in summary_rows({"x": f})]
