@@ -581,7 +581,7 @@ def _row_rows(tag: str, f: dict[str, Any]) -> list[dict[str, Any]]:
             f"{f['slot_use_until_95pct']:.3f}); rows in an engine: "
             f"{x['in_engine_per_node_until_95pct']:.0f} on average"),
         row(f"{tag} the pipeline took finished rows from the engine after (median, p90)",
-            f"{_hours(x['poll_lag_s']['median'])}, {_hours(x['poll_lag_s']['p90'])} "
+            f"{x['poll_lag_s']['median'] / 60:,.0f} min, {x['poll_lag_s']['p90'] / 60:,.0f} min "
             f"(an engine step blocks at most {_step_s(f):.0f} s)") if x.get("poll_lag_s")
         else None,
         row(f"{tag} the longest row, first submit to final finish",

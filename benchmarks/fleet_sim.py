@@ -1,6 +1,6 @@
 """Benchmark: a 16-node fleet at Kimi-K2-Thinking's timings, simulated on this machine.
 
-    python benchmarks/run.py --only fleet_sim            # ~10 min on 2 cores
+    python benchmarks/run.py --only fleet_sim            # 11-15 min on 2 busy cores
     FLEET_SIM_LABEL=after python benchmarks/run.py --only fleet_sim
     FLEET_SIM_SETTINGS='{"expected_tokens_per_row": 25000}' FLEET_SIM_LABEL=... (a variant)
 
