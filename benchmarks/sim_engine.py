@@ -22,7 +22,7 @@ The model, per engine (one GPU node):
   row regenerated elsewhere takes as long again.
 
 What it records (one JSON object a line, `Recorder`): the load, each row submitted,
-started, preempted and finished, and slot use sampled over simulated time with the
+started, preempted, finished and aborted, and slot use sampled over simulated time with the
 exact integral of busy slots, so utilization over any window is exact.
 """
 
@@ -231,6 +231,8 @@ class SimEngine:
         """Rows of a shard whose claim was lost leave the engine, their KV cache freed."""
         drop = set(keys)
         self._advance(self._clock.now())
+        for key in sorted(drop):
+            self._record(e="abort", t=round(self._t, 1), k=key)
         self._waiting = deque(r for r in self._waiting if r.key not in drop)
         for key in drop & self._running.keys():
             self._leave(self._running[key])
