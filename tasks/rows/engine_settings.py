@@ -81,14 +81,14 @@ def choose(kwargs: dict[str, Any], seeded: bool) -> list[EngineChoice]:
     return [EngineChoice(setting="enable_chunked_prefill", value=False, reason=SEEDED_CPU)]
 
 
-def _engine_args(kwargs: dict[str, Any]) -> Any:
-    """`kwargs` as the EngineArgs `vllm.LLM` builds from them: LLM turns a config given as
-    a mapping (`compilation_config`, `structured_outputs_config`, ...) into its config
-    class; EngineArgs itself takes only the class."""
+def engine_args_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` (vllm.LLM arguments) as EngineArgs takes them: `vllm.LLM` turns a config
+    given as a mapping (`compilation_config`, `structured_outputs_config`, ...) into its
+    config class; EngineArgs itself, which Ray Data LLM builds from `engine_kwargs`, takes
+    only the class."""
     from vllm.config import (AttentionConfig, CompilationConfig, ProfilerConfig,
                              StructuredOutputsConfig)
     from vllm.config.kv_transfer import KVTransferConfig
-    from vllm.engine.arg_utils import EngineArgs
 
     classes = {"compilation_config": CompilationConfig, "attention_config": AttentionConfig,
                "structured_outputs_config": StructuredOutputsConfig,
@@ -97,7 +97,13 @@ def _engine_args(kwargs: dict[str, Any]) -> Any:
     for name, cls in classes.items():
         if isinstance(args.get(name), dict):
             args[name] = cls(**args[name])
-    return EngineArgs(**args)
+    return args
+
+
+def _engine_args(kwargs: dict[str, Any]) -> Any:
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(**engine_args_kwargs(kwargs))
 
 
 class WorkerProbe:
