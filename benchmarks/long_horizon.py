@@ -168,7 +168,7 @@ def _kill(ctx: Context, d: Path, n: int, seed: int = 23) -> dict[str, Any]:
     memory = [tuple(map(float, line.split()[2:])) for line in _lines(d / "killed.engine_tally")
               if line.startswith("memory")]
     holders = [{"mib": int(size) / 2**20, "where": where.split("site-packages/")[-1]}
-               for size, where in (line.split()[1:] for line in _lines(d / "killed.engine_tally")
+               for size, where in (line.split(" ", 2)[1:] for line in _lines(d / "killed.engine_tally")
                                    if line.startswith("holder"))]
     return {"kill_after_turns": kill_at, "of_turns": total,
             "memory": {**_memory(memory), "holders_at_kill": holders},
