@@ -167,9 +167,10 @@ def _kill(ctx: Context, d: Path, n: int, seed: int = 23) -> dict[str, Any]:
     calls_b = Counter(_lines(d / "rerun.tool_tally"))
     memory = [tuple(map(float, line.split()[2:])) for line in _lines(d / "killed.engine_tally")
               if line.startswith("memory")]
+    held = [line.split(" ", 2)[1:] for line in _lines(d / "killed.engine_tally")
+            if line.startswith("holder")]
     holders = [{"mib": int(size) / 2**20, "where": where.split("site-packages/")[-1]}
-               for size, where in (line.split(" ", 2)[1:] for line in _lines(d / "killed.engine_tally")
-                                   if line.startswith("holder"))]
+               for size, where in held]
     return {"kill_after_turns": kill_at, "of_turns": total,
             "memory": {**_memory(memory), "holders_at_kill": holders},
             "turns_before_kill": len(done), "open_at_kill": len(open_at_kill),
