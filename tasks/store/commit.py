@@ -71,8 +71,6 @@ class Committer:
             return
         self._buffer[shard_id].append(row)
         self._buffered += 1
-        if self.save_seconds is not None:  # its row supersedes any state not yet written
-            self._states.get(shard_id, {}).pop((row["row_index"], row["sample_index"]), None)
 
     def save(self, shard_id: int, key: tuple[int, int], state: bytes) -> None:
         """An open conversation's state at a turn boundary, replacing any not yet written:
@@ -142,6 +140,14 @@ class Committer:
         self._buffered -= len(rows)
         if shard_id in self._lost:
             return
+        # A conversation that ended keeps its last state until its row is in a part: a
+        # kill before the part resumes it from its last tool call, not an earlier save
+        # (which would run that call again). Written ahead of the part, deleted after it.
+        pending = self._states.get(shard_id, {})
+        last = {k: pending.pop(k) for k in [(r["row_index"], r["sample_index"]) for r in rows]
+                if k in pending}
+        if last:
+            self._put(lambda: self._write_states(shard_id, last))
         table = pa.Table.from_pylist(rows, schema=self.schema)
         self._put(lambda: self._commit(shard_id, table))
 

@@ -63,7 +63,7 @@ def test_a_committed_rows_file_is_deleted_and_a_done_shard_keeps_none(
     c.maybe_flush()
     c.save(0, (2, 0), b"c")
     c.add(0, _row(0))
-    c.add(0, _row(2))  # ended before its state was written: never written
+    c.add(0, _row(2))  # ended before its state was written: written, then gone with its part
     c.flush()
     c.close()
     assert open_conversations.load(layout, 0, set()) == {(1, 0): b"b"}
@@ -74,6 +74,20 @@ def test_a_committed_rows_file_is_deleted_and_a_done_shard_keeps_none(
     c.close()
     assert checkpoint.done_stats(layout, 0) is not None
     assert open_conversations.load(layout, 0, set()) == {}
+
+
+def test_a_conversation_that_ended_keeps_its_last_state_until_its_row_is_committed(
+        layout: OutputLayout) -> None:
+    """Answered, its row waits in the buffer for its part: a kill then must resume it from
+    its last tool call, not from an earlier save that would run that call again."""
+    c = _committer(layout)
+    c.save(0, (0, 0), b"after turn 1")
+    c.maybe_flush()
+    c.save(0, (0, 0), b"after turn 2")
+    c.add(0, _row(0))  # it answered at turn 3
+    c.maybe_flush()  # its part is not due yet (flush_rows 100)
+    c.close()  # killed: the row was never committed
+    assert open_conversations.load(layout, 0, set()) == {(0, 0): b"after turn 2"}
 
 
 def test_a_fenced_out_writer_saves_no_open_conversation(layout: OutputLayout) -> None:
