@@ -30,7 +30,7 @@ MINI_OVER: dict[str, Any] = {
     "max_model_len": 2048,
     "kv_cache_memory_bytes": 1 << 30,
     "max_in_flight": 128,
-    "extra_args": {"max_num_seqs": 64},
+    "max_num_seqs": 64,
 }
 
 
@@ -45,8 +45,7 @@ class Context:
     notes: list[str] = field(default_factory=list)
 
     def engine_section(self, **over: Any) -> dict[str, Any]:
-        extra = {**self.engine.get("extra_args", {}), **over.pop("extra_args", {})}
-        return {**self.engine, **over, "extra_args": extra}
+        return {**self.engine, **over}
 
     @property
     def tokenizer_dir(self) -> str:
@@ -61,20 +60,14 @@ class Context:
 
 
 def parse_engine_args(pairs: list[str]) -> dict[str, Any]:
-    """`k=v` (YAML values) into an engine section: EngineSpec fields by name, the rest
-    into extra_args, exactly where thinkbatch's job file would take them."""
-    from thinkbatch.schemas.job import EngineSpec
-
-    section: dict[str, Any] = {"extra_args": {}}
+    """`k=v` (YAML values) into an engine section, as thinkbatch's job file takes them:
+    EngineSpec fields and vLLM engine arguments side by side."""
+    section: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep:
             raise SystemExit(f"--engine-arg wants k=v, got {pair!r}")
-        value = yaml.safe_load(raw)
-        if key in EngineSpec.model_fields and key not in ("kind", "extra_args"):
-            section[key] = value
-        else:
-            section["extra_args"][key] = value
+        section[key] = yaml.safe_load(raw)
     return section
 
 

@@ -1,6 +1,11 @@
 """The fleet simulation's figures, from what its run left behind (fleet_sim.py): the
-simulated engines' event files, the product's trace of commits, the S3 server's request
-log, the Prefect server's counts and the output itself.
+simulated engines' event files, the product's trace (each row's submit and finish, each
+commit), the S3 server's request log, the Prefect server's counts and the output itself.
+
+Two views of the engines: the simulated engine's own exact slot use (its samples), and
+what the product's records alone tell (`_rows`): each row's start and finish from the
+trace, from which rows finished over time, each worker's output rate and its slot use
+follow, as a user's report would draw them; the two agree where the records are right.
 
 Times are simulated seconds from the run's start (the go file), except where a figure
 says wall: the S3 requests of an idle node are per wall minute, as the worker loop's
@@ -33,6 +38,7 @@ class Node:
     name: str
     index: int
     listener: int
+    pid: int
     started: float
     ended: float
     fate: str
@@ -46,6 +52,8 @@ class Node:
     finished: dict[str, float] = field(default_factory=dict)
     preemptions: int = 0
     recomputed_tokens: int = 0
+    aborted: dict[tuple[int, int], float] = field(default_factory=dict)  # (row, sample): a
+    # lost claim's rows, dropped
 
     def busy_at(self, t: float) -> float:
         """Busy slot-seconds up to `t` (exact at samples, linear between them)."""
@@ -68,6 +76,8 @@ class Records:
     nodes: list[Node]
     chaos: list[dict[str, Any]]
     commits: np.ndarray  # (simulated time, rows) of each committed part, in time order
+    requests: np.ndarray  # (simulated time, pid, row, sample, finished?) of the trace's rows
+    output_tokens: np.ndarray  # each row's output tokens (the simulated lengths)
     s3: list[tuple[int, float, str, str, int, str]]  # listener, time, kind, area, status, claim
     prefect: dict[str, Any]
     output: dict[str, Any]
@@ -79,10 +89,15 @@ class Records:
         to_sim = lambda t: (t - fleet.t0) / fleet.s.scale  # noqa: E731
         nodes = [_node(fleet.work / "events" / f"{x.instance}.jsonl", x, ended)
                  for x in fleet.launches]
-        commits = sorted((to_sim(e["time"]), e["rows"]) for e in _lines(fleet.trace)
+        trace = _lines(fleet.trace)
+        commits = sorted((to_sim(e["time"]), e["rows"]) for e in trace
                          if e.get("event") == "committed")
+        requests = [(to_sim(e["time"]), e["pid"], e["row"], e["sample"],
+                     e["event"] == "finished") for e in trace
+                    if e.get("event") in ("submitted", "finished") and "turn" not in e]
         return cls(fleet.s, fleet.model, nodes, fleet.chaos,
                    np.array(commits, dtype=float).reshape(-1, 2),
+                   np.array(requests, dtype=float).reshape(-1, 5), fleet.lengths.output,
                    [(i, to_sim(t), *rest) for i, t, *rest in s3_log],
                    prefect, _output(fleet.layout, fleet.plan), len(fleet.plan.shards), ended)
 
@@ -100,8 +115,9 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 
 
 def _node(path: Path, launch: Any, ended: float) -> Node:
-    node = Node(launch.instance, launch.index, launch.listener, launch.started,
-                launch.ended if launch.ended is not None else ended, launch.fate, launch.rc)
+    node = Node(launch.instance, launch.index, launch.listener, launch.proc.pid,
+                launch.started, launch.ended if launch.ended is not None else ended,
+                launch.fate, launch.rc)
     samples = []
     for e in _lines(path):
         kind = e["e"]
@@ -121,6 +137,8 @@ def _node(path: Path, launch: Any, ended: float) -> Node:
         elif kind == "pre":
             node.preemptions += 1
             node.recomputed_tokens += e["done"]
+        elif kind == "abort":
+            node.aborted[_request(e["k"])] = e["t"]
     if samples:
         node.samples = np.array(samples, dtype=float)
     return node
@@ -197,6 +215,146 @@ def _series(nodes: list[Node], end: float) -> dict[str, Any]:
     fleet = [_use(nodes, a, b) for a, b in zip(edges[:-1], edges[1:])]
     return {"bin_s": BIN_S, "fleet": [None if u is None else round(u, 3) for u in fleet],
             "nodes": per}
+
+
+def _edges(end: float) -> np.ndarray:
+    return np.arange(0.0, end + BIN_S, BIN_S)
+
+
+def _integral(times: np.ndarray, steps: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Breakpoints and the running integral of min(level, cap), the level changing by
+    `steps` at `times`: exact at any time by linear interpolation between them."""
+    order = np.argsort(times, kind="stable")
+    t, level = times[order], np.cumsum(steps[order])
+    area = np.concatenate([[0.0], np.cumsum(np.minimum(level[:-1], cap) * np.diff(t))])
+    return t, area
+
+
+def _spread(start: np.ndarray, finish: np.ndarray, amount: np.ndarray,
+            edges: np.ndarray) -> np.ndarray:
+    """Each row's `amount` spread evenly over its start to finish, summed per bin."""
+    span = np.maximum(finish - start, 1e-9)
+    done = np.clip(edges[:, None] - start[None, :], 0.0, span[None, :]) / span[None, :]
+    return np.diff(done @ amount)
+
+
+def _request(key: str) -> tuple[int, int]:
+    """(row, sample) of an engine request's key (row:sample, a turn after)."""
+    row_index, sample = key.split(":")[:2]
+    return int(row_index), int(sample)
+
+
+def _keys(requests: np.ndarray) -> list[tuple[int, int]]:
+    return [(int(x), int(y)) for x, y in requests[:, 2:4]]
+
+
+def _quantiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    q = np.percentile(values, [50, 90, 99])
+    return {"median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
+            "mean": float(np.mean(values))}
+
+
+def _rows(r: Records, end: float, t95: float) -> dict[str, Any]:
+    """What the product's records say of the engines: each row's first submit and final
+    finish (the finish by the node whose output was kept), and per node its requests'
+    spans in the engine, submit to finish (to its abort, or the node's end, where the
+    trace has no finish). From these: rows finished over time, per node the output rate
+    (each row's tokens spread over its span) and slot use (rows in the engine, at most
+    its slots), per simulated hour; and the rows an engine held on average, which a
+    cap on requests in flight below its slots shows in. Also from the engines' records:
+    the longest single attempt (submit to finish in one engine), and the poll lag, from
+    a row's finish in the engine to the pipeline's taking it: a simulated engine polled
+    late (a CPU-starved machine: the clock runs on) looks idle meanwhile."""
+    q = r.requests
+    rows = r.output["rows"]
+    first = np.full(rows, np.inf)
+    final = np.full(rows, np.nan)
+    kept = r.output["generated_by"]
+    sub = q[q[:, 4] == 0]
+    np.minimum.at(first, sub[:, 2].astype(int), sub[:, 0])
+    edges = _edges(end)
+    per: dict[str, dict[str, Any]] = {}
+    busy_s = slot_s = alive_s = in_engine_s = 0.0
+    lags: list[float] = []
+    attempts: list[float] = []
+    fleet_busy, fleet_slots = np.zeros(len(edges) - 1), np.zeros(len(edges) - 1)
+    for node in r.nodes:
+        mine = q[q[:, 1] == node.pid]
+        opened: dict[tuple[int, int], float] = {}
+        spans: list[tuple[float, float, int, bool]] = []
+        for t, _, index, sample, fin in mine:
+            key = (int(index), int(sample))
+            if not fin:
+                opened[key] = t
+            elif key in opened:
+                spans.append((opened.pop(key), t, key[0], True))
+        for (index, sample), t in opened.items():
+            spans.append((t, node.aborted.get((index, sample), node.ended), index, False))
+        a = np.array(spans, dtype=float).reshape(-1, 4)
+        done = a[a[:, 3] == 1]
+        engine_fin = {_request(k): t for k, t in node.finished.items()}
+        taken = mine[mine[:, 4] == 1]
+        lags += [t - engine_fin[key] for t, key in zip(taken[:, 0], _keys(taken))
+                 if key in engine_fin]
+        attempts += [t - node.submitted[k] for k, t in node.finished.items()
+                     if k in node.submitted]
+        ours = np.array([kept.get(int(x)) == node.name for x in done[:, 2]], dtype=bool)
+        final[done[ours, 2].astype(int)] = done[ours, 1]
+        tokens = r.output_tokens[done[:, 2].astype(int)].astype(float)
+        rate = _spread(done[:, 0], done[:, 1], tokens, edges) / BIN_S
+        moves = (np.concatenate([a[:, 0], a[:, 1]]),
+                 np.concatenate([np.ones(len(a)), -np.ones(len(a))]))
+        t, area = _integral(*moves, node.slots)
+        t_all, area_all = _integral(*moves, len(a))
+        busy = lambda x, b: float(np.interp(b, t, area, left=0.0)  # noqa: E731
+                                  - np.interp(x, t, area, left=0.0)) if len(t) else 0.0
+        bins = list(zip(edges[:-1], edges[1:]))
+        fleet_busy += [busy(x, b) for x, b in bins]
+        fleet_slots += [node.slots * node.alive(x, b) for x, b in bins]
+        use = [None if node.alive(x, b) < 0.05 * BIN_S else
+               round(busy(x, b) / (node.slots * node.alive(x, b)), 3) for x, b in bins]
+        per[node.name] = {"slot_use": use, "output_tok_s": [round(float(v), 1) for v in rate],
+                          "rows_finished": len(done), "rows_dropped": len(a) - len(done)}
+        if node.slots:
+            busy_s += busy(0.0, t95)
+            slot_s += node.slots * node.alive(0.0, t95)
+            alive_s += node.alive(0.0, t95)
+            if len(t_all):
+                in_engine_s += float(np.interp(t95, t_all, area_all))
+    finished = np.sort(final[~np.isnan(final)])
+    span = final - first
+    longest = int(np.nanargmax(span)) if len(finished) else None
+
+    def when(share: float) -> float:
+        return float(finished[min(int(np.ceil(share * rows)) - 1, len(finished) - 1)])
+
+    t90, t95f, last = (when(0.9), when(0.95), float(finished[-1])) if len(finished) else \
+        (end, end, end)
+    return {
+        "rows_with_final_finish": len(finished),
+        "t90_s": t90, "t95_s": t95f, "last_finish_s": last,
+        "tail_last_10pct_share": (last - t90) / last if last else None,
+        "slot_use_until_95pct_committed": busy_s / slot_s if slot_s else None,
+        "in_engine_per_node_until_95pct": in_engine_s / alive_s if alive_s else None,
+        "first_submit_s": float(first.min()) if len(sub) else None,
+        "longest_row": None if longest is None else {
+            "row": longest, "first_submit_s": float(first[longest]),
+            "final_finish_s": float(final[longest]), "span_s": float(span[longest]),
+            "output_tokens": int(r.output_tokens[longest]),
+            "decode_s_at_full_speed": float(r.output_tokens[longest] * r.model.s_per_token)},
+        "longest_attempt_s": max(attempts, default=None),
+        "poll_lag_s": _quantiles(lags),
+        "decode_s_p99_at_full_speed": float(np.percentile(r.output_tokens, 99)
+                                            * r.model.s_per_token),
+        "finished_series": {"bin_s": BIN_S, "rows": [int(x) for x in
+                                                     np.searchsorted(finished, edges[1:],
+                                                                     side="right")]},
+        "fleet_slot_use": [round(float(b / n), 3) if n else None
+                           for b, n in zip(fleet_busy, fleet_slots)],
+        "nodes": per,
+    }
 
 
 def _lost_work(r: Records) -> list[dict[str, Any]]:
@@ -329,6 +487,7 @@ def figures(r: Records) -> dict[str, Any]:
     end = float(c[-1, 0]) if len(c) else r.ended
     t90, t95 = (_when(c, 0.9 * rows), _when(c, 0.95 * rows)) if len(c) else (end, end)
     lost = _lost_work(r)
+    from_rows = _rows(r, max(end, r.ended), t95)
     output = {k: v for k, v in r.output.items() if k != "generated_by"}
     return {
         "time_unit": "simulated seconds unless named wall",
@@ -351,6 +510,8 @@ def figures(r: Records) -> dict[str, Any]:
         "slot_use_series": _series(r.nodes, end),
         "committed_series": [[round(t, 1), int(n)] for t, n in
                              zip(c[:, 0], np.cumsum(c[:, 1]))][:: max(len(c) // 400, 1)],
+        "from_rows": from_rows,
+        "full_output_tok_s": r.model.slots / r.model.s_per_token,
     }
 
 
@@ -378,6 +539,7 @@ def summary_rows(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             row(f"{tag} the tail: wall time of the last 10% of rows",
                 f"{tail:.1%} of the run ({_hours(f['last_commit_s'] - f['t90_s'])} of "
                 f"{_hours(f['last_commit_s'])})", Goal(f"<= {GOAL_TAIL:.0%}", tail <= GOAL_TAIL)),
+            *_row_rows(tag, f),
             row(f"{tag} rows regenerated per kill",
                 ", ".join(map(str, kills)) + f" (slots per engine: {slots})",
                 Goal(f"<= slots ({slots})", bool(kills) and max(kills) <= slots)),
@@ -404,42 +566,130 @@ def summary_rows(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def chart(f: dict[str, Any], path: Path) -> None:
-    """Slot use per node over simulated time (a row per node process, grey where it had
-    no engine), the fleet's slot use and rows committed above, kills and the pause
-    marked."""
-    from matplotlib.figure import Figure
+def _row_rows(tag: str, f: dict[str, Any]) -> list[dict[str, Any]]:
+    """The figures from the rows' start and finish (runs recorded before them have none)."""
+    x = f.get("from_rows")
+    if not x:
+        return []
+    longest = x["longest_row"]
+    return [r for r in [
+        row(f"{tag} the tail by the rows' final finish (trace): the last 10% of rows",
+            f"{x['tail_last_10pct_share']:.1%} of the run to the last finish "
+            f"({_hours(x['last_finish_s'] - x['t90_s'])} of {_hours(x['last_finish_s'])})"),
+        row(f"{tag} slot use until 95% committed, from the rows' start and finish",
+            f"{x['slot_use_until_95pct_committed']:.3f} (the engines' own: "
+            f"{f['slot_use_until_95pct']:.3f}); rows in an engine: "
+            f"{x['in_engine_per_node_until_95pct']:.0f} on average"),
+        row(f"{tag} the pipeline took finished rows from the engine after (median, p90)",
+            f"{x['poll_lag_s']['median'] / 60:,.0f} min, {x['poll_lag_s']['p90'] / 60:,.0f} min "
+            f"(an engine step blocks at most {_step_s(f):.0f} s)") if x.get("poll_lag_s")
+        else None,
+        row(f"{tag} the longest row, first submit to final finish",
+            f"{_hours(longest['span_s'])} = {longest['span_s'] / x['last_finish_s']:.1%} of "
+            f"the run ({longest['output_tokens']:,} tokens: "
+            f"{_hours(longest['decode_s_at_full_speed'])} of decoding at full speed; the "
+            f"longest in one engine: {_hours(x['longest_attempt_s'] or 0)})"),
+    ] if r is not None] if longest else []
 
-    series = f["slot_use_series"]
-    names = sorted(series["nodes"])
-    grid = np.array([[np.nan if v is None else v for v in series["nodes"][n]] for n in names])
-    hours = grid.shape[1]
-    fig = Figure(figsize=(9.5, 7.5), dpi=100)
-    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1, 2.4]})
-    x = np.arange(hours) + 0.5
-    fleet = np.array([np.nan if v is None else v for v in series["fleet"]])
-    top.plot(x, fleet, color="#1c7ed6", label="fleet slot use")
+
+def _step_s(f: dict[str, Any]) -> float:
+    """The longest a simulated engine's step blocks, in simulated seconds."""
+    s = f["settings"]
+    return s["step_real_s"] / s["scale_wall_s_per_sim_s"]
+
+
+def _grid(nodes: dict[str, Any], names: list[str], key: str) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in nodes[n][key]] for n in names],
+                    dtype=float)
+
+
+CHAOS_STYLE = {"kill": ("#e03131", "--"), "failed": ("#e03131", ":"),
+               "pause": ("#f08c00", "--"), "continue": ("#f08c00", ":")}
+
+
+def chart(f: dict[str, Any], path: Path) -> None:
+    """Over simulated time: the fleet (slot use, rows finished and committed, the last
+    10% of rows shaded), then per node process, a row each, its slot use and its output
+    rate from the rows' start and finish (grey: no engine); kills and the pause marked.
+    Runs recorded before the rows' times were drawn from the engines' samples alone."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    rows_view = f.get("from_rows")
+    nodes = rows_view["nodes"] if rows_view else {
+        n: {"slot_use": v} for n, v in f["slot_use_series"]["nodes"].items()}
+    names = sorted(nodes)
+    fates = {n["node"]: n["fate"] for n in f["nodes"]}
+    use = _grid(nodes, names, "slot_use")
+    hours = use.shape[1]
+    panels = 3 if rows_view else 2
+    fig = Figure(figsize=(10, 3.4 + (0.2 * len(names) + 0.4) * (panels - 1)), dpi=100,
+                 layout="constrained")
+    grid = fig.add_gridspec(panels, 2, width_ratios=[1, 0.018],
+                            height_ratios=[2.6] + [0.2 * len(names) + 0.4] * (panels - 1))
+    top = fig.add_subplot(grid[0, 0])
+    heat = [fig.add_subplot(grid[i, 0], sharex=top) for i in range(1, panels)]
+    # Hourly series, each from 0 to its own end: the engines' to the last commit, the
+    # rows' to the last node's end.
+    engines = np.array([np.nan if v is None else v for v in f["slot_use_series"]["fleet"]])
+    top.stairs(engines, np.arange(len(engines) + 1), color="#1c7ed6", lw=1.6,
+               label="slot use (the engines' own)")
+    if rows_view:
+        from_rows = np.array([np.nan if v is None else v for v in rows_view["fleet_slot_use"]])
+        top.stairs(from_rows, np.arange(len(from_rows) + 1), color="#1c7ed6", lw=1.2, ls=":",
+                   label="slot use (from the rows' start and finish)")
     top.set_ylim(0, 1.05)
-    top.set_ylabel("slot use")
+    top.set_ylabel("fleet slot use")
+    top.axhline(GOAL_USE, color="#adb5bd", lw=0.8)
+    total = f["output"]["rows"]
+    right = top.twinx()
     committed = np.array(f["committed_series"], dtype=float).reshape(-1, 2)
+    if rows_view:
+        done = np.array(rows_view["finished_series"]["rows"], dtype=float)
+        right.plot(np.arange(len(done) + 1), np.append(0, done) / total,
+                   color="#2f9e44", lw=1.4, label="rows finished")
     if len(committed):
-        ax2 = top.twinx()
-        ax2.plot(committed[:, 0] / 3600, committed[:, 1] / f["output"]["rows"],
-                 color="#2f9e44", label="rows committed")
-        ax2.set_ylim(0, 1.05)
-        ax2.set_ylabel("rows committed", color="#2f9e44")
-    top.legend(loc="lower left", fontsize=8)
-    cmap = __import__("matplotlib").colormaps["viridis"].with_extremes(bad="#dee2e6")
-    image = bottom.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0, vmax=1,
-                          extent=(0, hours, len(names), 0), interpolation="nearest")
-    bottom.set_yticks(np.arange(len(names)) + 0.5, names, fontsize=6)
-    bottom.set_xlabel("simulated hours")
+        right.plot(committed[:, 0] / 3600, committed[:, 1] / total, color="#2f9e44", lw=1.0,
+                   ls="--", label="rows committed")
+    right.set_ylim(0, 1.05)
+    right.set_ylabel("share of rows", color="#2f9e44")
+    end = f["last_commit_s"] / 3600
+    top.axvspan(f["t90_s"] / 3600, end, color="#f1f3f5", zorder=0)
+    top.text(f["t90_s"] / 3600, 0.02, " last 10%\n of rows", fontsize=7, va="bottom",
+             color="#495057")
+    cmap = colormaps["viridis"].with_extremes(bad="#dee2e6")
+    images = [(use, "slot use (rows in the engine / slots)", 1.0)]
+    if rows_view:
+        rate = _grid(nodes, names, "output_tok_s")
+        rate[np.isnan(use)] = np.nan
+        images.append((rate, f"output tok/s (full: {f['full_output_tok_s']:,.0f})",
+                       f["full_output_tok_s"]))
+    for i, (ax, (values, label, top_value)) in enumerate(zip(heat, images)):
+        image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap=cmap, vmin=0,
+                          vmax=top_value, extent=(0, hours, len(names), 0),
+                          interpolation="nearest")
+        ax.set_yticks(np.arange(len(names)) + 0.5,
+                      [f"{n} {fates.get(n, '')}".replace(" done", "") for n in names],
+                      fontsize=7)
+        ax.set_title(f"per node process: {label}", fontsize=9, loc="left")
+        fig.colorbar(image, cax=fig.add_subplot(grid[i + 1, 1]))
+    heat[-1].set_xlabel("simulated hours")
+    for ax in heat[:-1] + [top]:
+        ax.tick_params(labelbottom=False)
     for event in f["chaos"]:
-        if event["kind"] in ("kill", "pause", "continue", "failed"):
-            color = {"kill": "#e03131", "failed": "#e03131"}.get(event["kind"], "#f08c00")
-            for ax in (top, bottom):
-                ax.axvline(event["t"] / 3600, color=color, lw=0.8, ls="--")
-    fig.colorbar(image, ax=bottom, label="slot use", fraction=0.03)
-    top.set_title(f"fleet simulation [{f.get('commit', '')[:8]}]: "
-                  f"{f['output']['rows']:,} rows, {len(names)} node processes", fontsize=10)
+        if event["kind"] in CHAOS_STYLE:
+            color, style = CHAOS_STYLE[event["kind"]]
+            for ax in (top, *heat):
+                ax.axvline(event["t"] / 3600, color=color, lw=0.9, ls=style)
+    top.set_xlim(0, hours)
+    marks = [Line2D([], [], color=c, ls=ls, lw=0.9, label=k) for k, (c, ls) in
+             CHAOS_STYLE.items() if any(e["kind"] == k for e in f["chaos"])]
+    handles = top.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    top.legend(handles=handles + marks, loc="lower center", fontsize=7, ncols=4,
+               framealpha=0.9, bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle(f"fleet simulation [{f.get('commit', '')[:8]}]: {total:,} rows, "
+                 f"{len(names)} node processes; slot use until 95%: "
+                 f"{f['slot_use_until_95pct']:.2f}, last 10% of rows: "
+                 f"{f['tail_last_10pct_share']:.0%} of the run", fontsize=10)
     fig.savefig(path, format="png")

@@ -1,7 +1,8 @@
 """Benchmark: a 16-node fleet at Kimi-K2-Thinking's timings, simulated on this machine.
 
-    python benchmarks/run.py --only fleet_sim            # ~10 min on 2 cores
+    python benchmarks/run.py --only fleet_sim            # 11-15 min on 2 busy cores
     FLEET_SIM_LABEL=after python benchmarks/run.py --only fleet_sim
+    FLEET_SIM_SETTINGS='{"expected_tokens_per_row": 25000}' FLEET_SIM_LABEL=... (a variant)
 
 Each node is a process running the real worker flow (`shard_worker`, sim_worker.py)
 against a real Prefect server and moto's S3 server, with a simulated engine
@@ -27,12 +28,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BUCKET = "fleet-sim"
 LABEL_ENV = "FLEET_SIM_LABEL"
+SETTINGS_ENV = "FLEET_SIM_SETTINGS"  # JSON: Settings fields over the defaults (a variant)
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Settings:
     timeout_real_s: float = 1500.0
     seed: int = 24
     model: dict[str, Any] = field(default_factory=dict)  # SimModel fields over its defaults
+    expected_tokens_per_row: int | None = None  # the job's, over the preset's (32,768)
 
     @classmethod
     def quick(cls) -> Settings:
@@ -85,7 +89,9 @@ def job_dict(s: Settings) -> dict[str, Any]:
         "name": "fleet-sim",
         "input": {"path": f"s3://{BUCKET}/in/", "id_column": "id"},
         "shards": {"rows_per_shard": s.rows_per_shard},
-        "engine": {"kind": "replay", "replay_column": "raw_text"},
+        "engine": {"kind": "replay", "replay_column": "raw_text",
+                   **({"expected_tokens_per_row": s.expected_tokens_per_row}
+                      if s.expected_tokens_per_row else {})},
         "parsers": {"reasoning": None, "tool_call": None},
         "output": {"path": f"s3://{BUCKET}/out", "flush_seconds": s.flush_sim_s * s.scale},
         "scale": {"workers": s.workers, "claim_ttl_s": s.claim_ttl_sim_s * s.scale},
@@ -346,6 +352,9 @@ class Fleet:
             from fleet_figures import Records, figures
 
             records = Records.read(self, s3_log, prefect, ended)
+            # The servers' records are gone once they stop: kept with the scratch folder
+            # (--keep), the figures can be drawn again without running the fleet again.
+            (self.work / "records.pickle").write_bytes(pickle.dumps(records))
             out = figures(records)
             out["wall_s"] = time.time() - real_started
             out["run_wall_s"] = ended * self.s.scale
@@ -414,7 +423,8 @@ def run(ctx: Any) -> dict[str, Any]:
 
     import resource
 
-    s = Settings.quick() if ctx.quick else Settings()
+    s = replace(Settings.quick() if ctx.quick else Settings(),
+                **json.loads(os.environ.get(SETTINGS_ENV) or "{}"))
     label = os.environ.get(LABEL_ENV, "latest")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = {**Fleet(s, ctx.work / "fleet_sim").run(), **_commit(),

@@ -101,11 +101,12 @@ def main(spec_path: str, result_path: str) -> None:
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
     from thinkbatch.schemas.job import JobSpec, SamplingSpec
     from thinkbatch.tasks.rows.engine import machine_kwargs
-    from thinkbatch.tasks.rows.engine_settings import may_seed
+    from thinkbatch.tasks.rows.engine_settings import engine_args_kwargs, may_seed
     from thinkbatch.tasks.rows.sampling import keep_special, sampling_kwargs
 
     job = JobSpec.model_validate(json.loads(Path(spec["job"]).read_text()))
-    engine_kwargs, _ = machine_kwargs(job.engine, job.parsers, may_seed(job))
+    kwargs, _ = machine_kwargs(job.engine, job.parsers, may_seed(job))
+    engine_kwargs = engine_args_kwargs(kwargs)  # Ray builds EngineArgs from them
     model = engine_kwargs.pop("model")
     keep = keep_special(job)
     defaults = job.sampling.model_dump(by_alias=True)

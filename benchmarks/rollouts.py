@@ -35,7 +35,11 @@ from thinkbatch.tasks.report import trace
 MAX_TURNS = 4
 MEDIAN_S, SIGMA, CAP_S = 0.2, 1.0, 5.0
 MAX_CONCURRENT_TOOLS = 64
-TOOLS = f'''"""The rollouts benchmark's tool (written by benchmarks/rollouts.py): get_weather
+
+
+def tools_source(median_s: float, sigma: float, cap_s: float) -> str:
+    """The tool file, its latency distribution written in."""
+    return f'''"""The rollouts benchmark's tool (written by benchmarks/rollouts.py): get_weather
 sleeps a log-normal time drawn from a hash of its arguments: heavy-tailed, and the same
 for the same call in every run and on both sides of the comparison."""
 
@@ -44,7 +48,7 @@ import math
 import statistics
 import time
 
-MEDIAN_S, SIGMA, CAP_S = {MEDIAN_S}, {SIGMA}, {CAP_S}
+MEDIAN_S, SIGMA, CAP_S = {median_s}, {sigma}, {cap_s}
 
 
 def _latency(city: str) -> float:
@@ -122,11 +126,18 @@ def _sync(ctx: Context, job: Path, out: Path, timeout_s: float = 900) -> dict[st
 
 
 def run(ctx: Context) -> dict[str, Any]:
+    return measure(ctx, "rollouts", MEDIAN_S, SIGMA, CAP_S)
+
+
+def measure(ctx: Context, name: str, median_s: float, sigma: float,
+            cap_s: float) -> dict[str, Any]:
+    """Both sides on the same rows, the tool's latency log-normal(median_s, sigma) capped
+    at cap_s."""
     n = ctx.size(128, 64) if ctx.mini else ctx.size(2048, 256)
-    d = ctx.work / "rollouts"
+    d = ctx.work / name
     d.mkdir(parents=True, exist_ok=True)
     tools = d / "bench_tools.py"
-    tools.write_text(TOOLS)
+    tools.write_text(tools_source(median_s, sigma, cap_s))
     sampling = _sampling(ctx)
     spec = job_dict(ctx, prompts(d / "prompts.parquet", n), d / "out", sampling=sampling,
                     rows_per_shard=n, flush_rows=32)
@@ -173,8 +184,8 @@ def run(ctx: Context) -> dict[str, Any]:
         row("wall incl. load (a) / (b)", f"{a['wall_s']:.1f} s / {b['wall_s']:.1f} s"),
     ]
     return {"settings": {"conversations": n, "max_turns": MAX_TURNS, "sampling": sampling,
-                         "tool_latency": {"distribution": "log-normal", "median_s": MEDIAN_S,
-                                          "sigma": SIGMA, "cap_s": CAP_S},
+                         "tool_latency": {"distribution": "log-normal", "median_s": median_s,
+                                          "sigma": sigma, "cap_s": cap_s},
                          "max_concurrent_tools": MAX_CONCURRENT_TOOLS,
                          "max_in_flight": ctx.engine.get("max_in_flight", 512)},
             "figures": {"thinkbatch": a, "turn_synchronous": b,

@@ -37,11 +37,19 @@ BENCHMARKS = {  # name: (module, title)
     "peers_ray": ("peers_ray", "side by side with Ray Data LLM (make bench-peers)"),
     "peers_ray_sweep": ("peers_ray_sweep", "Ray Data LLM's batch knobs, heavy-tailed rows"),
     "fleet_sim": ("fleet_sim", "a simulated 16-node fleet at Kimi-K2-Thinking's timings (no model)"),
+    "history_turns": ("history_turns", "a rollout turn's prompt at up to ~185k tokens of "
+                                       "history (no model)"),
+    "long_horizon": ("long_horizon", "rollouts of 50-300 tool calls through the pipeline, "
+                                     "generation scripted (no model)"),
+    "rollouts_tail": ("rollouts_tail", "agentic rollouts, tool latency heavy-tailed enough that "
+                                  "the turn-synchronous loop idles >= 25%"),
 }
 # scale_costs: minutes of synthetic outputs; peers_*: need Ray, which `make bench-peers`
-# installs beside the product; fleet_sim: ~10 minutes of both cores. Run them with --only NAME.
-OPT_IN = {"scale_costs", "peers_ray", "peers_ray_sweep", "fleet_sim"}
-NO_MODEL = {"scale_costs", "report_memory", "fleet_sim"}
+# installs beside the product; fleet_sim: ~10 minutes of both cores; history_turns: a few
+# minutes of one core; long_horizon, rollouts_tail: ~4 minutes each. Run them with --only NAME.
+OPT_IN = {"scale_costs", "peers_ray", "peers_ray_sweep", "fleet_sim", "history_turns",
+          "long_horizon", "rollouts_tail"}
+NO_MODEL = {"scale_costs", "report_memory", "fleet_sim", "history_turns", "long_horizon"}
 
 
 def _args() -> argparse.Namespace:

@@ -22,7 +22,7 @@ The model, per engine (one GPU node):
   row regenerated elsewhere takes as long again.
 
 What it records (one JSON object a line, `Recorder`): the load, each row submitted,
-started, preempted and finished, and slot use sampled over simulated time with the
+started, preempted, finished and aborted, and slot use sampled over simulated time with the
 exact integral of busy slots, so utilization over any window is exact.
 """
 
@@ -168,6 +168,7 @@ class SimEngine:
         self.model = model
         self.name = name  # written as each row's answer: which engine generated it
         self.tokenizer = None
+        self.max_model_len: int | None = None  # no prompt is rendered
         self.slots = model.slots
         self.layout = EngineLayout(
             vllm="simulated", device="sim", tensor_parallel_size=8,
@@ -205,6 +206,9 @@ class SimEngine:
     def guard(self, markers: Iterable[str]) -> None:
         """Nothing is tokenized."""
 
+    def render(self, req: RowRequest, prev: Any) -> None:
+        """Nothing is rendered."""
+
     def submit(self, key: str, req: RowRequest, params: Any) -> None:
         self._advance(self._clock.now())
         prompt, output, cut = self._lengths(req.row_index)
@@ -227,6 +231,8 @@ class SimEngine:
         """Rows of a shard whose claim was lost leave the engine, their KV cache freed."""
         drop = set(keys)
         self._advance(self._clock.now())
+        for key in sorted(drop):
+            self._record(e="abort", t=round(self._t, 1), k=key)
         self._waiting = deque(r for r in self._waiting if r.key not in drop)
         for key in drop & self._running.keys():
             self._leave(self._running[key])

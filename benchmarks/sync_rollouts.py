@@ -5,7 +5,8 @@ thinkbatch rollout job's rows: what thinkbatch's rollouts are measured against.
 
 Turn k: one `LLM.chat` over every open conversation (the job's tools and
 chat_template_kwargs, its SamplingParams with the regex), each output parsed with vLLM's
-kimi_k2 parsers (thinkbatch's OutputParser), then every tool call of the turn on a thread
+kimi_k2 parsers (thinkbatch's OutputParser), each turn seeded as thinkbatch seeds it
+(`turn_seed`: a stream of its own per turn), then every tool call of the turn on a thread
 pool of `rollout.max_concurrent_tools` threads, waiting for all of them, then turn k+1.
 Messages are built and rendered as thinkbatch's are (`assistant_message`, `as_served`),
 so both sides feed the engine the same prompts. Only the turns are timed, never the
@@ -90,7 +91,7 @@ def main(job_path: str, out_path: str) -> None:
     for turn in range(1, spec.max_turns + 1):
         t0 = time.perf_counter()
         outs = llm.chat([as_served(conversations[i]) for i in open_],
-                        [builder.for_sample(None, i, 0) for i in open_],
+                        [builder.for_sample(None, i, 0, turn - 1) for i in open_],
                         use_tqdm=False, tools=tools, chat_template_kwargs=ctk)
         t1 = time.perf_counter()
         pending = []  # (conversation, its calls, their futures)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 from uuid import UUID
 
 from thinkbatch.schemas.manifest import Manifest, ShardStats
+from thinkbatch.schemas.plan import Plan
 from thinkbatch.tasks.report import summary
-from thinkbatch.tasks.report.progress import Progress
+from thinkbatch.tasks.rows.listeners import Listener
 from thinkbatch.tasks.store.layout import OutputLayout
 
 log = logging.getLogger("thinkbatch.artifacts")
@@ -45,28 +46,48 @@ def safely(logger: logging.Logger, what: str, call: Callable[..., T], *args: Any
         return None
 
 
-class ProgressArtifact:
-    """A progress artifact of the flow run, updated as rows finish (at most every
-    PROGRESS_EVERY_S) and once more at the end."""
+class ProgressArtifact(Listener):
+    """A progress artifact of the flow run: the share of the output's rows committed.
 
-    def __init__(self, job_name: str, what: str, description: str, percent: float = 0.0):
+    A listener of the pipeline (the runner adds it to its listeners): a shard's parts as
+    they commit, the whole shard once it is done (rows an earlier run committed in it
+    included), updated at most every PROGRESS_EVERY_S and once more at the end (`finish`).
+    It is told from the pipeline's writer thread. The scale-out parent, which runs no
+    pipeline, `set`s it from the done shards instead."""
+
+    def __init__(self, job_name: str, what: str, description: str, plan: Plan,
+                 samples: int = 1, done: Collection[int] = ()):
         from prefect.artifacts import create_progress_artifact
 
-        self._percent, self._at = percent, time.monotonic()
-        self._latest: Progress | None = None
+        self._rows_of = {s.shard_id: s.num_rows * samples for s in plan.shards}
+        self._total = plan.total_rows * samples
+        self._done = sum(self._rows_of[i] for i in done)  # rows of the shards done
+        self._open: dict[int, int] = {}  # rows committed in shards not yet done
+        self._percent, self._at = self.percent(), time.monotonic()
         self.id: UUID | None = safely(log, "create the progress artifact", create_progress_artifact,
-                                       percent, key=artifact_key(job_name, what),
+                                       self._percent, key=artifact_key(job_name, what),
                                        description=description)
 
-    def watch(self, progress: Progress) -> None:
-        self._latest = progress
+    def percent(self) -> float:
+        rows = self._done + sum(self._open.values())
+        return min(100.0, 100.0 * rows / self._total) if self._total else 100.0
+
+    def committed(self, shard_id: int, rows: int) -> None:
+        self._open[shard_id] = self._open.get(shard_id, 0) + rows
+        self._follow()
+
+    def shard_done(self, shard_id: int, stats: ShardStats) -> None:
+        self._open.pop(shard_id, None)
+        self._done += self._rows_of[shard_id]
+        self._follow()
+
+    def _follow(self) -> None:
         if time.monotonic() - self._at >= PROGRESS_EVERY_S:
-            self.set(progress.percent())
+            self.set(self.percent())
 
     def finish(self) -> None:
-        """The last progress watched, whatever the time since the last update."""
-        if self._latest is not None:
-            self.set(self._latest.percent())
+        """The rows committed so far, whatever the time since the last update."""
+        self.set(self.percent())
 
     def set(self, percent: float) -> None:
         from prefect.artifacts import update_progress_artifact

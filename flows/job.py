@@ -179,12 +179,12 @@ def generate_dataset(job: JobParameter | str, force_resume: bool = False,
         events.started(spec, layout, plan.total_rows, len(plan.shards), len(done_before),
                        resumed)
         progress = artifacts.ProgressArtifact(
-            spec.name, "progress", f"{spec.name}: rows done in {layout.root}",
-            plan.percent_in(done_before))
+            spec.name, "progress", f"{spec.name}: rows done in {layout.root}", plan,
+            spec.sampling.n, done_before)
         if spec.scale.workers == 1:
             guardian.start()  # the engine's processes die with this one (a deployment run)
             run, _ = runner.work_shards(spec, layout, plan, owner=f"run-{lease.owner}",
-                                        show_progress=show_progress, watch=progress.watch,
+                                        show_progress=show_progress, listeners=[progress],
                                         track=track_shard)
         else:
             run = run_workers(spec, layout, plan, progress)

@@ -81,7 +81,8 @@ def shard_worker(job: JobParameter, worker_index: int = 0) -> RunFigures | State
     start_at = worker_index * len(plan.shards) // max(job.scale.workers, 1)
     progress = artifacts.ProgressArtifact(
         job.name, f"progress-worker-{worker_index}",
-        f"worker {worker_index}: rows done in {layout.root}, as far as this worker knows")
+        f"worker {worker_index}: rows done in {layout.root}, as far as this worker knows",
+        plan, job.sampling.n, checkpoint.done_shards(layout))
     beat = Heartbeat(layout.store, layout.worker_heartbeat(run_id), job.scale.heartbeat_timeout_s)
 
     def track(shard_id: int, done: Future[ShardStats]) -> Callable[[], object]:
@@ -91,7 +92,7 @@ def shard_worker(job: JobParameter, worker_index: int = 0) -> RunFigures | State
     try:
         with beat:
             run, tally = work_shards(job, layout, plan, owner, start_at,
-                                     worker_index=worker_index, watch=progress.watch,
+                                     worker_index=worker_index, listeners=[progress],
                                      track=track)
         progress.finish()
         layout.store.write_atomic(layout.worker_figures(run_id), WorkerFigures(

@@ -1,12 +1,13 @@
 """The job spec: what a user writes in job.yaml, validated before anything heavy runs.
 
-A field that never changes the rows written (only speed, robustness, or where data lives)
-is declared with `json_schema_extra={"speed_only": True}`; the resume fingerprint
-(tasks/store/fingerprint.py) counts every other field, so a new field counts unless marked.
+What never changes the rows written (only speed, robustness, or where data lives) is
+listed in SPEED_ONLY; the resume fingerprint (tasks/store/fingerprint.py) counts every
+other field and engine argument, so a new one counts without anyone listing it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo,
@@ -23,8 +24,7 @@ class _Strict(BaseModel):
 
 
 class InputSpec(_Strict):
-    path: str = Field(description="A Parquet file, a directory of them, or a glob.",
-                      json_schema_extra={"speed_only": True})  # the files' stats count
+    path: str = Field(description="A Parquet file, a directory of them, or a glob.")
     id_column: str | None = Field(
         default=None, description="Column holding the row id; else file:row_index."
     )
@@ -78,19 +78,55 @@ class ShardSpec(_Strict):
     rows_per_shard: int = Field(default=1000, gt=0)
 
 
-# vLLM engine arguments that change speed or memory, never the tokens generated (in
-# intent: like batch composition, some change floating-point reduction order, which vLLM
-# does not promise to keep bitwise stable anyway). Every other `extra_args` key counts in
-# the resume fingerprint, e.g. `compilation_config`, `block_size`, `kv_cache_dtype`.
-SPEED_ONLY_ENGINE_ARGS = frozenset({
-    "enforce_eager", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
-    "kv_cache_memory_bytes", "enable_prefix_caching", "enable_chunked_prefill",
-    "cpu_offload_gb", "disable_log_stats", "distributed_executor_backend",
+# Dotted paths (as a job file names them) of what never changes the rows written: speed,
+# robustness, where data lives. The fingerprint counts every other field and every other
+# vLLM engine argument. Engine arguments here change speed or memory, never the tokens
+# generated (in intent: like batch composition, some change floating-point reduction
+# order, which vLLM does not promise to keep bitwise stable anyway); one not listed
+# counts, e.g. `engine.compilation_config`, `engine.block_size`, `engine.kv_cache_dtype`.
+SPEED_ONLY = frozenset({
+    "name", "preset", "storage", "scale", "observability",
+    "input.path",  # the input files' stats count (`input.files`)
+    "output.path", "output.flush_rows", "output.flush_seconds", "output.compression",
+    "engine.tensor_parallel_size", "engine.pipeline_parallel_size", "engine.max_in_flight",
+    "engine.expected_tokens_per_row", "engine.max_restarts",
+    "engine.enforce_eager", "engine.max_num_seqs", "engine.max_num_batched_tokens",
+    "engine.gpu_memory_utilization", "engine.kv_cache_memory_bytes",
+    "engine.enable_prefix_caching", "engine.enable_chunked_prefill", "engine.cpu_offload_gb",
+    "engine.disable_log_stats", "engine.distributed_executor_backend",
+    "rollout.max_tool_error_rate",  # it stops the job; it changes no row
+    "rollout.max_concurrent_tools",
+    "rollout.checkpoint_seconds",  # where a rerun resumes from; the rows are the same
 })
 
+# What came to count later: at its default it adds no fingerprint part, so outputs
+# written before it counted still resume; set, it counts like any other field.
+COUNTS_WHEN_SET = frozenset({
+    "engine.decode_context_parallel_size", "sampling.min_room_tokens", "rollout",
+    "rollout.context"})
 
-class EngineSpec(_Strict):
-    """`tensor_` and `pipeline_parallel_size` are speed-only: they split the same math over
+
+def flat_engine_args(engine: Any) -> Any:
+    """An engine section with `extra_args` (the older spelling of vLLM's engine arguments)
+    merged into it. Left as it is where a key is given both ways, for EngineSpec to
+    refuse: resolve_raw flattens each file before merging, so a job's `extra_args` still
+    overrides its preset's flat argument."""
+    if not isinstance(engine, dict) or not isinstance(engine.get("extra_args"), Mapping):
+        return engine
+    older = engine["extra_args"]
+    if older.keys() & engine.keys():
+        return engine
+    return {**{k: v for k, v in engine.items() if k != "extra_args"}, **older}
+
+
+class EngineSpec(BaseModel):
+    """The fields thinkbatch itself reads; every other key is a vLLM engine argument
+    (`dtype`, `quantization`, `load_format`, `enforce_eager`, `compilation_config`, ...),
+    passed as it is to `vllm.LLM(**kwargs)` as Ray Data LLM's `engine_kwargs` and vLLM's
+    own `LLM` take them: `vllm_args`. Their names are checked against vLLM's EngineArgs
+    before any model loads (tasks/jobs/validate.py, check_vllm), where vLLM is imported.
+
+    `tensor_` and `pipeline_parallel_size` are speed-only: they split the same math over
     more devices, changing floating-point reduction order as batch size (`max_in_flight`)
     does, which vLLM promises bitwise stable for neither.
 
@@ -98,46 +134,57 @@ class EngineSpec(_Strict):
     attention from each rank's softmax LSE, another attention computation, and one with
     an open accuracy bug (vLLM issue #41623: Kimi's outputs drift at long context with
     TP8/DCP8). A DCP8 output resumed with DCP1 would mix the two in one dataset. At its
-    default (1) it adds no part (`counts_when_set`), so outputs written before it counted
+    default (1) it adds no part (COUNTS_WHEN_SET), so outputs written before it counted
     resume."""
+
+    model_config = ConfigDict(extra="allow")
 
     kind: Literal["vllm", "replay"] = "vllm"
     model: str | None = Field(default=None, validate_default=True)
     tokenizer: str | None = None
     revision: str | None = None
-    tensor_parallel_size: int = Field(default=1, ge=1, json_schema_extra={"speed_only": True})
-    decode_context_parallel_size: int = Field(default=1, ge=1,
-                                              json_schema_extra={"counts_when_set": True})
-    pipeline_parallel_size: int = Field(default=1, ge=1, json_schema_extra={"speed_only": True})
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    decode_context_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
     max_model_len: int | None = Field(default=None, gt=0)
     trust_remote_code: bool = False
-    dtype: str = "auto"
-    quantization: str | None = None
-    load_format: str = "auto"
-    kv_cache_memory_bytes: int | None = Field(default=None, gt=0,
-                                              json_schema_extra={"speed_only": True})
     seed: int = 0
     max_in_flight: int = Field(
         default=512, gt=0, description="Most requests kept inside the engine at once; fewer "
-        "where the KV cache holds fewer (see expected_tokens_per_row).",
-        json_schema_extra={"speed_only": True},
-    )
+        "where the KV cache holds fewer (see expected_tokens_per_row).")
     expected_tokens_per_row: int | None = Field(
-        default=None, gt=0, json_schema_extra={"speed_only": True},
+        default=None, gt=0,
         description="Tokens (prompt + completion) a request is expected to hold in the KV "
                     "cache: in flight are at most the cache's tokens over this. Default: "
                     "sampling.max_tokens, so that nothing is preempted.")
     max_restarts: int = Field(
-        default=2, ge=0, json_schema_extra={"speed_only": True},
+        default=2, ge=0,
         description="Times a worker loads a new engine when its engine's processes die "
                     "mid-run (its in-flight rows are resubmitted, not failed).")
     replay_column: str = Field(
         default="raw_text", description="kind=replay: column holding the completion text."
     )
-    extra_args: dict[str, Any] = Field(
-        default_factory=dict, description="Any other vllm.LLM / EngineArgs argument.",
-        json_schema_extra={"speed_only_keys": sorted(SPEED_ONLY_ENGINE_ARGS)},
-    )
+
+    @property
+    def vllm_args(self) -> dict[str, Any]:
+        """The vLLM engine arguments written beside thinkbatch's fields."""
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_spelling(cls, data: Any) -> Any:
+        """`extra_args: {...}` is still read: its keys join the flat arguments."""
+        if not isinstance(data, dict) or "extra_args" not in data:
+            return data
+        older = data["extra_args"]
+        if not isinstance(older, Mapping):
+            raise ValueError("engine.extra_args: a mapping of vLLM engine arguments")
+        both = sorted(older.keys() & data.keys())
+        if both:
+            raise ValueError(f"engine.extra_args.{both[0]} is also given as engine.{both[0]}: "
+                             "give it once (vLLM's engine arguments go under engine: as "
+                             "they are)")
+        return flat_engine_args(data)
 
     # Field validators (not model validators) so these errors are reported together
     # with every other field error of the file.
@@ -190,8 +237,7 @@ class SamplingSpec(_Strict):
         default=16, ge=1,
         description="max_tokens is cut to the room a prompt leaves in max_model_len; a "
                     "prompt leaving less than this is prompt_too_long (a rollout: the turn "
-                    "named). Not passed to vLLM.",
-        json_schema_extra={"counts_when_set": True})
+                    "named). Not passed to vLLM.")
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     presence_penalty: float = 0.0
@@ -225,11 +271,11 @@ class StorageSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    path: str = Field(json_schema_extra={"speed_only": True})
-    flush_rows: int = Field(default=1000, gt=0, json_schema_extra={"speed_only": True})
-    flush_seconds: float = Field(default=60.0, gt=0, json_schema_extra={"speed_only": True})
+    path: str
+    flush_rows: int = Field(default=1000, gt=0)
+    flush_seconds: float = Field(default=60.0, gt=0)
     keep_raw_text: bool = False
-    compression: str = Field(default="zstd", json_schema_extra={"speed_only": True})
+    compression: str = "zstd"
 
 
 class ScaleSpec(_Strict):
@@ -279,7 +325,7 @@ class RetrySpec(_Strict):
 
 
 class JobSpec(_Strict):
-    name: str = Field(default="thinkbatch", json_schema_extra={"speed_only": True})
+    name: str = "thinkbatch"
     input: InputSpec
     shards: ShardSpec = Field(default_factory=ShardSpec)
     engine: EngineSpec
@@ -289,19 +335,15 @@ class JobSpec(_Strict):
         default=None, description="OpenAI-style function schemas offered to every row.")
     parsers: ParserSpec = Field(default_factory=ParserSpec)
     output: OutputSpec
-    storage: StorageSpec = Field(default_factory=StorageSpec,
-                                 json_schema_extra={"speed_only": True})
-    scale: ScaleSpec = Field(default_factory=ScaleSpec, json_schema_extra={"speed_only": True})
-    observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec,
-                                             json_schema_extra={"speed_only": True})
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    scale: ScaleSpec = Field(default_factory=ScaleSpec)
+    observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec)
     preset: str | None = Field(  # the merged values count, not the name
-        default=None, description="Name of a preset merged under this file.",
-        json_schema_extra={"speed_only": True})
+        default=None, description="Name of a preset merged under this file.")
     retry: RetrySpec | None = None
     rollout: RolloutSpec | None = Field(
         default=None, description="Run the model's tool calls and continue each "
-                                  "conversation until it answers (agentic rollouts).",
-        json_schema_extra={"counts_when_set": True})
+                                  "conversation until it answers (agentic rollouts).")
 
     @model_validator(mode="after")
     def _coherent(self) -> JobSpec:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from thinkbatch.schemas.job import JobSpec
+from thinkbatch.schemas.job import JobSpec, flat_engine_args
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -91,6 +91,7 @@ def resolve_raw(
             if not isinstance(node, dict):
                 raise JobFileError([f"--set {expr!r}: {k} is not a mapping"])
         node[keys[-1]] = value
+    data = _flat(data)
     name = preset or data.get("preset")
     if name:
         data = deep_merge(_preset_chain(name), data)
@@ -102,9 +103,18 @@ def _preset_chain(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """A preset may itself name a preset it refines (the TP8-only variant does)."""
     if name in seen:
         raise JobFileError([f"presets include each other: {' -> '.join((*seen, name))}"])
-    data = _read_yaml(find_preset(name))
+    data = _flat(_read_yaml(find_preset(name)))
     base = data.pop("preset", None)
     return deep_merge(_preset_chain(base, (*seen, name)), data) if base else data
+
+
+def _flat(layer: dict[str, Any]) -> dict[str, Any]:
+    """One file's `engine.extra_args` (the older spelling) merged into its engine section
+    before the files are merged, so that a job's older spelling still overrides its
+    preset's flat argument as it did."""
+    if "engine" not in layer:
+        return layer
+    return {**layer, "engine": flat_engine_args(layer["engine"])}
 
 
 def format_validation_error(err: ValidationError) -> list[str]:
@@ -130,6 +140,7 @@ def load_job(
 def validate_job(data: dict[str, Any]) -> JobSpec:
     """A merged job mapping -> JobSpec; raises JobFileError with every pydantic error and
     the sections that did validate (see JobFileError.partial)."""
+    data = _flat(data)
     try:
         return JobSpec.model_validate(data)
     except ValidationError as e:
@@ -142,7 +153,8 @@ def _partial(data: dict[str, Any], failed: frozenset[str]) -> JobSpec:
     """Each section validated on its own. A failed one keeps each of its fields that
     validates alone, the rest at its model's defaults (so a check reading it sees the
     given values or neutral ones); checks of the section itself are skipped, but one that
-    reads only a valid field still reports (engine.extra_args beside a bad TP/DCP pair)."""
+    reads only a valid field still reports (an unknown engine argument beside a bad TP/DCP
+    pair)."""
     sections: dict[str, Any] = {}
     for name, field in JobSpec.model_fields.items():
         kind = field.annotation

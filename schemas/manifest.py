@@ -137,6 +137,12 @@ class RunFigures(BaseModel):
     # Turns (a single-turn job's rows) whose max_tokens was cut to the room their prompt
     # left in max_model_len (sampling.min_room_tokens).
     turns_capped: int | None = None
+    # Rollout turns whose chat template wrote the previous turn's prompt otherwise (earlier
+    # reasoning dropped...): tokenized from where the two differ (tasks/rows/history.py).
+    turns_rerendered: int | None = None
+    # Tool results hidden to fit a history in its budget (rollout.context:
+    # hide_tool_results, tasks/rows/context.py).
+    tool_results_hidden: int | None = None
     engine: EngineLayout | None = None  # this run's vLLM engine, as loaded
     in_flight: InFlightFigures | None = None  # requests in the engine at once
     shards_lost: int | None = None  # claims another worker took over (a pause past the TTL)

@@ -32,6 +32,7 @@ class RowRequest:
     min_room_tokens: int = 16  # the job's sampling.min_room_tokens (a row's own is in sampling)
     replay_finish_reason: str = "stop"  # replay of a stored truncated row: "length"
     recorded: Any = None  # rollout: the row's recorded tool results (rollout.tools recorded)
+    prompt: Any = None  # rollout: this turn's prompt, rendered ahead (tasks/rows/history.py)
 
 
 @dataclass(slots=True)
@@ -58,12 +59,43 @@ class Parsed:
 
 @dataclass(slots=True)
 class Turn:
-    """One assistant turn of a rollout: its generation, its parse, and the results of the
-    tools it called (None when none ran: an answer, or tool calls past max_turns)."""
+    """One assistant turn of a rollout: its parse, what is read of its generation, and the
+    results of the tools it called (None when none ran: an answer, or tool calls past
+    max_turns). Token counts, not ids: a conversation open for hundreds of turns would
+    hold each turn's whole prompt (turns x history)."""
 
-    gen: Generation
     parsed: Parsed
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    finish_reason: str | None
+    ttft_s: float | None
     results: list[ToolResult] | None = None
+
+    @classmethod
+    def of(cls, gen: Generation, parsed: Parsed) -> Turn:
+        return cls(parsed,
+                   len(gen.prompt_token_ids) if gen.prompt_token_ids is not None else None,
+                   len(gen.token_ids) if gen.token_ids else None,
+                   gen.finish_reason, gen.ttft_s)
+
+    def state(self) -> dict[str, Any]:
+        """The turn as JSON data, for an open conversation's saved state (`of_state`)."""
+        p = self.parsed
+        return {"status": p.status.value, "reasoning": p.reasoning, "answer": p.answer,
+                "tool_calls": p.tool_calls, "error": p.error,
+                "reasoning_tokens": p.reasoning_tokens, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "finish_reason": self.finish_reason, "ttft_s": self.ttft_s,
+                "results": ([[r.call_id, r.name, r.content, r.error, r.latency_s]
+                             for r in self.results] if self.results is not None else None)}
+
+    @classmethod
+    def of_state(cls, d: dict[str, Any]) -> Turn:
+        parsed = Parsed(Status(d["status"]), d["reasoning"], d["answer"], d["tool_calls"],
+                        d["error"], d["reasoning_tokens"])
+        return cls(parsed, d["prompt_tokens"], d["completion_tokens"], d["finish_reason"],
+                   d["ttft_s"], [ToolResult(*r) for r in d["results"]]
+                   if d["results"] is not None else None)
 
     def as_struct(self) -> dict[str, Any]:
         """The turn as an element of the `turns` column."""
@@ -72,8 +104,8 @@ class Turn:
                 "tool_results": ([{"call_id": r.call_id, "name": r.name, "content": r.content,
                                    "error": r.error, "latency_s": r.latency_s}
                                   for r in self.results] if self.results is not None else None),
-                "completion_tokens": len(self.gen.token_ids) if self.gen.token_ids else None,
-                "finish_reason": self.gen.finish_reason}
+                "completion_tokens": self.completion_tokens,
+                "finish_reason": self.finish_reason}
 
 
 @dataclass(slots=True)
@@ -136,12 +168,10 @@ def _fill_rollout(row: OutputRow, trajectory: Trajectory) -> None:
     row.num_turns = len(turns)
     row.tool_calls_total = len(results)
     row.tool_errors = sum(r.error is not None for r in results)
-    row.prompt_tokens = _total([len(t.gen.prompt_token_ids) if t.gen.prompt_token_ids
-                                is not None else None for t in turns])
-    row.completion_tokens = _total([len(t.gen.token_ids) if t.gen.token_ids else None
-                                    for t in turns])
+    row.prompt_tokens = _total([t.prompt_tokens for t in turns])
+    row.completion_tokens = _total([t.completion_tokens for t in turns])
     row.reasoning_tokens = _total([t.parsed.reasoning_tokens for t in turns])
-    row.ttft_s = turns[0].gen.ttft_s if turns else None
+    row.ttft_s = turns[0].ttft_s if turns else None
     row.latency_s = trajectory.latency_s
 
 

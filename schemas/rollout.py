@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit, urlunsplit
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler,
                       field_serializer, model_serializer, model_validator)
@@ -166,6 +166,37 @@ class ToolSource(_Strict):
         return f"recorded column {self.recorded.column}"
 
 
+HIDDEN = "[tool result hidden to save context]"  # a hidden tool message's content
+BUDGET_SHARE = 0.8  # the default budget: this share of max_model_len
+
+
+class ContextSpec(_Strict):
+    """What a conversation whose history outgrows the window does (tasks/rows/context.py).
+    `stop`: it ends `prompt_too_long`, the turn named, once its prompt leaves less than
+    `sampling.min_room_tokens` of `max_model_len`. `hide_tool_results`: once the prompt
+    passes the budget, earlier tool messages' contents become a placeholder, oldest
+    first, until it fits (the strategy Moonshot describes for Kimi-K2-Thinking's long
+    agentic evaluations); the messages, tool call ids included, are still rendered by
+    the model's own template."""
+
+    policy: Literal["stop", "hide_tool_results"] = "stop"
+    budget_tokens: int | None = Field(
+        default=None, ge=1,
+        description="hide_tool_results: the prompt size past which results are hidden "
+                    f"(default: {BUDGET_SHARE:.0%} of max_model_len, a fifth of the window "
+                    "left for each turn: 52k tokens at 256k). Never more than the window "
+                    "less sampling.min_room_tokens.")
+    keep_last: int = Field(
+        default=1, ge=0,
+        description="hide_tool_results: the last this many tool messages are never hidden.")
+
+    @model_validator(mode="after")
+    def _hiding_fields(self) -> ContextSpec:
+        if self.policy == "stop" and (self.budget_tokens is not None or self.keep_last != 1):
+            raise ValueError("budget_tokens and keep_last apply to policy hide_tool_results")
+        return self
+
+
 class RolloutSpec(_Strict):
     max_turns: int = Field(default=8, ge=1, description="Assistant turns per conversation.")
     tools: list[ToolSource] = Field(
@@ -183,11 +214,20 @@ class RolloutSpec(_Strict):
         default=None, gt=0, le=1,
         description="Stop the job once more than this share of its tool calls failed (judged "
                     "from 20 calls on): tools that are down should not turn into thousands "
-                    "of conversations about error messages. Default: never stop.",
-        json_schema_extra={"speed_only": True})  # it stops the job; it changes no row
+                    "of conversations about error messages. Default: never stop.")
     max_concurrent_tools: int = Field(default=16, ge=1,
-                                      description="Tool calls running at once, all rows.",
-                                      json_schema_extra={"speed_only": True})
+                                      description="Tool calls running at once, all rows.")
+    context: ContextSpec = Field(
+        default_factory=ContextSpec,
+        description="A history that outgrows max_model_len: stop (default) or hide earlier "
+                    "tool results.")
+    checkpoint_seconds: float | None = Field(
+        default=10, ge=0,
+        description="Open conversations are saved at turn boundaries (their tools returned) "
+                    "into the output's `_open/` folder, at most this many seconds apart, so "
+                    "a kill resumes each at its last saved tool call instead of turn 1 "
+                    "(its tools not run again). 0: at every turn boundary; null: never "
+                    "(a kill redoes open conversations from their first turn).")
 
     @model_validator(mode="after")
     def _one_recorded(self) -> RolloutSpec:

@@ -199,14 +199,14 @@ def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan,
 
 def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                 start_at: int = 0, show_progress: bool = False, worker_index: int = 0,
-                watch: Callable[[Progress], None] | None = None,
+                listeners: Sequence[Listener] = (),
                 track: Callable[[int, Future[ShardStats]], Callable[[], Any]] | None = None
                 ) -> tuple[RunFigures, RunTally]:
     """Claim, run and release shards until every shard is done; returns this worker's
     figures (rates over its generation time) and the tally of its rows. The engine is
     loaded only once a shard is claimed. With `observability.metrics_port` set, live
-    metrics are served until it returns. `watch` sees the progress each time the loop
-    wakes (a progress artifact's updates); `track` is told of each shard and its future
+    metrics are served until it returns. `listeners` watch the rows beside the run's own
+    (the flow's progress artifact); `track` is told of each shard and its future
     as the pipeline takes it, and returns what to wait for before its claim is released
     (the flow's Prefect task of the shard).
 
@@ -243,7 +243,8 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                             with stopping.interruptible():
                                 opened = open_pipeline(job, layout, plan,
                                                        may_commit=claims.still_ours,
-                                                       show_progress=show_progress, live=live)
+                                                       show_progress=show_progress, live=live,
+                                                       listeners=listeners)
                             run.engine_load_s = opened.load_s
                             started = time.monotonic()
                         done = opened.pipeline.submit_shard(shard_id)
@@ -268,8 +269,6 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                     tracked()
                     claims.release(shard_id)  # a claim taken over is not ours to delete
                     next_look = 0.0  # a slot is free: look at once
-                if watch is not None and opened is not None:
-                    watch(opened.progress)
         finally:
             try:
                 if opened is not None:
@@ -283,6 +282,8 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                     opened.progress.close()
                     run.engine_restarts = pipeline.restarts
                     run.turns_capped = pipeline.turns_capped
+                    run.turns_rerendered = pipeline.conversations.rerendered
+                    run.tool_results_hidden = pipeline.conversations.results_hidden
                     run.engine = pipeline.engine.layout
                     run.in_flight = pipeline.in_flight_limit.figures()
                     run.rows_generated = opened.progress.rows

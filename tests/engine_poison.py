@@ -1,7 +1,7 @@
 """A vLLM logits processor for tests: a request whose sampling `extra_args` holds
 `{"poison": true}` raises inside the engine (where vLLM adds it to the batch), which
 kills vLLM's engine core, as a request that crashes a kernel does. Named by class path in
-`engine.extra_args.logits_processors`; rows set the flag through their sampling column."""
+`engine.logits_processors`; rows set the flag through their sampling column."""
 
 from __future__ import annotations
 

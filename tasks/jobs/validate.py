@@ -5,6 +5,7 @@ loading, or mid-run, is refused in seconds with every problem at once."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
 import io
 import json
@@ -15,7 +16,7 @@ from pathlib import Path, PurePath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from thinkbatch.schemas.job import JobSpec
+from thinkbatch.schemas.job import EngineSpec, JobSpec
 from thinkbatch.schemas.job_file import JobFileError
 from thinkbatch.schemas.output import BASE_NAMES, ROLLOUT_NAMES
 from thinkbatch.schemas.tools import tool_errors
@@ -139,14 +140,23 @@ def check_vllm(job: JobSpec) -> list[str]:
         errors.append(f"parsers.tool_call: {job.parsers.tool_call!r} is not a vLLM tool-call "
                       f"parser; known: {', '.join(known)}")
     engine_args = {f.name for f in dataclasses.fields(EngineArgs)}
-    errors += [f"engine.extra_args.{k}: not a vLLM engine argument"
-               for k in job.engine.extra_args if k not in engine_args]
+    errors += [_not_an_engine_arg(k, engine_args) for k in job.engine.vllm_args
+               if k not in engine_args]
     errors += job_sampling_errors(job)
     if job.engine.kind == "replay" and (job.parsers.reasoning or job.parsers.tool_call) \
             and not (job.engine.model or job.engine.tokenizer):
         errors.append("engine: a replay job with parsers needs engine.tokenizer (or model) "
                       "for the parsers' special tokens")
     return errors
+
+
+def _not_an_engine_arg(key: str, engine_args: set[str]) -> str:
+    """A key under `engine:` that is neither thinkbatch's field nor vLLM's argument: a typo
+    of either, named with the closest name of both."""
+    close = difflib.get_close_matches(key, [*EngineSpec.model_fields, *engine_args], n=1)
+    hint = f"; did you mean engine.{close[0]}?" if close else ""
+    return (f"engine.{key}: not a vLLM engine argument, nor a field of thinkbatch's engine "
+            f"section{hint}")
 
 
 def check_output(job: JobSpec, store: Storage) -> list[str]:
@@ -321,7 +331,7 @@ def check_tokenizer(job: JobSpec) -> list[str]:
     try:
         tokenizer = get_tokenizer(
             source, trust_remote_code=job.engine.trust_remote_code,
-            tokenizer_mode=job.engine.extra_args.get("tokenizer_mode", "auto"))
+            tokenizer_mode=job.engine.vllm_args.get("tokenizer_mode", "auto"))
     except Exception as e:
         return [f"engine: the tokenizer of {source} does not load: {type(e).__name__}: {e}"]
     try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
 
 from thinkbatch.schemas.output import Status
 from thinkbatch.tasks.report.tally import SECOND_EDGES, PartCommit, Seconds, Tally, TokenCounts
@@ -25,6 +25,7 @@ WIDTH_IN = 8.4
 HIST_BINS = 40
 TAIL_PERCENTILE = 99.9  # token histograms end here; longer rows join the last bar
 TIME_BINS = 60
+LOG_LABELS = 6  # a time axis's labels are at least 1/6 of its width apart
 TOP_TOOLS = 20
 INK, MUTED = "#1f2933", "#7b8794"
 STATUS_COLORS = {s.value: c for s, c in {
@@ -170,14 +171,41 @@ def tokens_chart(reasoning: TokenCounts, answer: TokenCounts) -> Chart:
     return Chart(name, title, caption, _png(fig))
 
 
-def _seconds_label(v: float) -> str:
+def _seconds_unit(v: float) -> tuple[float, str]:
+    """The unit a duration is labelled in: seconds up to 1,000, minutes up to 10 h."""
     if v < 1:
-        return f"{v * 1e3:.3g} ms"
+        return 1e-3, "ms"
     if v < 1000:
-        return f"{v:.3g} s"
+        return 1.0, "s"
     if v < 36_000:
-        return f"{v / 60:,.0f} min"
-    return f"{v / 3600:,.0f} h"
+        return 60.0, "min"
+    return 3600.0, "h"
+
+
+def _seconds_label(v: float) -> str:
+    unit, name = _seconds_unit(v)
+    return f"{v / unit:.3g} {name}" if unit <= 1 else f"{v / unit:,.0f} {name}"
+
+
+def _log_ticks(lo: float, hi: float, labels: int = LOG_LABELS) -> list[float]:
+    """Labelled ticks of a log time axis from lo to hi seconds: values round in the unit
+    they are labelled in, the roundest first (1, 3, then 2 and 5, then the other digits
+    of each decade), each kept only where it lies at least 1/`labels` of the axis from
+    those kept. However few decades the axis spans, labels never run into each other
+    (700, 800 and 900 ms are too close on a half-decade axis); an axis with room for no
+    round value is labelled at its ends."""
+    gap = np.log10(hi / lo) / labels
+    kept: list[float] = []
+    for digits in ((1,), (3,), (2, 5), (4, 6, 7, 8, 9)):
+        for unit in (1e-3, 1.0, 60.0, 3600.0):
+            for decade in range(int(np.floor(np.log10(lo / unit))),
+                                int(np.ceil(np.log10(hi / unit))) + 1):
+                for digit in digits:
+                    v = digit * 10.0 ** decade * unit
+                    if (lo <= v <= hi and _seconds_unit(v)[0] == unit
+                            and all(abs(np.log10(v / k)) >= gap for k in kept)):
+                        kept.append(v)
+    return sorted(kept) if len(kept) >= 2 else [lo, hi]
 
 
 def _time_hist(ax: Axes, s: Seconds, color: str, label: str) -> None:
@@ -192,10 +220,7 @@ def _time_hist(ax: Axes, s: Seconds, color: str, label: str) -> None:
     edges = SECOND_EDGES[np.append(starts, min(starts[-1] + group, len(SECOND_EDGES) - 1))]
     ax.stairs(binned, edges, fill=True, color=color, alpha=0.85)
     ax.set_xscale("log")
-    decades = np.log10(edges[-1] / edges[0])
-    subs = ((1.0,) if decades > 2.5 else (1.0, 3.0) if decades > 1.2
-            else (1.0, 2.0, 5.0) if decades > 0.6 else np.arange(1.0, 10))
-    ax.xaxis.set_major_locator(LogLocator(subs=subs))
+    ax.xaxis.set_major_locator(FixedLocator(_log_ticks(edges[0], edges[-1])))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _seconds_label(v)))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlim(edges[0], edges[-1])

@@ -143,6 +143,8 @@ def merge_workers(reports: list[WorkerFigures], generation_s: float) -> RunFigur
         generation_s=generation_s,
         engine_restarts=sum(f.engine_restarts or 0 for f in figures),
         turns_capped=sum(f.turns_capped or 0 for f in figures),
+        turns_rerendered=sum(f.turns_rerendered or 0 for f in figures),
+        tool_results_hidden=sum(f.tool_results_hidden or 0 for f in figures),
         metrics=tally.metrics(generation_s),
         workers={r.name: r.figures for r in reports})
     with_rates(run, generation_s)

@@ -5,8 +5,16 @@ conversation waits for another's (no barrier across turns).
 
 The pipeline's driver thread owns every conversation's state. A rollout turn that ends
 in tool calls hands them to the toolbox (tools/toolbox.py), which runs them on its own
-pool and puts the results on a queue; the driver takes them from there and submits the
-conversation's next turn ahead of new rows, so conversations in flight finish first.
+pool; their results join the history and the next turn's prompt is rendered on a render
+thread (tasks/rows/history.py: the new messages tokenized, not the history), off the
+driver that steps the engine; the conversation is then put on a queue, and the driver
+takes it from there and submits its next turn ahead of new rows, so conversations in
+flight finish first. A history that outgrows its budget under `rollout.context:
+hide_tool_results` has earlier tool results hidden there too (tasks/rows/context.py).
+With `rollout.checkpoint_seconds` set, a conversation's state (its messages, turns and
+malformed count) is made into bytes on the render thread once its tools returned, and the
+committer saves it (store/open_conversations.py): a rerun resumes it from there, its next
+turn rendered from the saved messages, without calling those tools again.
 A conversation is one output row, written when it ends: an answer (`ok`), `max_turns`,
 a turn that failed (its status; a rollout names the turn in `error`), or `tool_error`
 when a call failed because its source is down for good (an MCP server no restart brought
@@ -16,9 +24,13 @@ back): the model would only read errors where the data meant results.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import queue
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +38,16 @@ from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.output import Status
 from thinkbatch.schemas.record import (Generation, Parsed, RowRequest, ToolResult, Trajectory,
                                        Turn)
+from thinkbatch.tasks.rows import context
+from thinkbatch.tasks.rows.history import PromptHistory
 from thinkbatch.tasks.rows.parse import OutputParser, arguments_problem, schema_problem
 from thinkbatch.tasks.tools.tool import ToolboxError
 from thinkbatch.tasks.tools.toolbox import Toolbox
+
+log = logging.getLogger("thinkbatch.conversation")
+
+# A turn's prompt from the previous turn's (the engine's `render`), on the render thread.
+Render = Callable[[RowRequest, PromptHistory | None], PromptHistory | None]
 
 
 @dataclass(slots=True)
@@ -43,6 +62,9 @@ class Conversation:
     turns: list[Turn] = field(default_factory=list)
     started: float | None = None  # monotonic time its first turn was submitted
     malformed: int = 0  # consecutive turns whose tool calls had malformed arguments
+    history: PromptHistory | None = None  # the next turn's prompt, rendered ahead
+    hidden: int = 0  # tool results hidden for the next turn (rollout.context)
+    state: bytes | None = None  # its state at its last turn boundary, not yet saved
 
     @property
     def key(self) -> str:
@@ -71,7 +93,9 @@ class Conversations:
     """The conversations of one pipeline between their turns. Without `job.rollout` each
     ends at its first turn and nothing here waits: no tools, no limit."""
 
-    def __init__(self, job: JobSpec, parser: OutputParser, toolbox: Toolbox | None = None):
+    def __init__(self, job: JobSpec, parser: OutputParser, toolbox: Toolbox | None = None,
+                 render: Render | None = None,
+                 window: Callable[[], int | None] = lambda: None):
         if job.rollout is not None and toolbox is None:
             raise ValueError("a rollout job's pipeline needs its toolbox (Toolbox.open)")
         self.job = job
@@ -88,6 +112,15 @@ class Conversations:
         self._at_tools = 0
         self._results: queue.Queue[tuple[Conversation, list[ToolResult]]] = queue.Queue()
         self._back: deque[tuple[Conversation, list[ToolResult]]] = deque()
+        self._render = render
+        # One thread: a tokenizer is not shared between threads (engine.py, _own_copy).
+        self._renderer = (ThreadPoolExecutor(1, thread_name_prefix="thinkbatch-render")
+                          if render is not None and self.spec is not None else None)
+        self.rerendered = 0  # turns whose template rewrote the previous prompt (history.py)
+        self._window = window  # the engine's max_model_len, where it has one
+        self.results_hidden = 0  # tool results hidden to fit the context (context.py)
+        # Open conversations are saved between turns (rollout.checkpoint_seconds).
+        self.saving = self.spec is not None and self.spec.checkpoint_seconds is not None
 
     # -- feeder thread ----------------------------------------------------------------
 
@@ -109,6 +142,26 @@ class Conversations:
         if self.spec is None:
             return Conversation(shard_id, req, sample)  # its history is the request's
         return Conversation(shard_id, req, sample, messages=list(req.messages or ()))
+
+    def resume(self, conv: Conversation, state: bytes) -> None:
+        """Continue a conversation from its saved state (a run that was killed or stopped):
+        its next turn is rendered ahead from the saved messages (tool results hidden as
+        they were, rollout.context), on the render thread. A state of another row (an input changed under --force-resume) is ignored."""
+        saved = json.loads(state)
+        if self.spec is None or saved["row_id"] != conv.req.row_id or conv.req.error:
+            return
+        conv.messages = saved["messages"]
+        conv.turns = [Turn.of_state(t) for t in saved["turns"]]
+        conv.malformed = saved["malformed"]
+        conv.started = time.monotonic() - saved["elapsed_s"]
+        if self._renderer is not None and self._render is not None:
+            req = dataclasses.replace(conv.req, messages=conv.messages)
+            try:
+                conv.history = self._renderer.submit(self._render, req, None).result()
+                self._renderer.submit(self._fit, conv, req).result()
+            except Exception as e:  # left to the driver's full render (see _next_turn)
+                log.debug("row %s: rendering its resumed turn ahead failed: %s",
+                          conv.req.row_id, e)
 
     # -- driver thread ----------------------------------------------------------------
 
@@ -133,7 +186,7 @@ class Conversations:
         if conv.started is None:
             conv.started = time.monotonic()
         self._open.add((conv.req.row_index, conv.sample))
-        return dataclasses.replace(conv.req, messages=conv.messages)
+        return dataclasses.replace(conv.req, messages=conv.messages, prompt=conv.history)
 
     def turn_done(self, conv: Conversation, gen: Generation,
                   gave_up: Parsed | None) -> Parsed | None:
@@ -143,7 +196,7 @@ class Conversations:
         parsed = gave_up or self._parse(conv.req, gen)
         if self.spec is None:
             return parsed
-        conv.turns.append(Turn(gen, parsed))
+        conv.turns.append(Turn.of(gen, parsed))
         n = len(conv.turns)
         if self._malformed(parsed):
             conv.malformed += 1
@@ -169,8 +222,74 @@ class Conversations:
         self._at_tools += 1
         assert self.toolbox is not None
         self.toolbox.run(parsed.tool_calls, conv.req.recorded,
-                         lambda results: self._results.put((conv, results)))
+                         lambda results: self._returned(conv, results))
         return None
+
+    # -- tool and render threads ------------------------------------------------------
+
+    def _returned(self, conv: Conversation, results: list[ToolResult]) -> None:
+        """A conversation's tools returned (a tool thread): its next prompt is rendered on
+        the render thread. A pipeline that closed leaves it to a rerun."""
+        if self._renderer is None:
+            self._next_turn(conv, results)
+            return
+        try:
+            self._renderer.submit(self._next_turn, conv, results)
+        except RuntimeError:  # the render thread was shut down: the pipeline closed
+            pass
+
+    def _next_turn(self, conv: Conversation, results: list[ToolResult]) -> None:
+        """The results join the history and the next turn's prompt is rendered from the
+        previous one; then the driver may take the conversation. A render that fails is
+        left to the driver's full render, which fails the row with its reason."""
+        try:
+            conv.messages.extend(tool_message(r) for r in results)
+            conv.turns[-1].results = results
+            going_on = self.toolbox.unavailable(results) is None
+            if self._render is not None and going_on:
+                try:
+                    req = dataclasses.replace(conv.req, messages=conv.messages)
+                    conv.history = self._render(req, conv.history)
+                    self._fit(conv, req)
+                except Exception as e:
+                    log.debug("row %s: rendering its next turn ahead failed: %s",
+                              conv.req.row_id, e)
+                    conv.history = None
+            if self.saving and going_on:  # the messages as the next turn reads them
+                conv.state = self._state(conv)
+        finally:
+            self._results.put((conv, results))
+
+    def _fit(self, conv: Conversation, req: RowRequest) -> None:
+        """Under `rollout.context: hide_tool_results`, a prompt past the budget has earlier
+        tool results hidden (in the conversation's messages) and is rendered again."""
+        assert self.spec is not None and self._render is not None
+        spec, render = self.spec.context, self._render
+        if spec.policy != "hide_tool_results" or conv.history is None:
+            return
+        floor = (req.sampling.min_room_tokens if req.sampling is not None
+                 else req.min_room_tokens)
+        limit = context.budget(spec, self._window(), floor)
+        if limit is None or len(conv.history) <= limit:
+            return
+        conv.history, conv.hidden = context.fit(
+            conv.history, conv.messages, lambda prev: render(req, prev), limit,
+            spec.keep_last)
+    @staticmethod
+    def _state(conv: Conversation) -> bytes:
+        """What a rerun resumes the conversation from (`resume`): its turns, tool results
+        in, and the history they make."""
+        assert conv.started is not None
+        return json.dumps({"row_id": conv.req.row_id, "messages": conv.messages,
+                           "turns": [t.state() for t in conv.turns],
+                           "malformed": conv.malformed,
+                           "elapsed_s": time.monotonic() - conv.started},
+                          ensure_ascii=False, default=str).encode()
+
+    def close(self) -> None:
+        """Stop the render thread; conversations it still holds are left to a rerun."""
+        if self._renderer is not None:
+            self._renderer.shutdown(wait=False, cancel_futures=True)
 
     @staticmethod
     def _malformed(parsed: Parsed) -> bool:
@@ -213,8 +332,9 @@ class Conversations:
         self._at_tools -= 1
         if (stop := self.toolbox.failing()) is not None:
             raise ToolboxError(stop)
-        conv.turns[-1].results = results
-        conv.messages.extend(tool_message(r) for r in results)
+        self.rerendered += conv.history is not None and conv.history.rerendered
+        self.results_hidden += conv.hidden
+        conv.hidden = 0
         if (why := self.toolbox.unavailable(results)) is not None:
             conv.req = dataclasses.replace(conv.req, status=Status.TOOL_ERROR,
                                            error=f"turn {len(conv.turns)}: {why}")
@@ -234,6 +354,7 @@ class Conversations:
         if self.spec is None:
             return None
         self._open.discard((conv.req.row_index, conv.sample))
+        conv.history = None
         if not conv.turns:
             return None
         assert conv.started is not None

@@ -27,11 +27,18 @@ from thinkbatch.schemas.record import Generation, RowRequest
 from thinkbatch.tasks.process.vllm_env import engine_logging
 from thinkbatch.tasks.rows import engine_settings
 from thinkbatch.tasks.rows.engine_stderr import EngineStderr
+from thinkbatch.tasks.rows.history import Histories, PromptHistory, RenderText
 from thinkbatch.tasks.rows.prompt_tokens import ControlTokens, chat_prompt
 
 log = logging.getLogger("thinkbatch.engine")
 
 EXIT_WAIT_S = 5.0  # how long a dead engine's core process is waited for, for its exit status
+# How long a closing engine's core process is given to end before vLLM kills its process
+# tree, on vLLM's CPU build. There its worker process outlasts vLLM's own 5 s grace (the
+# executor waits VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS, 5 s, before it signals the worker),
+# so every close ended in that kill after 5 s (measured: 5.0 s; 5.8 s with no kill); 1 s
+# ends the same way, 4 s sooner, at the end of every run. Elsewhere vLLM's grace stands.
+CPU_CLOSE_GRACE_S = 1.0
 
 
 class EngineDied(RuntimeError):
@@ -51,11 +58,14 @@ class RequestRejected(Exception):
 class Engine(Protocol):
     tokenizer: Any
     layout: EngineLayout | None  # a vLLM engine's, as loaded
+    max_model_len: int | None  # the window its prompts are checked against, where known
 
     @property
     def in_flight(self) -> int: ...
 
     def submit(self, key: str, req: RowRequest, params: Any) -> None: ...
+
+    def render(self, req: RowRequest, prev: PromptHistory | None) -> PromptHistory | None: ...
 
     def poll(self) -> list[Generation]: ...
 
@@ -67,7 +77,8 @@ class Engine(Protocol):
 
 
 def llm_kwargs(spec: EngineSpec, parsers: ParserSpec) -> dict[str, Any]:
-    """vllm.LLM arguments, named as `vllm serve` flags are (`--decode-context-parallel-size`).
+    """vllm.LLM arguments, named as `vllm serve` flags are (`--decode-context-parallel-size`):
+    the engine fields thinkbatch reads, then the job's vLLM engine arguments as they are.
     The reasoning parser too, as `--reasoning-parser` gives it: vLLM's structured-output
     manager then starts a row's grammar where its reasoning ends, so a constrained answer
     leaves the thinking free (without it the grammar forces the thinking as well)."""
@@ -80,17 +91,13 @@ def llm_kwargs(spec: EngineSpec, parsers: ParserSpec) -> dict[str, Any]:
         pipeline_parallel_size=spec.pipeline_parallel_size,
         max_model_len=spec.max_model_len,
         trust_remote_code=spec.trust_remote_code,
-        dtype=spec.dtype,
-        quantization=spec.quantization,
-        load_format=spec.load_format,
-        kv_cache_memory_bytes=spec.kv_cache_memory_bytes,
         seed=spec.seed,
         # Stats on, so RequestOutput.metrics carries first-token times.
         disable_log_stats=False,
     )
     if parsers.reasoning:
         kwargs["reasoning_parser"] = parsers.reasoning
-    kwargs.update(spec.extra_args)
+    kwargs.update(spec.vllm_args)
     return kwargs
 
 
@@ -133,6 +140,33 @@ def as_served(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                else c for c in m["tool_calls"]]
         out.append(m)
     return out
+
+
+def text_renderer(offline: Any) -> RenderText:
+    """The chat template's text as `LLM.chat` renders it (vLLM's `_preprocess_chat`: the
+    same chat parameters, messages as served), before it is tokenized. None where vLLM's
+    own render gives no text alone: a template that tokenizes (Mistral's), multimodal
+    data, prompt embeddings."""
+    from vllm.renderers import ChatParams, merge_kwargs
+    from vllm.utils.mistral import is_mistral_tokenizer
+
+    tokenizes = (is_mistral_tokenizer(offline.renderer.tokenizer)
+                 or offline.model_config.enable_prompt_embeds)
+
+    def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+               kwargs: dict[str, Any]) -> str | None:
+        if tokenizes:
+            return None
+        params = ChatParams(
+            chat_template=offline.chat_template, chat_template_content_format="auto",
+            chat_template_kwargs=merge_kwargs(kwargs or None, dict(
+                add_generation_prompt=True, continue_final_message=False, tools=tools,
+                tokenize=False)))
+        _, prompt = offline.renderer.render_messages(as_served(messages), params)
+        text = prompt.get("prompt")
+        return text if isinstance(text, str) and prompt.keys() == {"prompt"} else None
+
+    return render
 
 
 def cpu_groups(cpus: list[int], groups: int) -> str:
@@ -196,6 +230,12 @@ class VllmEngine:
         self._alive_at = time.monotonic()  # the last step that came back: a cause is after it
         self.tokenizer = self.llm.get_tokenizer()
         self._control = ControlTokens(self.tokenizer)
+        # The rollout's render thread tokenizes with a tokenizer of its own: a fast
+        # tokenizer's settings (truncation, split_special_tokens) are state that a call
+        # on the driver thread changes under it.
+        self._render_tokenizer = _own_copy(self.tokenizer)
+        self._text = text_renderer(self.llm)
+        self._histories = Histories(self._text, ControlTokens(self._render_tokenizer))
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._final_only = RequestOutputKind.FINAL_ONLY
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -216,23 +256,46 @@ class VllmEngine:
         too: a tokenizer may know them only by name (Kimi-K2-Thinking's keeps `<think>`
         and its tool-call markers out of its added tokens)."""
         self._control = ControlTokens(self.tokenizer, markers)
+        self._histories = Histories(self._text, ControlTokens(self._render_tokenizer, markers))
 
     def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                 kwargs: dict[str, Any]) -> dict[str, Any]:
         return self.llm._preprocess_chat_one(as_served(messages), tools=tools,
                                              chat_template_kwargs=kwargs or None)
 
+    def render(self, req: RowRequest, prev: PromptHistory | None) -> PromptHistory | None:
+        """A rollout turn's prompt from the previous turn's (tasks/rows/history.py), on the
+        render thread. Raises what rendering the row raises."""
+        history = self._histories.next(prev, req.messages or [], req.tools,
+                                       req.chat_template_kwargs,
+                                       allow_special_tokens=req.allow_special_tokens)
+        if history is not None:
+            history.ready = history.ids.tolist()
+        return history
+
+    def _prompt(self, req: RowRequest) -> dict[str, Any]:
+        """The request's prompt: the one rendered ahead for its messages (a rollout turn),
+        else rendered here. One past the window goes to vLLM's own render, which refuses it
+        in its own words."""
+        ahead = req.prompt
+        if (isinstance(ahead, PromptHistory) and ahead.messages == len(req.messages or ())
+                and len(ahead) <= self.max_model_len):
+            ids = ahead.ready if ahead.ready is not None else ahead.ids.tolist()
+            return self.llm.renderer.process_for_engine({"prompt_token_ids": ids}, time.time())
+        return chat_prompt(self._render, self._control, req.messages, req.tools,
+                           req.chat_template_kwargs,
+                           allow_special_tokens=req.allow_special_tokens)
+
     def submit(self, key: str, req: RowRequest, params: Any) -> None:
         """Render with the model's own chat template and tokenizer (data that spells control
-        tokens tokenized as text, tasks/rows/prompt_tokens.py), check the length on the host (no
-        accelerator time for a prompt that cannot fit), then enqueue. A prompt that leaves
-        less room than max_tokens gets the room (a long conversation goes on to the end of
-        the window, as vLLM's `LLM` would let it); one that leaves less than the job's
-        `sampling.min_room_tokens` is refused: a few tokens could hold no answer."""
+        tokens tokenized as text, tasks/rows/prompt_tokens.py), unless the prompt was
+        rendered ahead; check the length on the host (no accelerator time for a prompt
+        that cannot fit), then enqueue. A prompt that leaves less room than max_tokens
+        gets the room (a long conversation goes on to the end of the window, as vLLM's
+        `LLM` would let it); one that leaves less than the job's `sampling.min_room_tokens`
+        is refused: a few tokens could hold no answer."""
         try:
-            prompt = chat_prompt(self._render, self._control, req.messages, req.tools,
-                                 req.chat_template_kwargs,
-                                 allow_special_tokens=req.allow_special_tokens)
+            prompt = self._prompt(req)
         except Exception as e:  # this one row's template rendering failed
             raise _rejected(e) from e
         prompt_len = len(prompt["prompt_token_ids"])
@@ -258,6 +321,8 @@ class VllmEngine:
         self._pending.add(key)
         if capped:
             self._capped.add(key)
+        if isinstance(req.prompt, PromptHistory):
+            req.prompt.ready = None  # the engine holds its own while it runs
 
     def poll(self) -> list[Generation]:
         if not self._pending:
@@ -333,8 +398,19 @@ class VllmEngine:
             outputs.put_nowait(self._dead())
 
     def close(self) -> None:
+        from vllm.platforms import current_platform
+
         self._closing = True
-        self.llm.llm_engine.engine_core.shutdown()
+        grace = CPU_CLOSE_GRACE_S if current_platform.is_cpu() else None
+        self.llm.llm_engine.engine_core.shutdown(timeout=grace)
+
+
+def _own_copy(tokenizer: Any) -> Any:
+    """A fast tokenizer copied (its settings are its own); a slow one is shared: its state
+    is read only."""
+    import copy
+
+    return copy.deepcopy(tokenizer) if getattr(tokenizer, "is_fast", False) else tokenizer
 
 
 def _exit_codes(procs: list[Any]) -> list[int | None]:
@@ -353,6 +429,7 @@ class ReplayEngine:
     def __init__(self, spec: EngineSpec):
         self.tokenizer = None
         self.layout = None
+        self.max_model_len = spec.max_model_len
         if spec.model or spec.tokenizer:
             from vllm.tokenizers import get_tokenizer
 
@@ -371,6 +448,10 @@ class ReplayEngine:
             finish_reason=req.replay_finish_reason, prompt_token_ids=None, ttft_s=None,
             latency_s=None,
         ))
+
+    def render(self, req: RowRequest, prev: PromptHistory | None) -> PromptHistory | None:
+        """Nothing to render: no prompt is tokenized."""
+        return None
 
     def poll(self) -> list[Generation]:
         done = list(self._done)
@@ -397,7 +478,7 @@ def get_engine(spec: EngineSpec, parsers: ParserSpec, seeded: bool = False) -> E
     platforms need settings for.
 
     Keyed by what the engine is built from (the `vllm.LLM` arguments), not by the
-    fingerprint's speed-only marks: those answer another question (`replay_column`
+    fingerprint's SPEED_ONLY list: that answers another question (`replay_column`
     changes rows but not the engine; `gpu_memory_utilization` the engine but not rows)."""
     kwargs, choices = machine_kwargs(spec, parsers, seeded) if spec.kind == "vllm" else (
         llm_kwargs(spec, parsers), [])

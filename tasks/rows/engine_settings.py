@@ -41,7 +41,7 @@ def seeded_sampling_errors(job: JobSpec) -> list[str]:
     engine core dies on the first prompt prefilled in part), and one whose
     `max_num_batched_tokens` is below `max_model_len` cannot turn it off (vLLM refuses a
     token budget that a whole prompt may not fit). Refused before any model loads."""
-    extra = job.engine.extra_args
+    extra = job.engine.vllm_args
     if job.engine.kind != "vllm" or not may_seed(job):
         return []
     from vllm.platforms import current_platform
@@ -49,13 +49,13 @@ def seeded_sampling_errors(job: JobSpec) -> list[str]:
     if not current_platform.is_cpu():
         return []
     if extra.get("enable_chunked_prefill"):
-        return [f"engine.extra_args.enable_chunked_prefill: true cannot run with sampling "
+        return [f"engine.enable_chunked_prefill: true cannot run with sampling "
                 f"seeds on vLLM's CPU build: {SEEDED_CPU}. Leave it unset (thinkbatch turns "
                 "it off for seeded jobs on CPU) or drop the seed"]
     budget, longest = extra.get("max_num_batched_tokens"), job.engine.max_model_len
     if "enable_chunked_prefill" not in extra and budget is not None and longest is not None \
             and budget < longest:
-        return [f"engine.extra_args.max_num_batched_tokens: {budget} is below max_model_len "
+        return [f"engine.max_num_batched_tokens: {budget} is below max_model_len "
                 f"{longest}, so chunked prefill must stay on, which cannot run with sampling "
                 f"seeds on vLLM's CPU build: {SEEDED_CPU}. Raise it to max_model_len or "
                 "leave it unset"]
@@ -81,14 +81,14 @@ def choose(kwargs: dict[str, Any], seeded: bool) -> list[EngineChoice]:
     return [EngineChoice(setting="enable_chunked_prefill", value=False, reason=SEEDED_CPU)]
 
 
-def _engine_args(kwargs: dict[str, Any]) -> Any:
-    """`kwargs` as the EngineArgs `vllm.LLM` builds from them: LLM turns a config given as
-    a mapping (`compilation_config`, `structured_outputs_config`, ...) into its config
-    class; EngineArgs itself takes only the class."""
+def engine_args_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` (vllm.LLM arguments) as EngineArgs takes them: `vllm.LLM` turns a config
+    given as a mapping (`compilation_config`, `structured_outputs_config`, ...) into its
+    config class; EngineArgs itself, which Ray Data LLM builds from `engine_kwargs`, takes
+    only the class."""
     from vllm.config import (AttentionConfig, CompilationConfig, ProfilerConfig,
                              StructuredOutputsConfig)
     from vllm.config.kv_transfer import KVTransferConfig
-    from vllm.engine.arg_utils import EngineArgs
 
     classes = {"compilation_config": CompilationConfig, "attention_config": AttentionConfig,
                "structured_outputs_config": StructuredOutputsConfig,
@@ -97,7 +97,13 @@ def _engine_args(kwargs: dict[str, Any]) -> Any:
     for name, cls in classes.items():
         if isinstance(args.get(name), dict):
             args[name] = cls(**args[name])
-    return EngineArgs(**args)
+    return args
+
+
+def _engine_args(kwargs: dict[str, Any]) -> Any:
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(**engine_args_kwargs(kwargs))
 
 
 class WorkerProbe:

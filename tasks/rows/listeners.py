@@ -2,9 +2,10 @@
 
 The pipeline knows its watchers only as listeners: the terminal progress and this run's
 tally (report/progress.py), live Prometheus metrics (report/metrics.py), the trace
-(report/trace.py), and whatever a caller adds (tasks/runner.py builds the list). Rows,
-requests and tool results are told from the pipeline's driver thread; `committed` and
-`shard_done` from its writer thread. A listener must be quick: the driver waits for it.
+(report/trace.py), and whatever a caller adds (tasks/runner.py builds the list; the
+flows add their progress artifact, flows/artifacts.py). Rows, requests and tool results
+are told from the pipeline's driver thread; `committed` and `shard_done` from its writer
+thread. A listener must be quick: the driver waits for it.
 """
 
 from __future__ import annotations

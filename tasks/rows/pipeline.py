@@ -33,7 +33,7 @@ from thinkbatch.tasks.rows.read import shard_batches
 from thinkbatch.tasks.rows.render import Renderer, needed_columns
 from thinkbatch.tasks.rows.sampling import SamplingBuilder, SamplingRejected
 from thinkbatch.tasks.rows.triage import Triage
-from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store import checkpoint, open_conversations
 from thinkbatch.tasks.store.commit import Committer, FencedOut
 from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.tools.toolbox import Toolbox
@@ -76,7 +76,9 @@ class Pipeline:
         self.triage = Triage(job.engine.max_restarts if restart_engine else 0)
         self.parser = parser
         self.toolbox = toolbox  # a rollout job's tools: closed when the pipeline ends
-        self.conversations = Conversations(job, parser, toolbox)
+        self.conversations = Conversations(job, parser, toolbox,
+                                           lambda req, prev: self.engine.render(req, prev),
+                                           lambda: self.engine.max_model_len)
         self.sampling = SamplingBuilder(job) if job.engine.kind == "vllm" else None
         self.renderer = Renderer(job)
         self.listeners = listeners  # what watches the rows (rows/listeners.py)
@@ -85,6 +87,7 @@ class Pipeline:
             flush_seconds=job.output.flush_seconds, compression=job.output.compression,
             on_shard_done=self._shard_done, on_commit=self._committed, may_commit=may_commit,
             on_lost=self._claim_lost,
+            save_seconds=(job.rollout.checkpoint_seconds if job.rollout is not None else None),
         )
         self.committer.engine = engine.layout
         self.in_flight_limit = InFlight(job.engine.max_in_flight, _kv_tokens(engine),
@@ -175,6 +178,7 @@ class Pipeline:
         """Conversations still at their tools are left to a rerun, like requests in flight."""
         if self.toolbox is not None:
             self.toolbox.close()
+        self.conversations.close()
 
     # -- feeder thread --------------------------------------------------------------
 
@@ -190,6 +194,8 @@ class Pipeline:
                     done |= kept
                     self.listeners.done_before(copied)
                 self.backlog.add(-len(done))
+                saved = (open_conversations.load(self.layout, shard.shard_id, done)
+                         if self.conversations.saving else {})
                 self._put_item(_ShardStart(shard.shard_id, shard.num_rows * n - len(done)))
                 for batch in shard_batches(self.layout.store, self.plan, shard, columns,
                                            self.job.input.id_column):
@@ -199,6 +205,9 @@ class Pipeline:
                             for s in ((r.sample_index,) if r.sample_index is not None
                                       else range(n))
                             if (r.row_index, s) not in done]
+                    for conv in work:
+                        if (state := saved.pop((conv.req.row_index, conv.sample), None)):
+                            self.conversations.resume(conv, state)
                     if work:
                         self._put_item(work)
         except BaseException as e:
@@ -292,6 +301,10 @@ class Pipeline:
         while self.engine.in_flight < self.in_flight_limit.limit:
             if (conv := conversations.ready()) is not None:
                 self.listeners.tools_returned(conv.turns[-1].results or ())
+                if conv.state is not None:  # written on the writer thread (store/commit.py)
+                    self.committer.save(conv.shard_id, (conv.req.row_index, conv.sample),
+                                        conv.state)
+                    conv.state = None
                 self._submit(conv)
                 continue
             if conversations.full:

@@ -107,6 +107,12 @@ def _cut(marker: str) -> int:
     return 1
 
 
+def new_nonce() -> str:
+    """A placeholder prefix: letters and digits only, so the template's JSON filters leave
+    it as it is; random, so the data cannot spell it."""
+    return "tbctl" + secrets.token_hex(8)
+
+
 def _is_tool_result(message: dict[str, Any]) -> bool:
     return message.get("role") == "tool"
 
@@ -119,11 +125,12 @@ class Masked:
     tools: Tools
     kwargs: dict[str, Any]
     nonce: str
-    markers: list[str]  # placeholder i stood for markers[i]
+    markers: list[str]  # the occurrences masked, in order
+    table: list[str]  # placeholder i stands for table[i] (ControlTokens.markers)
 
     def restore(self, text: str) -> str:
         return re.sub(re.escape(self.nonce) + r"x(\d+)x",
-                      lambda m: self.markers[int(m.group(1))], text)
+                      lambda m: self.table[int(m.group(1))], text)
 
 
 class ControlTokens:
@@ -135,8 +142,10 @@ class ControlTokens:
         self.ids = control_tokens(tokenizer, markers)
         self._id_set = frozenset(self.ids.values())
         # Longest first: at one position the longest marker wins, as in the tokenizer.
-        alternatives = sorted(self.ids, key=len, reverse=True)
-        self.pattern = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
+        self.markers = sorted(self.ids, key=len, reverse=True)
+        self._index = {m: i for i, m in enumerate(self.markers)}
+        self.pattern = (re.compile("|".join(map(re.escape, self.markers))) if self.markers
+                        else None)
 
     def found_in(self, messages: Messages, tools: Tools, kwargs: dict[str, Any]) -> bool:
         pattern = self.pattern
@@ -144,26 +153,28 @@ class ControlTokens:
             pattern.search(s) for s in _strings((messages, tools, kwargs)))
 
     def mask(self, messages: Messages, tools: Tools, kwargs: dict[str, Any], *,
-             tool_results_only: bool = False) -> Masked:
-        # Letters and digits only: the template's JSON filters leave it as it is; random,
-        # so the data cannot spell it.
-        nonce = "tbctl" + secrets.token_hex(8)
+             tool_results_only: bool = False, nonce: str | None = None) -> Masked:
+        """Each placeholder names its marker by its place in `self.markers`, so the same
+        data masked with the same `nonce` (a conversation's, turn after turn) renders to
+        the same text."""
+        nonce = nonce or new_nonce()
         markers: list[str] = []
+        index = self._index
 
         def sub(match: re.Match[str]) -> str:
             markers.append(match.group())
-            return f"{nonce}x{len(markers) - 1}x"
+            return f"{nonce}x{index[match.group()]}x"
 
         def fn(s: str) -> str:
             return self.pattern.sub(sub, s)  # type: ignore[union-attr]
 
         if tool_results_only:
             return Masked([_map_strings(m, fn) if _is_tool_result(m) else m for m in messages],
-                          tools, kwargs, nonce, markers)
+                          tools, kwargs, nonce, markers, self.markers)
         return Masked(_map_strings(messages, fn), _map_strings(tools, fn),
-                      _map_strings(kwargs, fn), nonce, markers)
+                      _map_strings(kwargs, fn), nonce, markers, self.markers)
 
-    def _text_ids(self, text: str) -> list[int]:
+    def text_ids(self, text: str) -> list[int]:
         """Token ids of `text` with every control-token spelling as plain text, checked by
         the ids."""
         if not text:
@@ -202,12 +213,12 @@ class ControlTokens:
         pos = 0
         for m in self.pattern.finditer(rendered):  # type: ignore[union-attr]
             piece = masked.restore(rendered[pos:m.start()])
-            ids += self._text_ids(piece)
+            ids += self.text_ids(piece)
             ids.append(self.ids[m.group()])
             parts += [piece, m.group()]
             pos = m.end()
         piece = masked.restore(rendered[pos:])
-        ids += self._text_ids(piece)
+        ids += self.text_ids(piece)
         parts.append(piece)
         text = "".join(parts)
         if masked.nonce.lower() in text.lower():

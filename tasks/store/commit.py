@@ -1,6 +1,7 @@
 """Buffering finished rows and committing them as Parquet parts on a writer thread,
 so generation never waits for storage. A part is written atomically; a shard's done
-marker is written only after all of its parts."""
+marker is written only after all of its parts. A rollout's open conversations are saved
+on the same thread, fenced the same way (store/open_conversations.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from thinkbatch.schemas.manifest import EngineLayout, ShardStats
-from thinkbatch.tasks.store import checkpoint
+from thinkbatch.tasks.store import checkpoint, open_conversations
 from thinkbatch.tasks.store.layout import OutputLayout
 
 OnShardDone = Callable[[int, ShardStats], None]
@@ -30,7 +31,8 @@ class Committer:
     def __init__(self, layout: OutputLayout, schema: pa.Schema, *, flush_rows: int,
                  flush_seconds: float, compression: str, on_shard_done: OnShardDone,
                  may_commit: Callable[[int], bool], on_commit: OnCommit | None = None,
-                 on_lost: Callable[[int, FencedOut], None] | None = None):
+                 on_lost: Callable[[int, FencedOut], None] | None = None,
+                 save_seconds: float | None = None):
         self.layout = layout
         self.schema = schema
         self.flush_rows = flush_rows
@@ -47,6 +49,13 @@ class Committer:
         self._last_flush = time.monotonic()
         # shard -> part name -> Unix time of its commit, for the shard's marker (writer thread)
         self._committed_at: dict[int, dict[str, float]] = defaultdict(dict)
+        # Open conversations (None: not saved, a single-turn job): the latest state of each
+        # not yet written, per shard, written once `save_seconds` passed (driver thread);
+        # those written, whose files go once their rows are committed (writer thread).
+        self.save_seconds = save_seconds
+        self._states: dict[int, dict[tuple[int, int], bytes]] = defaultdict(dict)
+        self._last_save = time.monotonic()
+        self._saved: dict[int, set[tuple[int, int]]] = defaultdict(set)
         # Bounded: if storage falls behind, the producer waits instead of growing memory.
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=8)
         self._error: BaseException | None = None
@@ -63,8 +72,16 @@ class Committer:
         self._buffer[shard_id].append(row)
         self._buffered += 1
 
+    def save(self, shard_id: int, key: tuple[int, int], state: bytes) -> None:
+        """An open conversation's state at a turn boundary, replacing any not yet written:
+        written with the others once `save_seconds` passed (maybe_flush)."""
+        if self.save_seconds is not None and shard_id not in self._lost:
+            self._states[shard_id][key] = state
+
     def maybe_flush(self) -> None:
         self.raise_if_failed()
+        if (self._states and time.monotonic() - self._last_save >= (self.save_seconds or 0)):
+            self._flush_states()
         due = time.monotonic() - self._last_flush >= self.flush_seconds
         if self._buffered >= self.flush_rows or (due and self._buffered):
             for shard_id in list(self._buffer):
@@ -72,7 +89,9 @@ class Committer:
             self._last_flush = time.monotonic()
 
     def flush(self) -> None:
-        """Commit every buffered row now: a clean stop keeps what was generated."""
+        """Commit every buffered row and open conversation now: a clean stop keeps what
+        was generated."""
+        self._flush_states()
         for shard_id in list(self._buffer):
             self._flush_shard(shard_id)
 
@@ -86,6 +105,22 @@ class Committer:
         shard's other parts and fenced like them; any thread may call it."""
         self._put(lambda: self._commit(shard_id, table))
 
+    def _flush_states(self) -> None:
+        """Queue the open conversations' states, one job per shard (driver thread)."""
+        states, self._states = self._states, defaultdict(dict)
+        self._last_save = time.monotonic()
+        for shard_id, of_shard in states.items():
+            if of_shard and shard_id not in self._lost:
+                self._put(lambda s=shard_id, o=of_shard: self._write_states(s, o))
+
+    def _write_states(self, shard_id: int, states: dict[tuple[int, int], bytes]) -> None:
+        if shard_id in self._lost:
+            return
+        if not self.may_commit(shard_id):
+            return self._give_up(shard_id, "not saving its open conversations")
+        open_conversations.write(self.layout, shard_id, states)
+        self._saved[shard_id].update(states)
+
     def _done(self, shard_id: int) -> None:
         if shard_id in self._lost:
             return
@@ -94,6 +129,9 @@ class Committer:
         self.on_shard_done(shard_id, checkpoint.mark_done(
             self.layout, shard_id, self.compression, self._committed_at.pop(shard_id, None),
             self.engine))
+        if self.save_seconds is not None:  # what a kill or another run left of the shard
+            self._saved.pop(shard_id, None)
+            open_conversations.sweep(self.layout, shard_id)
 
     def _flush_shard(self, shard_id: int) -> None:
         rows = self._buffer.pop(shard_id, None)
@@ -102,6 +140,14 @@ class Committer:
         self._buffered -= len(rows)
         if shard_id in self._lost:
             return
+        # A conversation that ended keeps its last state until its row is in a part: a
+        # kill before the part resumes it from its last tool call, not an earlier save
+        # (which would run that call again). Written ahead of the part, deleted after it.
+        pending = self._states.get(shard_id, {})
+        last = {k: pending.pop(k) for k in [(r["row_index"], r["sample_index"]) for r in rows]
+                if k in pending}
+        if last:
+            self._put(lambda: self._write_states(shard_id, last))
         table = pa.Table.from_pylist(rows, schema=self.schema)
         self._put(lambda: self._commit(shard_id, table))
 
@@ -113,6 +159,11 @@ class Committer:
         part = self.layout.new_part(shard_id)
         self.layout.store.write_parquet(part, table, self.compression)
         self._committed_at[shard_id][part.rsplit("/", 1)[-1]] = time.time()
+        if saved := self._saved.get(shard_id):
+            ended = saved & set(zip(table.column("row_index").to_pylist(),
+                                    table.column("sample_index").to_pylist()))
+            saved -= ended
+            open_conversations.forget(self.layout, shard_id, ended)
         if self.on_commit:
             self.on_commit(shard_id, table.num_rows)
 
@@ -124,6 +175,7 @@ class Committer:
             raise error
         self._lost.add(shard_id)
         self._committed_at.pop(shard_id, None)
+        self._saved.pop(shard_id, None)
         self.on_lost(shard_id, error)
 
     def _put(self, job: Callable[[], None]) -> None:

@@ -1,15 +1,14 @@
 """A fingerprint of everything that changes a job's outputs, kept part by part so a
 refused resume can name exactly what changed.
 
-It is derived from the job schema: every field counts unless schemas/job.py marks it
-`speed_only` (and `speed_only_keys` drops those keys of a mapping, e.g. engine.extra_args),
-so a field added later counts without anyone remembering to list it here. A field that
-came to count later (an optional section, `rollout`; a field once speed-only,
-`engine.decode_context_parallel_size`) is marked `counts_when_set`: at its default it adds
-no part, so outputs written before it counted still resume. Values are taken from the
-job's JSON dump, where the schema masks secrets (an MCP server's env values and URL
-credentials, see schemas/rollout.py): they count for nothing and are never written into
-`_plan.json`.
+It is derived from the job schema: every field and every vLLM engine argument counts
+unless schemas/job.py lists it in SPEED_ONLY, so one added later counts without anyone
+remembering to list it here. What came to count later (an optional section, `rollout`; a
+field once speed-only, `engine.decode_context_parallel_size`) is listed in
+COUNTS_WHEN_SET: at its default it adds no part, so outputs written before it counted
+still resume. Values are taken from the job's JSON dump, where the schema masks secrets
+(an MCP server's env values and URL credentials, see schemas/rollout.py): they count for
+nothing and are never written into `_plan.json`.
 """
 
 from __future__ import annotations
@@ -20,8 +19,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from thinkbatch.schemas.job import JobSpec
+from thinkbatch.schemas.job import COUNTS_WHEN_SET, SPEED_ONLY, EngineSpec, JobSpec
 from thinkbatch.tasks.store.storage import FileStat
+
+# vLLM's engine arguments keep the part names they had when `dtype`, `quantization` and
+# `load_format` were fields of EngineSpec (a part each, at their defaults too) and every
+# other argument went under `engine.extra_args`: the parts of an output written then are
+# the parts of the same job now, however it spells its arguments, so that output resumes.
+FORMER_FIELDS = {"dtype": "auto", "quantization": None, "load_format": "auto"}
+ARGS = "engine.extra_args"
 
 
 def _canon(value: Any) -> str:
@@ -41,27 +47,35 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
 def _walk(prefix: str, model: BaseModel, out: dict[str, str]) -> None:
     """Each field under the name a job file uses (its alias, e.g. `structured_outputs.json`)."""
     for name, info in type(model).model_fields.items():
-        marks = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        if marks.get("speed_only"):
+        [(key, value)] = model.model_dump(mode="json", by_alias=True, include={name}).items()
+        path = f"{prefix}{key}"
+        if path in SPEED_ONLY:
             continue
-        if marks.get("counts_when_set") and getattr(model, name) == info.get_default(
+        if path in COUNTS_WHEN_SET and getattr(model, name) == info.get_default(
                 call_default_factory=True):
             continue  # came to count later: at its default, older outputs still resume
-        [(key, value)] = model.model_dump(mode="json", by_alias=True, include={name}).items()
         if isinstance(getattr(model, name), BaseModel):
-            _walk(f"{prefix}{key}.", getattr(model, name), out)
-            continue
-        if "speed_only_keys" in marks:
-            value = {k: v for k, v in value.items() if k not in marks["speed_only_keys"]}
-        _flatten(f"{prefix}{key}", value, out)
+            _walk(f"{path}.", getattr(model, name), out)
+        else:
+            _flatten(path, value, out)
+
+
+def _engine_args(engine: EngineSpec, out: dict[str, str]) -> None:
+    """The vLLM engine arguments not listed speed-only, under their former part names."""
+    args = engine.model_dump(mode="json", include=set(engine.vllm_args))
+    counted = {k: v for k, v in args.items() if f"engine.{k}" not in SPEED_ONLY}
+    for key, default in FORMER_FIELDS.items():
+        out[f"engine.{key}"] = _canon(counted.pop(key, default))
+    _flatten(ARGS, counted, out)
 
 
 def fingerprint_parts(job: JobSpec, files: list[FileStat]) -> dict[str, str]:
-    """Flat `section.field -> canonical JSON value` of every field not marked speed-only;
-    the input files (path, size, mtime or ETag) hashed into one part."""
+    """Flat `section.field -> canonical JSON value` of every field and engine argument not
+    listed speed-only; the input files (path, size, mtime or ETag) hashed into one part."""
     listing = _canon([(f.path, f.size, f.version) for f in files])
     parts = {"input.files": hashlib.sha256(listing.encode()).hexdigest()[:16]}
     _walk("", job, parts)
+    _engine_args(job.engine, parts)
     return parts
 
 
@@ -70,12 +84,11 @@ def digest(parts: dict[str, str]) -> str:
 
 
 def _defaults(prefix: str, kind: type[BaseModel], out: dict[str, str]) -> dict[str, str]:
-    """The value a `counts_when_set` field has where it adds no part (a section's None
+    """The value a COUNTS_WHEN_SET field has where it adds no part (a section's None
     reads as unset), so a change to its default reads `8 -> 1`."""
     for name, info in kind.model_fields.items():
-        marks = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         key = f"{prefix}{info.alias or name}"
-        if marks.get("counts_when_set"):
+        if key in COUNTS_WHEN_SET:
             default = info.get_default(call_default_factory=True)
             if default is not None:
                 out[key] = _canon(default)
@@ -88,7 +101,8 @@ _AT_DEFAULT = _defaults("", JobSpec, {})
 
 
 def describe_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
-    """Human lines naming each changed field, e.g. `sampling.temperature: 0.6 -> 1.0`."""
+    """Human lines naming each changed field as a job file spells it now, e.g.
+    `sampling.temperature: 0.6 -> 1.0`, `engine.block_size: 16 -> 32`."""
     lines = []
     for key in sorted(old.keys() | new.keys()):
         unset = _AT_DEFAULT.get(key, "(unset)")
@@ -98,7 +112,8 @@ def describe_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
         if key == "input.files":
             lines.append("input files changed (size, mtime or ETag)")
         else:
-            lines.append(f"{key}: {_short(before)} -> {_short(after)}")
+            shown = key.replace(f"{ARGS}.", "engine.", 1)
+            lines.append(f"{shown}: {_short(before)} -> {_short(after)}")
     return lines
 
 

@@ -1,5 +1,5 @@
 """Where everything of one output lives: its plan, run lease, manifest, data parts, shard
-done markers and claims, a scale-out worker's figures. Paths only: reading and writing
+done markers and claims, a rollout's open conversations, a scale-out worker's figures. Paths only: reading and writing
 them is the store's (store/checkpoint.py, store/storage.py)."""
 
 from __future__ import annotations
@@ -65,6 +65,14 @@ class OutputLayout:
 
     def done_marker(self, shard_id: int) -> str:
         return join(self.shards, f"{shard_id:06d}.json")
+
+    def open_conversations(self, shard_id: int) -> str:
+        """A shard's open rollout conversations (store/open_conversations.py): one folder
+        per shard, so finding them is one prefix listing."""
+        return join(self.root, "_open", f"{shard_id:06d}")
+
+    def open_conversation(self, shard_id: int, row_index: int, sample: int) -> str:
+        return join(self.open_conversations(shard_id), f"{row_index}-{sample}.json")
 
     def worker_figures(self, flow_run_id: str) -> str:
         """A scale-out worker's figures (`WorkerFigures`), until the parent finalizes."""

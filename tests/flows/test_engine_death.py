@@ -70,7 +70,7 @@ def _poisoned_job(tmp_path: Path, model: str, poisoned: set[int], rows: int,
         row["sampling"] = engine_poison.ROW_SAMPLING if i in poisoned else None
     write_prompts(tmp_path / "in.parquet", data)
     engine = engine_section(model, max_in_flight=max_in_flight)
-    engine["extra_args"] = {**engine["extra_args"], "logits_processors": [engine_poison.PATH]}
+    engine["logits_processors"] = [engine_poison.PATH]
     return job_dict(tmp_path / "in.parquet", tmp_path / "out", engine,
                     input={"sampling_column": "sampling"})
 

@@ -8,7 +8,9 @@ between an answer and the tool calls a test offers."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from tests.conftest import (CLI, engine_section, job_dict, kill_after_first_comm
 from thinkbatch.flows.job import generate_dataset
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.record import Generation, RowRequest
+from thinkbatch.schemas.rollout import HIDDEN
 from thinkbatch.tasks import runner
 from thinkbatch.tasks.rows.engine import Engine, get_engine
 from thinkbatch.tasks.rows.engine_settings import may_seed
@@ -101,15 +104,23 @@ class Recording:
 
     def __init__(self, engine: Engine):
         self.engine, self.tokenizer, self.layout = engine, engine.tokenizer, engine.layout
+        self.max_model_len = engine.max_model_len
         self.prompts: dict[str, list[int]] = {}
         self.tools: dict[str, Any] = {}
+        self.ahead: dict[str, bool] = {}  # whether each request came rendered ahead
+        self.rendered_on: set[str] = set()  # the threads that rendered next turns
 
     @property
     def in_flight(self) -> int:
         return self.engine.in_flight
 
+    def render(self, req: RowRequest, prev: Any) -> Any:
+        self.rendered_on.add(threading.current_thread().name)
+        return self.engine.render(req, prev)
+
     def submit(self, key: str, req: RowRequest, params: Any) -> None:
         self.tools[key] = req.tools
+        self.ahead[key] = req.prompt is not None
         self.engine.submit(key, req, params)
 
     def poll(self) -> list[Generation]:
@@ -164,6 +175,10 @@ def test_each_turn_is_vllms_chat_rendering_of_the_trajectory(tiny_model: str,
                            use_tqdm=False)
     for key, out in zip(keys, outs):
         assert recording.prompts[key] == list(out.prompt_token_ids), key
+    # Turns after the first came rendered ahead, incrementally, on the render thread.
+    assert {k for k in keys if recording.ahead[k]} == {k for k in keys
+                                                       if not k.endswith(":0")}
+    assert {name.split("_")[0] for name in recording.rendered_on} == {"thinkbatch-render"}
     # The second turn's prompt holds the first turn's reasoning, as Kimi's template puts it.
     row = next(r for r in rows.values() if r["num_turns"] >= 2)
     prompt = engine.tokenizer.decode(recording.prompts[f"{row['row_index']}:0:1"])
@@ -221,6 +236,37 @@ def test_max_turns_and_a_prompt_that_outgrows_the_context_at_turn_two(
 
 
 @pytest.mark.engine
+def test_a_history_past_the_window_goes_on_with_earlier_tool_results_hidden(
+        tiny_model: str, prefect_harness, tmp_path: Path) -> None:
+    """rollout.context: a tool result longer than the window ends the conversation at
+    turn 2 under `stop`; under `hide_tool_results` (keep_last 0) it is hidden and the
+    conversation goes on to max_turns, each earlier result a placeholder in the messages
+    the model read (call ids kept) and whole in `turns`; the manifest counts them."""
+    pattern = regex(tool_call("encyclopedia"))
+    stop = generate_dataset(_job(tmp_path, tiny_model, 2, pattern, out="stop",
+                                 rollout={"context": {"policy": "stop"}}))
+    hiding = _job(tmp_path, tiny_model, 2, pattern, out="hide", rollout={
+        "context": {"policy": "hide_tool_results", "keep_last": 0}})
+    hiding["sampling"]["max_tokens"] = MARKERS_SPELLED_OUT  # no turn truncated
+    hide = generate_dataset(hiding)
+
+    for row in _rows(tmp_path / "stop" / "data").values():
+        assert (row["status"], row["num_turns"]) == ("prompt_too_long", 1)
+        assert row["error"].startswith("turn 2: ")
+    assert not stop.this_run.tool_results_hidden
+    for row in _rows(tmp_path / "hide" / "data").values():
+        assert (row["status"], row["num_turns"], row["tool_calls_total"]) == ("max_turns", 3, 2)
+        tools = [m for m in json.loads(row["messages"]) if m["role"] == "tool"]
+        results = [r for t in row["turns"] for r in t["tool_results"] or ()]
+        assert [m["content"] for m in tools] == [HIDDEN, HIDDEN]
+        assert [m["tool_call_id"] for m in tools] == [r["call_id"] for r in results]
+        assert all(r["content"].startswith("everything: lorem") for r in results)
+        assert row["prompt_tokens"] < 3 * 1024
+    assert hide.this_run.tool_results_hidden == 4
+    assert hide.this_run.turns_rerendered == 4
+
+
+@pytest.mark.engine
 def test_rollout_output_on_s3(s3, tiny_model: str, prefect_harness, tmp_path: Path) -> None:
     bucket = s3.bucket("rollouts")
     manifest = generate_dataset(_job(tmp_path, tiny_model, 6, regex(ANSWER, WEATHER),
@@ -263,7 +309,8 @@ def test_tools_served_by_an_mcp_stdio_server(tiny_model: str, prefect_harness,
 def test_kill_mid_rollout_then_resume_writes_every_conversation_once_and_whole(
         tiny_model: str, tmp_path: Path) -> None:
     """Tools sleep a random time, so at the first commit conversations are at every
-    stage; the rerun redoes only those in flight, each from its first turn."""
+    stage; the rerun redoes only those in flight, each from its first turn or its last
+    saved one (rollout.checkpoint_seconds)."""
     n, in_flight, flush = 64, 16, 8
     spec = _job(tmp_path, tiny_model, n, regex(ANSWER, WEATHER, tool_call("nap")),
                 rollout={"max_turns": 4, "max_concurrent_tools": 4},
@@ -290,6 +337,64 @@ def test_kill_mid_rollout_then_resume_writes_every_conversation_once_and_whole(
     assert len(redone) < in_flight + 4 + flush, (len(redone), len(submitted))
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["turns"] == sum(r["num_turns"] for r in first + second)
+
+
+@pytest.mark.engine
+def test_a_killed_rollout_resumes_each_conversation_at_its_last_saved_tool_call(
+        tiny_model: str, tmp_path: Path) -> None:
+    """Open conversations are saved at every turn boundary (`checkpoint_seconds: 0`), so
+    after a SIGKILL the rerun continues them from their saved tool results: calls that
+    ran and were saved do not run again (their results, written by the first run's
+    process, are in the rows), each conversation is one row, and whole."""
+    n, in_flight, tools = 48, 16, 4
+    tally = tmp_path / "tally"
+    spec = _job(tmp_path, tiny_model, n, regex(ANSWER, tool_call(
+        "lookup", r'\{"city": "[a-z]{1,8}"\}')), rollout={
+        "tools": [{"python": "tests.rollout_tally"}], "max_turns": 4,
+        "max_concurrent_tools": tools, "checkpoint_seconds": 0},
+        output={"flush_rows": 32}, shards={"rows_per_shard": 48})
+    spec["engine"]["max_in_flight"] = in_flight
+    spec["sampling"]["max_tokens"] = MARKERS_SPELLED_OUT
+    job = write_job(tmp_path / "job.yaml", spec)
+    env = {"TALLY_FILE": str(tally)}
+    submitted = kill_after_first_commit(job, env=env)
+    ran_first = {line.split()[0] for line in tally.read_text().splitlines()}
+    data = tmp_path / "out" / "data"
+    first_parts = set(data.glob("*.parquet"))
+    first = [r for p in sorted(first_parts) for r in pq.read_table(p).to_pylist()]
+    open_at_kill = submitted - {r["row_index"] for r in first}
+    assert (tmp_path / "out" / "_open").exists()
+
+    r = subprocess.run([*CLI, "run", str(job), "--no-progress"], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, **env})
+    assert r.returncode == 0, r.stderr
+    second = [r for p in sorted(set(data.glob("*.parquet")) - first_parts)
+              for r in pq.read_table(p).to_pylist()]
+    assert sorted(r["row_index"] for r in first + second) == list(range(n))  # each once
+    for row in first + second:
+        _assert_whole(row, 4)
+
+    def tokens(row: dict[str, Any]) -> list[str]:
+        return [res["content"].rsplit(": ", 1)[1] for t in row["turns"]
+                for res in t["tool_results"] or ()]
+
+    kept = [t for row in first + second for t in tokens(row)]
+    assert len(kept) == len(set(kept))
+    ran = {line.split()[0] for line in tally.read_text().splitlines()}
+    ran_second = ran - ran_first
+    # Resumed: rows of the rerun whose earlier turns' results are the first run's.
+    resumed = [row for row in second if set(tokens(row)) & ran_first]
+    assert resumed, "no conversation was resumed from its saved turns"
+    for row in resumed:
+        marks = [t in ran_first for t in tokens(row)]
+        assert marks == sorted(marks, reverse=True), marks  # the first run's, then the rerun's
+        assert row["row_index"] in open_at_kill
+    # The rerun ran no call twice, and of the first run's calls only those whose results
+    # were not yet saved at the kill (at most one turn of each open conversation) are lost.
+    assert ran_second == set(kept) - ran_first
+    lost = ran_first - set(kept)
+    assert len(lost) <= len(open_at_kill) + tools, (len(lost), len(open_at_kill))
+    assert not [p for p in (tmp_path / "out" / "_open").rglob("*") if p.is_file()]
 
 
 def test_a_rollout_job_is_refused_before_any_model_loads(tmp_path: Path) -> None:

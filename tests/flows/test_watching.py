@@ -15,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pyarrow.parquet as pq
 import pytest
@@ -26,9 +27,11 @@ from tests.prefect_server import PrefectServer
 from thinkbatch.flows import artifacts, events
 from thinkbatch.flows.job import generate_dataset
 from thinkbatch.schemas.job_file import load_job
-from thinkbatch.schemas.manifest import Manifest
+from thinkbatch.schemas.manifest import Manifest, ShardStats
 from thinkbatch.tasks.report.summary import figure_rows
+from thinkbatch.tasks.rows.listeners import Listener
 from thinkbatch.tasks.store.layout import OutputLayout
+from thinkbatch.tasks.store.plan import make_plan
 from thinkbatch.tasks.store.storage import Storage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -238,7 +241,8 @@ def test_watching_never_fails_a_job(tmp_path: Path, caplog) -> None:
                         this_run={}, config={}, versions={}, data=layout.data)
     _drain()
     with temporary_settings({PREFECT_API_URL: dead, PREFECT_CLIENT_MAX_RETRIES: 0}):
-        progress = artifacts.ProgressArtifact(spec.name, "progress", "rows")
+        progress = artifacts.ProgressArtifact(spec.name, "progress", "rows",
+                                              make_plan(spec, layout.store))
         progress.set(50.0)
         artifacts.publish_results(manifest, layout, {}, None)
         events.finished(spec, layout, manifest, None)
@@ -246,6 +250,36 @@ def test_watching_never_fails_a_job(tmp_path: Path, caplog) -> None:
     assert progress.id is None
     warnings = [r.getMessage() for r in caplog.records if r.name == "thinkbatch.artifacts"]
     assert len(warnings) == 3 and all("the job goes on" in w for w in warnings), warnings
+
+
+def test_the_progress_artifact_follows_the_rows_committed(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listener of the pipeline: a shard's parts as they commit, the whole shard once
+    done (rows an earlier run committed in it too), each sample a row; its updates at
+    most every PROGRESS_EVERY_S, and the last one whatever the time (`finish`)."""
+    from prefect.settings import (PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES,
+                                  temporary_settings)
+
+    spec = load_job(inline=_replay_job(tmp_path, "Follow", rows=40))  # shards of 20 rows
+    plan = make_plan(spec, Storage())
+    sent: list[float] = []
+    monkeypatch.setattr("prefect.artifacts.update_progress_artifact",
+                        lambda artifact_id, percent: sent.append(percent))
+    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api",
+                             PREFECT_CLIENT_MAX_RETRIES: 0}):
+        progress = artifacts.ProgressArtifact(spec.name, "progress", "rows", plan,
+                                              samples=2, done=[0])
+    assert isinstance(progress, Listener) and progress.percent() == 50.0
+    progress.id = uuid4()  # as if the API had taken it
+    monkeypatch.setattr(artifacts, "PROGRESS_EVERY_S", 3600.0)
+    progress.committed(1, 10)
+    assert (progress.percent(), sent) == (62.5, [])  # within PROGRESS_EVERY_S: not sent
+    monkeypatch.setattr(artifacts, "PROGRESS_EVERY_S", 0.0)
+    progress.committed(1, 6)
+    progress.shard_done(1, ShardStats(rows=40, parts=[]))
+    assert sent == [70.0, 100.0]
+    progress.finish()
+    assert sent == [70.0, 100.0]  # unchanged: nothing sent again
 
 
 def test_without_a_server_the_cli_run_keeps_its_artifacts_and_events(tmp_path: Path) -> None:

@@ -77,6 +77,30 @@ def test_job_file_values_win_over_preset() -> None:
     assert job.engine.tensor_parallel_size == 8
 
 
+def test_vllm_engine_arguments_are_written_flat_and_passed_as_they_are() -> None:
+    """Beside thinkbatch's own engine fields, any key is a vLLM engine argument (its name is
+    checked against vLLM's EngineArgs by check_vllm, which imports vLLM)."""
+    args = {"dtype": "bfloat16", "enforce_eager": True,
+            "compilation_config": {"custom_ops": ["-rotary_embedding"]}}
+    job = load_job(inline={**MINIMAL, "engine": {"model": "m", "max_in_flight": 8, **args}})
+    assert job.engine.vllm_args == args
+    assert job.engine.max_in_flight == 8 and "max_in_flight" not in job.engine.vllm_args
+
+
+def test_the_older_extra_args_spelling_is_still_read() -> None:
+    """`extra_args` joins the flat arguments, file by file: a job's older spelling still
+    overrides its preset's flat argument. A key given both ways in one file is refused."""
+    job = load_job(inline={**MINIMAL, "preset": "cpu-miniature", "engine": {
+        "model": "m", "extra_args": {"enforce_eager": False, "block_size": 32}}})
+    assert job.engine.vllm_args == {"kv_cache_memory_bytes": 268435456,
+                                    "enforce_eager": False, "block_size": 32}
+    with pytest.raises(JobFileError) as e:
+        load_job(inline={**MINIMAL, "engine": {"model": "m", "dtype": "half",
+                                               "extra_args": {"dtype": "bfloat16"}}})
+    [error] = e.value.errors
+    assert "engine.extra_args.dtype is also given as engine.dtype: give it once" in error
+
+
 def test_unknown_preset_lists_known_ones() -> None:
     with pytest.raises(JobFileError, match="kimi-k2-thinking"):
         load_job(inline=MINIMAL, preset="nope")

@@ -22,11 +22,11 @@ def test_demo_jobs_take_the_miniature_settings_from_presets() -> None:
     examples = Path(__file__).resolve().parents[2] / "examples"
     for name, trained in (("demo", True), ("demo-random", False), ("features", False)):
         job = load_job(examples / f"{name}.yaml")
-        extra = job.engine.extra_args
+        extra = job.engine.vllm_args
         assert extra["enforce_eager"], name
-        assert job.engine.max_model_len == 1024 and job.engine.kv_cache_memory_bytes, name
+        assert job.engine.max_model_len == 1024 and extra["kv_cache_memory_bytes"], name
         assert ("compilation_config" in extra) == trained, name
-        assert (job.engine.load_format == "dummy") == (not trained), name
+        assert (extra.get("load_format") == "dummy") == (not trained), name
         assert (job.sampling.structured_outputs is None) == trained, name
 
 
@@ -44,7 +44,7 @@ def test_no_preset_or_example_pins_what_only_some_machines_accept() -> None:
     files = [*root.glob("deployments/presets/*.yaml"), *root.glob("examples/*.yaml")]
     assert len(files) >= 8
     for path in files:
-        engine = (load_job(path).engine.extra_args if path.parent.name == "examples"
-                  else resolve_raw({}, preset=path.stem)["engine"].get("extra_args", {}))
+        engine = (load_job(path).engine.vllm_args if path.parent.name == "examples"
+                  else resolve_raw({}, preset=path.stem)["engine"])
         pinned = set(engine) & set(MACHINE_BOUND)
         assert not pinned, f"{path.name} pins {sorted(pinned)}"

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from thinkbatch.schemas.job import SPEED_ONLY
 from thinkbatch.schemas.rollout import RolloutSpec
 
 
@@ -22,8 +23,8 @@ def test_defaults_and_sources():
     assert [s.label for s in spec.tools] == [
         "python tools.py", "mcp ['python', 'server.py']", "mcp http://127.0.0.1:8765/mcp",
         "recorded column results"]
-    assert RolloutSpec.model_fields["max_concurrent_tools"].json_schema_extra == {
-        "speed_only": True}
+    assert "rollout.max_concurrent_tools" in SPEED_ONLY
+    assert (spec.context.policy, spec.context.budget_tokens) == ("stop", None)
 
 
 @pytest.mark.parametrize("rollout, where, message", [
@@ -53,6 +54,13 @@ def test_defaults_and_sources():
      "at most one recorded source"),
     ({"tools": [{"python": "t.py"}], "max_turns": 0}, "max_turns", "greater than or equal"),
     ({"tools": [{"python": "t.py"}], "tool_timeout_s": 0}, "tool_timeout_s", "greater than"),
+    ({"tools": [{"python": "t.py"}], "context": {"policy": "summarize"}}, "context.policy",
+     "'stop' or 'hide_tool_results'"),
+    ({"tools": [{"python": "t.py"}], "context": {"budget_tokens": 100}}, "context",
+     "apply to policy hide_tool_results"),
+    ({"tools": [{"python": "t.py"}], "context": {"policy": "hide_tool_results",
+                                                 "keep_last": -1}}, "context.keep_last",
+     "greater than or equal"),
 ])
 def test_refused(rollout: dict[str, Any], where: str, message: str):
     with pytest.raises(ValidationError) as e:
@@ -80,5 +88,4 @@ def test_fields_added_later_are_dumped_only_when_set():
     dumped = [s["mcp"] for s in spec.model_dump(mode="json")["tools"]]
     assert dumped[0]["max_restarts"] == 0 and "headers" not in dumped[0]
     assert dumped[1]["headers"] == {"Authorization": "**********", "X-Team": "${TEAM}"}
-    assert RolloutSpec.model_fields["max_tool_error_rate"].json_schema_extra == {
-        "speed_only": True}
+    assert "rollout.max_tool_error_rate" in SPEED_ONLY

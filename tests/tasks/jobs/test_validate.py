@@ -199,16 +199,32 @@ def test_an_id_column_of_a_list_type_is_refused(tmp_path: Path) -> None:
     assert _errors(_job(numbers, tmp_path / "out")) == []
 
 
-def test_unknown_extra_args_are_reported_beside_another_engine_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("older", [False, True], ids=["flat", "extra_args"])
+def test_unknown_engine_args_are_reported_beside_another_engine_error(
+        tmp_path: Path, older: bool) -> None:
     inputs = write_prompts(tmp_path / "in.parquet", prompt_rows(2))
+    args = {"enforce_eager": True, "not_an_engine_arg": 1}
     job = _job(inputs, tmp_path / "out", engine={
         "model": "m", "tensor_parallel_size": 8, "decode_context_parallel_size": 3,
-        "extra_args": {"enforce_eager": True, "not_an_engine_arg": 1}})
+        **({"extra_args": args} if older else args)})
     with pytest.raises(JobFileError) as e:
         checked_job(lambda: load_job(inline=job))
     where = [err.split(":")[0] for err in e.value.errors]
     assert where == ["engine.decode_context_parallel_size",
-                     "engine.extra_args.not_an_engine_arg"], e.value.errors
+                     "engine.not_an_engine_arg"], e.value.errors
+
+
+def test_a_misspelt_engine_field_is_refused_with_the_name_meant(tmp_path: Path) -> None:
+    """A key under `engine:` is thinkbatch's field or vLLM's argument; a typo of either is
+    neither, and is refused before any model loads."""
+    inputs = write_prompts(tmp_path / "in.parquet", prompt_rows(2))
+    errors = _errors(_job(inputs, tmp_path / "out",
+                          engine={"max_inflight": 8, "enforce_eagre": True}))
+    assert errors == [
+        "engine.max_inflight: not a vLLM engine argument, nor a field of thinkbatch's "
+        "engine section; did you mean engine.max_in_flight?",
+        "engine.enforce_eagre: not a vLLM engine argument, nor a field of thinkbatch's "
+        "engine section; did you mean engine.enforce_eager?"]
 
 
 def test_planning_reuses_the_footers_validation_read(tmp_path: Path) -> None:

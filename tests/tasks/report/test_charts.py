@@ -247,3 +247,27 @@ def test_markers_keep_each_parts_commit_time(tmp_path: Path) -> None:
     tally = tally_output(layout)
 
     assert tally.untimed_parts == 2 and not tally.commits
+
+
+@pytest.mark.parametrize("lo, hi", [(0.3, 0.95), (0.25, 2.0), (0.6, 1.4), (2.0, 40.0),
+                                    (300.0, 5000.0), (0.05, 30.0), (3000.0, 2e5)])
+def test_a_time_axis_labels_apart_whatever_it_spans(lo: float, hi: float) -> None:
+    """The latency axis of a demo's 300 rows read "700 ms800 ms900 ms": every label drawn
+    within the axis stands clear of the next, and there are at least two."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from thinkbatch.tasks.report import charts
+
+    seconds = Seconds()
+    seconds.add(np.geomspace(lo, hi, 300))
+    fig, (_, ax) = charts._figure(3.2, cols=2)
+    charts._time_hist(ax, seconds, charts.LATENCY, "latency")
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    left, right = ax.get_xlim()
+    drawn = sorted((label.get_window_extent(renderer).x0, label.get_window_extent(renderer).x1,
+                    label.get_text()) for label, at in zip(ax.get_xticklabels(), ax.get_xticks())
+                   if label.get_text() and left <= at <= right)
+    assert len(drawn) >= 2, drawn
+    assert all(b[0] > a[1] for a, b in zip(drawn, drawn[1:])), drawn

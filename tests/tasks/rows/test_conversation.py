@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -388,6 +389,64 @@ def test_a_stop_leaves_conversations_in_flight_to_the_rerun_which_does_each_once
     assert rows[0, 0]["num_turns"] == 2 and rows[0, 0]["tool_errors"] == 1
 
 
+class Holding(Script):
+    """Never finishes a conversation's third turn: what a kill leaves in the engine."""
+
+    def __init__(self, job: JobSpec, turns: dict[int, list[str]]):
+        super().__init__(job, turns)
+        self.held: list[str] = []
+
+    def submit(self, key: str, req: RowRequest, params: Any) -> None:
+        if sum(m["role"] == "assistant" for m in req.messages or ()) == 2:
+            self.held.append(key)
+        else:
+            super().submit(key, req, params)
+
+
+def test_a_rerun_resumes_each_conversation_at_its_last_saved_turn_and_runs_no_tool_twice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Left in its third turn, each conversation was saved once its second tool call
+    returned (checkpoint_seconds 0): the rerun asks only the third turn, from the saved
+    history, and no tool runs twice; the rows are whole and the open files gone."""
+    tally = tmp_path / "tally"
+    monkeypatch.setenv("TALLY_FILE", str(tally))
+    job = _job(tmp_path, 3, tools=[{"python": "tests.rollout_tally"}], checkpoint_seconds=0)
+    turns = {r: [call(("lookup", {"city": f"a{r}"})), call(("lookup", {"city": f"b{r}"})),
+                 answer(f"done {r}")] for r in range(3)}
+    first = Holding(job, turns)
+    pipe, layout = _pipeline(job, first)
+    done = pipe.submit_shard(0)
+    deadline = time.monotonic() + WAIT_S
+    while len(first.held) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pipe.stop()
+    assert done.cancelled() and _rows(layout) == {}
+    folder = Path(layout.open_conversations(0))
+    assert sorted(p.name for p in folder.iterdir()) == ["0-0.json", "1-0.json", "2-0.json"]
+
+    second = Script(job, turns)
+    rows = _run(job, second)
+
+    assert sorted((r, t) for r, t, _, _ in second.submitted) == [(0, 3), (1, 3), (2, 3)]
+    calls = tally.read_text().splitlines()
+    assert sorted(c.split()[1] for c in calls) == sorted(
+        f"{x}{r}" for x in "ab" for r in range(3))  # each call ran once
+    for (row_index, _), row in rows.items():
+        assert (row["status"], row["answer"], row["num_turns"]) == (
+            "ok", f"done {row_index}", 3)
+        messages = json.loads(row["messages"])
+        assert [m["role"] for m in messages] == [
+            "user", "assistant", "tool", "assistant", "tool", "assistant"]
+        (asked,) = [m for r, _, m, _ in second.submitted if r == row_index]
+        assert asked == messages[:5]  # the saved history, as the first run left it
+        results = [x["content"] for t in row["turns"] for x in t["tool_results"] or ()]
+        assert results == [m["content"] for m in messages if m["role"] == "tool"]
+    assert {r.split(": ")[-1] for row in rows.values() for t in row["turns"]
+            for r in (x["content"] for x in t["tool_results"] or ())} == {
+        c.split()[0] for c in calls}
+    assert not list(folder.iterdir())
+
+
 def test_a_row_tool_that_shadows_a_toolbox_tool_is_invalid(tmp_path: Path) -> None:
     job = _job(tmp_path, 1)
     job.tools = [{"type": "function", "function": {"name": "get_weather"}}]
@@ -521,3 +580,32 @@ def test_tool_calls_failing_beyond_max_tool_error_rate_stop_the_job(tmp_path: Pa
         str(stopped.value))
     assert found and 24 <= int(found.group(1)) <= 48, str(stopped.value)
     assert _rows(layout) == {}
+
+
+def test_a_long_conversation_keeps_its_text_not_each_turns_prompt_ids(tmp_path: Path) -> None:
+    """Each turn's generation carries the ids of its whole prompt, the history so far: a
+    conversation that kept them held turns x history (~1.1 GB at 300 turns ending at 185k
+    tokens). What it keeps grows with its text. Measured with tracemalloc over 40 turns
+    of ~1,000 tokens each."""
+    job = _job(tmp_path, 1)
+    opened, _ = _opened(job, Script(job, {0: []}))
+    conversations = opened.pipeline.conversations
+    req = RowRequest(0, "r0", (), messages=[{"role": "user", "content": "weather?"}])
+    conv = conversations.conversation(0, conversations.prepare(req), 0)
+    try:
+        for turn in range(41):
+            if turn == 1:  # after the parser's first use (its classes, its patterns)
+                tracemalloc.start()
+                before = tracemalloc.get_traced_memory()[0]
+            gen = Generation(f"0:0:{turn}", answer(f"turn {turn}: " + "sunny and warm " * 60),
+                             list(range(20_000, 21_000)), "stop",
+                             list(range(20_000, 21_000 + 1_000 * turn)), None, None)
+            assert conversations.turn_done(conv, gen, None) is not None
+            del gen
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        opened.pipeline.close()
+    text = len(json.dumps(conv.messages, ensure_ascii=False))
+    assert held < 3 * text, (held, text)
+    assert [t.prompt_tokens for t in conv.turns] == [1_000 * (t + 1) for t in range(41)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -40,6 +41,21 @@ def _run(engine: Any, reqs: dict[str, RowRequest], params: Any) -> dict[str, Gen
 
 
 @pytest.mark.engine
+def test_the_jobs_vllm_engine_arguments_reach_vllm_as_they_are(tiny_model: str) -> None:
+    """Written flat under `engine:` (the random-miniature preset's), each vLLM engine
+    argument is in the configuration vLLM built from them."""
+    spec = EngineSpec(**engine_section(tiny_model))
+    assert spec.vllm_args == {"kv_cache_memory_bytes": 268435456, "enforce_eager": True,
+                              "load_format": "dummy",
+                              "structured_outputs_config": {"enable_in_reasoning": True}}
+    config = get_engine(spec, KIMI).llm.llm_engine.vllm_config
+    assert config.cache_config.kv_cache_memory_bytes == 268435456
+    assert config.model_config.enforce_eager is True
+    assert config.load_config.load_format == "dummy"
+    assert config.structured_outputs_config.enable_in_reasoning is True
+
+
+@pytest.mark.engine
 def test_max_tokens_is_cut_to_the_room_left_and_refused_only_under_the_floor(
         tiny_model: str) -> None:
     """A prompt that leaves less room than max_tokens gets the room (and finishes
@@ -69,3 +85,23 @@ def test_max_tokens_is_cut_to_the_room_left_and_refused_only_under_the_floor(
     assert refused.value.status is Status.PROMPT_TOO_LONG
     assert "under sampling.min_room_tokens 16" in str(refused.value)
     assert not engine.in_flight
+
+
+def test_closing_the_engine_ends_its_processes_without_waiting_out_vllms_grace(
+        tiny_model: str) -> None:
+    """Last in this file: it closes the file's engine. On the CPU build vLLM's worker
+    outlasts vLLM's own 5 s grace, so a close that waited it out took 5 s each run."""
+    import psutil
+
+    from thinkbatch.tasks.rows.engine import drop_engine
+
+    engine = get_engine(EngineSpec(**engine_section(tiny_model)), KIMI)
+    processes = psutil.Process().children(recursive=True)
+    assert any("EngineCore" in " ".join(p.cmdline()) or p.name().startswith("VLLM")
+               for p in processes), [p.name() for p in processes]
+    started = time.monotonic()
+    drop_engine(engine)
+    took = time.monotonic() - started
+    gone, alive = psutil.wait_procs(processes, timeout=5)
+    assert not [p for p in alive if p.name().startswith("VLLM")], alive
+    assert took < 4, took

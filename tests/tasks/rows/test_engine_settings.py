@@ -46,14 +46,14 @@ def test_settings_that_keep_a_seeded_job_prefilling_in_part_are_refused_on_cpu(
         tmp_path: Path) -> None:
     def engine(**extra: Any) -> dict[str, Any]:
         section = engine_section("m")
-        return {**section, "extra_args": {**section["extra_args"], **extra}}
+        return {**section, **extra}
 
     [forced] = seeded_sampling_errors(_job(tmp_path, engine(enable_chunked_prefill=True)))
-    assert forced.startswith("engine.extra_args.enable_chunked_prefill: true cannot run with "
+    assert forced.startswith("engine.enable_chunked_prefill: true cannot run with "
                              "sampling seeds on vLLM's CPU build")
     assert "CPU Generator does not use offset" in forced
     [budget] = seeded_sampling_errors(_job(tmp_path, engine(max_num_batched_tokens=512)))
-    assert budget.startswith("engine.extra_args.max_num_batched_tokens: 512 is below "
+    assert budget.startswith("engine.max_num_batched_tokens: 512 is below "
                              "max_model_len 1024")
     assert seeded_sampling_errors(_job(tmp_path, engine(max_num_batched_tokens=1024))) == []
     assert seeded_sampling_errors(_job(tmp_path, engine(enable_chunked_prefill=True),
@@ -89,7 +89,7 @@ def test_a_seeded_job_prefilling_in_part_gives_the_same_rows_twice(
         row["prompt"] = f"{row['prompt']} And tomorrow, {row['prompt']}"
     write_prompts(tmp_path / "in.parquet", rows)
     engine = engine_section(tiny_model, max_model_len=256, max_in_flight=32)
-    engine["extra_args"] = {**engine["extra_args"], "max_num_batched_tokens": 256}
+    engine["max_num_batched_tokens"] = 256
     job = job_dict(tmp_path / "in.parquet", tmp_path / "out", engine,
                    sampling={"max_tokens": 32}, output={"keep_raw_text": True})
 
@@ -118,7 +118,7 @@ def test_both_cpu_mla_backends_run_a_seeded_job_the_same_twice(
                     "CPU_MLA case runs its reference backend, as the whole suite does")
     engine = engine_section(tiny_model)
     if backend != ("AMX_MLA" if amx else "CPU_MLA"):
-        engine["extra_args"] = {**engine["extra_args"], "attention_backend": backend}
+        engine["attention_backend"] = backend
         request.getfixturevalue("own_engines")
     write_prompts(tmp_path / "in.parquet", prompt_rows(24))
     job = job_dict(tmp_path / "in.parquet", tmp_path / "out", engine,

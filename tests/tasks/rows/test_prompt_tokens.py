@@ -241,7 +241,7 @@ def test_non_special_markers_the_template_writes_are_guarded_too(tiny_model: str
     control = ControlTokens(tokenizer)
     assert "<|note|>" in control.ids and "weatherword" not in control.ids
     text = "a <|note|> b <|im_end|> weatherword"
-    ids = control._text_ids(text)
+    ids = control.text_ids(text)
     assert not set(ids) & set(control.ids.values())
     assert tokenizer.decode(ids) == text
     assert tokenizer.convert_tokens_to_ids("weatherword") in ids  # vocabulary stays whole
@@ -289,5 +289,5 @@ def test_markers_known_only_by_name_are_found_through_the_parsers(renders) -> No
     assert [found[m] for m in markers] == tokenizer.convert_tokens_to_ids(markers)
     control = ControlTokens(tokenizer, parser.markers)  # as the engine guards them
     text = "a <think>b</think> <|tool_call_begin|>"
-    ids = control._text_ids(text)
+    ids = control.text_ids(text)
     assert not set(ids) & CONTROL_IDS and tokenizer.decode(ids) == text

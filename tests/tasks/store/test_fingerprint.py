@@ -6,6 +6,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import prompt_rows, write_prompts
+from thinkbatch.schemas import job as job_schema
+from thinkbatch.schemas.job import EngineSpec, JobSpec
 from thinkbatch.schemas.job_file import deep_merge, load_job
 from thinkbatch.schemas.manifest import RunFigures
 from thinkbatch.tasks.report.manifest import build_manifest
@@ -50,8 +52,11 @@ COUNTED = [
     ("input.chat_template_kwargs_column", {}, {"input": {"chat_template_kwargs_column": "k"}}),
     ("input.sample_index_column", {"engine": {"kind": "replay"}},
      {"input": {"sample_index_column": "sample_index"}}),
-    ("engine.extra_args.compilation_config", {},
+    ("engine.compilation_config", {},
+     {"engine": {"compilation_config": {"custom_ops": ["-rotary_embedding"]}}}),
+    ("engine.compilation_config", {},  # the older spelling names it as a job file does now
      {"engine": {"extra_args": {"compilation_config": {"custom_ops": ["-rotary_embedding"]}}}}),
+    ("engine.dtype", {}, {"engine": {"dtype": "bfloat16"}}),
     ("chat_template_kwargs.thinking", {}, {"chat_template_kwargs": {"thinking": False}}),
     ("parsers.reasoning", {}, {"parsers": {"reasoning": "kimi_k2"}}),
     ("sampling.max_tokens", {}, {"sampling": {"max_tokens": 7}}),
@@ -73,6 +78,8 @@ SPEED_ONLY = [
     {"output": {"flush_rows": 5, "flush_seconds": 1, "compression": "snappy", "path": "o2"}},
     {"scale": {"workers": 4, "claim_ttl_s": 10}},
     {"storage": {"max_attempts": 3, "endpoint_url": "http://127.0.0.1:5000"}},
+    {"engine": {"enforce_eager": True, "gpu_memory_utilization": 0.5,
+                "kv_cache_memory_bytes": 1 << 28}},
     {"engine": {"extra_args": {"enforce_eager": True, "gpu_memory_utilization": 0.5}}},
     {"engine": {"tensor_parallel_size": 8, "pipeline_parallel_size": 2}},
     {"engine": {"decode_context_parallel_size": 1}},  # its default: no part, as before
@@ -98,8 +105,7 @@ def test_resume_refuses_a_changed_template_and_accepts_a_speed_change(tmp_path: 
                                             r"-> \"Question: \{\{ prompt \}\}\""):
         checkpoint.open_plan(layout, make_plan(load_job(inline=reworded), store))
 
-    faster = deep_merge(job, {"engine": {"max_in_flight": 8,
-                                         "extra_args": {"enforce_eager": True}},
+    faster = deep_merge(job, {"engine": {"max_in_flight": 8, "enforce_eager": True},
                               "output": {"flush_rows": 2}, "scale": {"workers": 2, "shared_filesystem": True}})
     resumed_plan, resumed = checkpoint.open_plan(layout, make_plan(load_job(inline=faster), store))
     assert resumed and resumed_plan == plan
@@ -131,6 +137,28 @@ def test_an_unset_rollout_adds_no_part_so_outputs_written_before_it_resume() -> 
     assert [c.split(":")[0] for c in changes] == [
         "rollout.max_malformed_turns", "rollout.max_turns", "rollout.tool_timeout_s",
         "rollout.tools"]
+
+
+def test_how_often_open_conversations_are_saved_changes_no_fingerprint() -> None:
+    """Where a rerun resumes a conversation from changes none of its rows."""
+    tools = [{"python": "t.py"}]
+    assert "rollout.checkpoint_seconds" not in _parts({"rollout": {"tools": tools}})
+    assert len({digest(_parts({"rollout": {"tools": tools, "checkpoint_seconds": every}}))
+                for every in (None, 0, 10, 600)}) == 1
+
+
+def test_rollout_context_counts_only_when_it_hides_results() -> None:
+    """`rollout.context` came later: at its default (`stop`, what rollouts did before) a
+    rollout's parts are those it had, so its outputs resume; hiding results changes rows
+    and counts."""
+    rollout = {"rollout": {"tools": [{"python": "t.py"}]}}
+    stop = _parts(deep_merge(rollout, {"rollout": {"context": {"policy": "stop"}}}))
+    assert stop == _parts(rollout)
+    hide = _parts(deep_merge(rollout, {"rollout": {"context": {
+        "policy": "hide_tool_results", "budget_tokens": 1000}}}))
+    assert [c.split(":")[0] for c in describe_changes(stop, hide)] == [
+        "rollout.context.budget_tokens", "rollout.context.keep_last",
+        "rollout.context.policy"]
 
 
 SECRET, ROTATED = "sk-live-0123456789abcdef", "sk-live-fedcba9876543210"
@@ -168,3 +196,98 @@ def test_mcp_secrets_count_for_nothing_and_are_written_nowhere(tmp_path: Path) -
             in written[0].replace("\\", ""))
     assert manifest.config["rollout"]["tools"][0]["mcp"]["env"] == {"API_KEY": "**********",
                                                                     "MODE": "**********"}
+
+
+# The compatibility contract: parts as the code before the flat engine spelling computed
+# them (`dtype`, `quantization`, `load_format` fields of EngineSpec; every other vLLM
+# argument under `engine.extra_args`), for FILES. An output written then resumes only if
+# the same job gives the same parts now, however it spells its engine arguments.
+BEFORE_FLAT = {
+    "input.files": "00bbc1b73b478474", "input.id_column": "null",
+    "input.messages_column": "null", "input.prompt_column": '"prompt"',
+    "input.prompt_template": "null", "input.system_prompt": "null",
+    "input.sampling_column": "null", "input.tools_column": "null",
+    "input.chat_template_kwargs_column": "null", "input.sample_index_column": "null",
+    "input.status_column": "null", "input.error_column": "null",
+    "input.passthrough_columns": "[]", "input.allow_special_tokens": "false",
+    "shards.rows_per_shard": "1000", "engine.kind": '"vllm"', "engine.model": '"m"',
+    "engine.tokenizer": "null", "engine.revision": "null", "engine.max_model_len": "null",
+    "engine.trust_remote_code": "false", "engine.dtype": '"auto"',
+    "engine.quantization": "null", "engine.load_format": '"auto"', "engine.seed": "0",
+    "engine.replay_column": '"raw_text"', "sampling.temperature": "1.0",
+    "sampling.top_p": "1.0", "sampling.top_k": "0", "sampling.min_p": "0.0",
+    "sampling.max_tokens": "1024", "sampling.min_tokens": "0", "sampling.seed": "null",
+    "sampling.stop": "[]", "sampling.presence_penalty": "0.0",
+    "sampling.frequency_penalty": "0.0", "sampling.repetition_penalty": "1.0",
+    "sampling.ignore_eos": "false", "sampling.n": "1", "sampling.structured_outputs": "null",
+    "tools": "null", "parsers.reasoning": "null", "parsers.tool_call": "null",
+    "output.keep_raw_text": "false", "retry": "null"}
+ARGS = {"compilation_config": {"custom_ops": ["-rotary_embedding"], "level": 0},
+        "block_size": 32, "enforce_eager": True, "max_num_seqs": 8, "tokenizer_mode": "slow"}
+FORMER = {"dtype": "bfloat16", "quantization": "fp8", "load_format": "dummy",
+          "kv_cache_memory_bytes": 1 << 28}
+CONTRACT = [  # (name, engine as written now, as written before, other sections, parts
+    #           beside BEFORE_FLAT's, digest)
+    ("default", {}, {}, {}, {},
+     "a3f7bd4896a8c83dcbf19ad463935325b8e2758e9f53d9bdf9d5f13f679c82ae"),
+    ("engine args", ARGS, {"extra_args": ARGS}, {},
+     {"engine.extra_args.compilation_config.custom_ops": '["-rotary_embedding"]',
+      "engine.extra_args.compilation_config.level": "0",
+      "engine.extra_args.block_size": "32", "engine.extra_args.tokenizer_mode": '"slow"'},
+     "295b5fa266fb37de504a4abdbaf25c78bd8debd64016b3ef39c9998f68902e39"),
+    ("former fields", FORMER, FORMER, {},
+     {"engine.dtype": '"bfloat16"', "engine.quantization": '"fp8"',
+      "engine.load_format": '"dummy"'},
+     "a7ee7c467022f7687f42587d014d0e478df6b2b129689def163e8f446e459700"),
+    ("rollout", {}, {}, {"rollout": {"tools": [{"python": "t.py"}], "max_turns": 3,
+                                     "max_tool_error_rate": 0.5}},
+     {"rollout.max_turns": "3", "rollout.tool_timeout_s": "30.0",
+      "rollout.max_malformed_turns": "3",
+      "rollout.tools": '[{"functions":null,"mcp":null,"python":"t.py","recorded":null}]'},
+     "458c81ee534320fea6e57491940acf81a0b4f5f261e8231288faad4743cae5e0"),
+    ("dcp8", {"tensor_parallel_size": 8, "decode_context_parallel_size": 8},
+     {"tensor_parallel_size": 8, "decode_context_parallel_size": 8}, {},
+     {"engine.decode_context_parallel_size": "8"},
+     "f7462b16e3dbbb93e510549c99eb74f26847570e66c50d9e23175821821612cd"),
+]
+
+
+@pytest.mark.parametrize("now,before,sections,parts,expected", [c[1:] for c in CONTRACT],
+                         ids=[c[0] for c in CONTRACT])
+def test_outputs_written_before_the_flat_engine_spelling_resume(
+        now: dict, before: dict, sections: dict, parts: dict, expected: str) -> None:
+    for engine in (now, before):
+        got = _parts({"engine": engine, **sections})
+        assert got == {**BEFORE_FLAT, **parts}
+        assert digest(got) == expected
+
+
+# The demos' digests before the flat spelling: their presets moved to it.
+DEMOS = {"demo": "dd10ce22f5014f935f78cd441962e38026b329e65c1ad42f0eb69b2ef451c9d3",
+         "demo-random": "2db0776731c352e93e835a2245a4a14e2a904d5ba786c3923804dba34a6c1eeb",
+         "features": "2ebee33dd7ae59b6918d067dc064d14de54edacda0e7dcaa2109309a7be2bdce",
+         "demo-rollout": "370f5fda8405b53f706339d960cf1ea7c3c72fe434782ced628b2a2d619d7a8c"}
+
+
+def test_the_demos_outputs_written_before_the_flat_spelling_resume() -> None:
+    examples = Path(__file__).resolve().parents[3] / "examples"
+    got = {name: digest(fingerprint_parts(load_job(examples / f"{name}.yaml"), FILES))
+           for name in DEMOS}
+    assert got == DEMOS
+
+
+def test_every_listed_path_names_a_field_or_an_engine_argument() -> None:
+    """A misspelt entry would leave what it meant counted, silently."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    vllm_args = {f.name for f in dataclasses.fields(EngineArgs)}
+    for path in job_schema.SPEED_ONLY | job_schema.COUNTS_WHEN_SET:
+        *sections, last = path.split(".")
+        kind: Any = JobSpec
+        for section in sections:
+            kind = kind.model_fields[section].annotation
+            kind = next((a for a in getattr(kind, "__args__", ()) if a is not type(None)),
+                        kind)
+        assert last in kind.model_fields or (kind is EngineSpec and last in vllm_args), path
