@@ -146,7 +146,8 @@ class Conversations:
     def resume(self, conv: Conversation, state: bytes) -> None:
         """Continue a conversation from its saved state (a run that was killed or stopped):
         its next turn is rendered ahead from the saved messages (tool results hidden as
-        they were, rollout.context), on the render thread. A state of another row (an input changed under --force-resume) is ignored."""
+        they were, rollout.context), on the render thread. A state of another row (an
+        input changed under --force-resume) is ignored."""
         saved = json.loads(state)
         if self.spec is None or saved["row_id"] != conv.req.row_id or conv.req.error:
             return
@@ -275,6 +276,7 @@ class Conversations:
         conv.history, conv.hidden = context.fit(
             conv.history, conv.messages, lambda prev: render(req, prev), limit,
             spec.keep_last)
+
     @staticmethod
     def _state(conv: Conversation) -> bytes:
         """What a rerun resumes the conversation from (`resume`): its turns, tool results

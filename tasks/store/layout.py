@@ -1,6 +1,7 @@
 """Where everything of one output lives: its plan, run lease, manifest, data parts, shard
-done markers and claims, a rollout's open conversations, a scale-out worker's figures. Paths only: reading and writing
-them is the store's (store/checkpoint.py, store/storage.py)."""
+done markers and claims, a rollout's open conversations, a scale-out worker's figures.
+Paths only: reading and writing them is the store's (store/checkpoint.py,
+store/storage.py)."""
 
 from __future__ import annotations
 
