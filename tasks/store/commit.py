@@ -146,16 +146,19 @@ class Committer:
         pending = self._states.get(shard_id, {})
         last = {k: pending.pop(k) for k in [(r["row_index"], r["sample_index"]) for r in rows]
                 if k in pending}
-        if last:
-            self._put(lambda: self._write_states(shard_id, last))
         table = pa.Table.from_pylist(rows, schema=self.schema)
-        self._put(lambda: self._commit(shard_id, table))
+        self._put(lambda: self._commit(shard_id, table, last))
 
-    def _commit(self, shard_id: int, table: pa.Table) -> None:
+    def _commit(self, shard_id: int, table: pa.Table,
+                states: dict[tuple[int, int], bytes] | None = None) -> None:
+        """One fenced write: the ended conversations' last `states` first, then the part."""
         if shard_id in self._lost:
             return
         if not self.may_commit(shard_id):
             return self._give_up(shard_id, "not committing")
+        if states:
+            open_conversations.write(self.layout, shard_id, states)
+            self._saved[shard_id].update(states)
         part = self.layout.new_part(shard_id)
         self.layout.store.write_parquet(part, table, self.compression)
         self._committed_at[shard_id][part.rsplit("/", 1)[-1]] = time.time()
