@@ -185,7 +185,7 @@ def generate_dataset(job: JobParameter | str, force_resume: bool = False,
             guardian.start()  # the engine's processes die with this one (a deployment run)
             run, _ = runner.work_shards(spec, layout, plan, owner=f"run-{lease.owner}",
                                         show_progress=show_progress, listeners=[progress],
-                                        track=track_shard)
+                                        track=track_shard, worker=flow_run.get_name())
         else:
             run = run_workers(spec, layout, plan, progress)
         run.resumed, run.wall_s = resumed, time.monotonic() - started

@@ -78,6 +78,7 @@ def shard_worker(job: JobParameter, worker_index: int = 0) -> RunFigures | State
                             "folder not shared with this host)"]) from e
     run_id = flow_run.get_id() or "local"
     owner = f"worker-{worker_index}-{run_id}"
+    name = flow_run.get_name() or owner  # its rows' `worker`, its figures' name in the manifest
     start_at = worker_index * len(plan.shards) // max(job.scale.workers, 1)
     progress = artifacts.ProgressArtifact(
         job.name, f"progress-worker-{worker_index}",
@@ -93,10 +94,10 @@ def shard_worker(job: JobParameter, worker_index: int = 0) -> RunFigures | State
         with beat:
             run, tally = work_shards(job, layout, plan, owner, start_at,
                                      worker_index=worker_index, listeners=[progress],
-                                     track=track)
+                                     track=track, worker=name)
         progress.finish()
         layout.store.write_atomic(layout.worker_figures(run_id), WorkerFigures(
-            name=flow_run.get_name() or owner, figures=run, tally=tally.state()).to_json())
+            name=name, figures=run, tally=tally.state()).to_json())
         return run
     except Stopped as e:
         return Cancelled(message=f"{e}; its shards are free for other workers")

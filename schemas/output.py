@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from datetime import datetime
 from enum import Enum
 from typing import Any
 
@@ -37,6 +38,11 @@ TURN = pa.struct([("reasoning", pa.string()), ("answer", pa.string()),
                   ("completion_tokens", pa.int32()), ("finish_reason", pa.string())])
 
 
+# Timestamps in UTC microseconds: Parquet's TIMESTAMP(isAdjustedToUTC, MICROS), which
+# DuckDB, polars, pandas and Spark read as instants with no convention to know.
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+
 def _column(arrow: pa.DataType, nullable: bool = True) -> Any:
     return field(metadata={"arrow": arrow, "nullable": nullable})
 
@@ -65,6 +71,12 @@ class OutputRow:
     reasoning_tokens: int | None = _column(pa.int32())
     ttft_s: float | None = _column(pa.float64())
     latency_s: float | None = _column(pa.float64())
+    # When the row entered the engine (a rollout: its first turn's submit) and when it
+    # finished, and the process that generated it (its flow run's name): the report's
+    # throughput and engine occupancy over time come from these, not from commit times.
+    started_at: datetime | None = _column(TIMESTAMP)
+    finished_at: datetime | None = _column(TIMESTAMP)
+    worker: str | None = _column(pa.string())
     # The row's effective template kwargs as JSON when it overrode the job's: the parser
     # needs them (thinking on/off) and `reparse` reads them back.
     chat_template_kwargs: str | None = _column(pa.string())
@@ -91,15 +103,21 @@ def _arrow_fields(rollout: bool) -> list[pa.Field]:
 BASE_FIELDS: list[pa.Field] = _arrow_fields(rollout=False)
 ROLLOUT_FIELDS: list[pa.Field] = _arrow_fields(rollout=True)
 BASE_NAMES = frozenset(f.name for f in BASE_FIELDS)
+# Columns an output gets only when its plan says it was started with them (`Plan.row_times`):
+# an output begun by an older version goes on without them, so all its parts share one
+# schema (DuckDB's `read_parquet` of a glob refuses parts that differ).
+ROW_TIME_NAMES = frozenset({"started_at", "finished_at", "worker"})
 ROLLOUT_NAMES = frozenset(f.name for f in ROLLOUT_FIELDS)
 
 
-def output_schema(passthrough: pa.Schema | None = None, rollout: bool = False) -> pa.Schema:
+def output_schema(passthrough: pa.Schema | None = None, rollout: bool = False,
+                  row_times: bool = True) -> pa.Schema:
     """Base fields with the passthrough columns (typed as in the input) after the keys;
-    a rollout job's columns last."""
+    a rollout job's columns last. Without `row_times`, as outputs were written before
+    rows kept their times (ROW_TIME_NAMES)."""
     extra = list(passthrough) if passthrough is not None else []
     clash = [f.name for f in extra if f.name in BASE_NAMES | (ROLLOUT_NAMES if rollout else set())]
     if clash:
         raise ValueError(f"passthrough columns clash with output columns: {clash}")
-    return pa.schema(BASE_FIELDS[:3] + extra + BASE_FIELDS[3:]
-                     + (ROLLOUT_FIELDS if rollout else []))
+    base = [f for f in BASE_FIELDS if row_times or f.name not in ROW_TIME_NAMES]
+    return pa.schema(base[:3] + extra + base[3:] + (ROLLOUT_FIELDS if rollout else []))

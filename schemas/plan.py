@@ -37,6 +37,9 @@ class Plan(BaseModel):
     total_rows: int
     fingerprint: str
     fingerprint_parts: dict[str, str]
+    # Rows keep their start, finish and worker (schemas/output.py ROW_TIME_NAMES). False in
+    # plans written before they did: such an output is resumed without those columns.
+    row_times: bool = False
 
     def rows_in(self, shard_ids: Collection[int]) -> int:
         """Input rows of these shards (the done ones, say)."""

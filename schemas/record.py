@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from thinkbatch.schemas.job import JobSpec, SamplingSpec
@@ -45,6 +46,8 @@ class Generation:
     ttft_s: float | None
     latency_s: float | None
     capped: bool = False  # max_tokens was cut to the room the prompt left in the context
+    started_at: float | None = None  # Unix time the request entered the engine
+    finished_at: float | None = None  # Unix time it finished
 
 
 @dataclass(slots=True)
@@ -111,11 +114,14 @@ class Turn:
 @dataclass(slots=True)
 class Trajectory:
     """A finished rollout conversation: its messages in OpenAI chat format (the input's,
-    then each assistant turn and tool result), its turns, and its wall time."""
+    then each assistant turn and tool result), its turns, its wall time, and when its
+    first turn was submitted and it ended (Unix times)."""
 
     messages: list[dict[str, Any]]
     turns: list[Turn]
     latency_s: float
+    started_at: float | None = None
+    finished_at: float | None = None
 
 
 def _total(values: list[int | None]) -> int | None:
@@ -123,15 +129,22 @@ def _total(values: list[int | None]) -> int | None:
     return sum(known) if known else None
 
 
+def _instant(unix_s: float | None) -> datetime | None:
+    return None if unix_s is None else datetime.fromtimestamp(unix_s, timezone.utc)
+
+
 def output_row(job: JobSpec, req: RowRequest, sample: int, parsed: Parsed,
-               gen: Generation | None, trajectory: Trajectory | None = None) -> dict[str, Any]:
+               gen: Generation | None, trajectory: Trajectory | None = None,
+               worker: str | None = None) -> dict[str, Any]:
     """One finished sample of a row as the committer writes it; `gen` is None for a row
     that never reached the engine (its `parsed` says why). Raw text is kept when the job
     asks or the parse failed, so the row can be inspected or re-parsed.
 
     A rollout row (`trajectory`; gen and parsed are its last turn's) counts the tokens of
     all its turns: prompt tokens as the engine was asked to read them (before prefix
-    caching), the first turn's time to first token, the conversation's wall time."""
+    caching), the first turn's time to first token, the conversation's wall time, from
+    its first turn's submit to its end. `worker` names the process that generated it
+    (none for a row that was not generated: a replay's)."""
     keep_raw = gen is not None and (
         job.output.keep_raw_text or parsed.status in (Status.PARSE_ERROR, Status.SCHEMA_ERROR))
     # A row's own template kwargs (thinking off...) are kept: re-parsing needs them.
@@ -151,11 +164,15 @@ def output_row(job: JobSpec, req: RowRequest, sample: int, parsed: Parsed,
         reasoning_tokens=parsed.reasoning_tokens,
         ttft_s=gen.ttft_s if gen else None,
         latency_s=gen.latency_s if gen else None,
+        started_at=_instant(gen.started_at) if gen else None,
+        finished_at=_instant(gen.finished_at) if gen else None,
+        worker=None,  # once the row's times are known: a replay generated nothing
         chat_template_kwargs=json.dumps(req.chat_template_kwargs) if own_kwargs else None,
         raw_text=gen.text if keep_raw else None,
     )
     if trajectory is not None:
         _fill_rollout(row, trajectory)
+    row.worker = worker if row.started_at is not None else None
     return {**dict(zip(job.input.passthrough_columns, req.passthrough)),
             **row.as_dict(rollout=job.rollout is not None)}
 
@@ -173,6 +190,8 @@ def _fill_rollout(row: OutputRow, trajectory: Trajectory) -> None:
     row.reasoning_tokens = _total([t.parsed.reasoning_tokens for t in turns])
     row.ttft_s = turns[0].ttft_s if turns else None
     row.latency_s = trajectory.latency_s
+    row.started_at = _instant(trajectory.started_at)
+    row.finished_at = _instant(trajectory.finished_at)
 
 
 @dataclass(slots=True)

@@ -14,6 +14,8 @@ arrives unchecked and prepares itself.
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -141,18 +143,20 @@ def open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan, *,
                   may_commit: Callable[[int], bool] = lambda shard_id: True,
                   show_progress: bool = False, live: metrics.RunMetrics | None = None,
                   listeners: Sequence[Listener] = (), engine: Engine | None = None,
-                  restart: Callable[[Engine], Engine] | None = None) -> Opened:
+                  restart: Callable[[Engine], Engine] | None = None,
+                  worker: str | None = None) -> Opened:
     """The pipeline of this process, with the run's listeners: its progress, the live
     metrics (which read the progress's tally), the trace THINKBATCH_TRACE asks for, and
     the caller's. The engine is the job's (loaded once per process, `get_engine`),
     restarted when it dies; a caller may bring its own (tests, benchmarks) and how to
     restart it. A rollout job's tools are those the job's checks opened in this process,
     else opened first: a tool source that fails costs no model load. The pipeline closes
-    the tools when it ends."""
+    the tools when it ends. Its rows name `worker` (default: this host and process id)."""
     toolbox = kept.take(job.rollout, Path.cwd()) if job.rollout else None
     try:
         return _open_pipeline(job, layout, plan, may_commit, show_progress, live, listeners,
-                              engine, restart, toolbox)
+                              engine, restart, toolbox,
+                              worker or f"{socket.gethostname()}:{os.getpid()}")
     except BaseException:
         if toolbox is not None:
             toolbox.close()
@@ -163,7 +167,7 @@ def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan,
                    may_commit: Callable[[int], bool], show_progress: bool,
                    live: metrics.RunMetrics | None, listeners: Sequence[Listener],
                    engine: Engine | None, restart: Callable[[Engine], Engine] | None,
-                   toolbox: Any) -> Opened:
+                   toolbox: Any, worker: str) -> Opened:
     started = time.monotonic()
     seeded = may_seed(job)
     if engine is None:
@@ -181,7 +185,7 @@ def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan,
 
     schema = output_schema(input_schema(layout.store, plan, job.input.passthrough_columns)
                            if job.input.passthrough_columns else None,
-                           rollout=job.rollout is not None)
+                           rollout=job.rollout is not None, row_times=plan.row_times)
     n = job.sampling.n  # each sample is an output row
     progress = Progress(total=plan.total_rows * n,
                         already_done=plan.rows_in(checkpoint.done_shards(layout)) * n,
@@ -191,7 +195,8 @@ def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan,
                         may_commit=may_commit,
                         restart_engine=guarded if restart is not None else None,
                         toolbox=toolbox,
-                        carry=Carry(job, schema) if job.retry is not None else None)
+                        carry=Carry(job, schema) if job.retry is not None else None,
+                        worker=worker)
     if live is not None:
         live.follow(progress.tally, lambda: pipeline.in_flight)
     return Opened(pipeline, progress, load_s)
@@ -200,15 +205,15 @@ def _open_pipeline(job: JobSpec, layout: OutputLayout, plan: Plan,
 def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                 start_at: int = 0, show_progress: bool = False, worker_index: int = 0,
                 listeners: Sequence[Listener] = (),
-                track: Callable[[int, Future[ShardStats]], Callable[[], Any]] | None = None
-                ) -> tuple[RunFigures, RunTally]:
+                track: Callable[[int, Future[ShardStats]], Callable[[], Any]] | None = None,
+                worker: str | None = None) -> tuple[RunFigures, RunTally]:
     """Claim, run and release shards until every shard is done; returns this worker's
     figures (rates over its generation time) and the tally of its rows. The engine is
     loaded only once a shard is claimed. With `observability.metrics_port` set, live
     metrics are served until it returns. `listeners` watch the rows beside the run's own
     (the flow's progress artifact); `track` is told of each shard and its future
     as the pipeline takes it, and returns what to wait for before its claim is released
-    (the flow's Prefect task of the shard).
+    (the flow's Prefect task of the shard). Its rows name `worker` (open_pipeline).
 
     SIGTERM or SIGINT (main thread) stops it cleanly: no new requests, the rows already
     generated committed, then the claims released (after the last commit, so no other
@@ -244,7 +249,7 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                                 opened = open_pipeline(job, layout, plan,
                                                        may_commit=claims.still_ours,
                                                        show_progress=show_progress, live=live,
-                                                       listeners=listeners)
+                                                       listeners=listeners, worker=worker)
                             run.engine_load_s = opened.load_s
                             started = time.monotonic()
                         done = opened.pipeline.submit_shard(shard_id)

@@ -13,11 +13,13 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
 
 from thinkbatch.schemas.output import Status
+from thinkbatch.schemas.manifest import RunFigures
 from thinkbatch.tasks.report.tally import SECOND_EDGES, PartCommit, Seconds, Tally, TokenCounts
 
 DPI = 110
@@ -25,6 +27,8 @@ WIDTH_IN = 8.4
 HIST_BINS = 40
 TAIL_PERCENTILE = 99.9  # token histograms end here; longer rows join the last bar
 TIME_BINS = 60
+OCCUPANCY_BINS = 120
+MAX_WORKER_LINES = 8  # more workers: one coloured row each instead of a line each
 LOG_LABELS = 6  # a time axis's labels are at least 1/6 of its width apart
 TOP_TOOLS = 20
 INK, MUTED = "#1f2933", "#7b8794"
@@ -38,6 +42,8 @@ REASONING, ANSWER = "#4263eb", "#0c8599"
 TTFT, LATENCY = "#ae3ec9", "#1c7ed6"
 ROWS, TOKENS = "#2f9e44", "#f76707"
 FAILED = "#e03131"
+WORKER_COLORS = ["#1c7ed6", "#f76707", "#2f9e44", "#ae3ec9", "#e03131", "#0c8599",
+                 "#f59f00", "#495057"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,28 @@ class Chart:
     title: str
     caption: str
     png: bytes
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Each worker's in-flight limit as the manifest records it: a scale-out worker's under
+    its name, a one-process run's for every worker. A worker the manifest does not name (an
+    earlier run's, a retry's source's) gets the limit every named worker shares, if one."""
+
+    by_worker: dict[str, int]
+    shared: int | None
+
+    @classmethod
+    def of_run(cls, run: RunFigures) -> Limits:
+        if run.workers is None:
+            limit = run.in_flight.limit if run.in_flight is not None else None
+            return cls({}, limit)
+        named = {w: f.in_flight.limit for w, f in run.workers.items() if f.in_flight is not None}
+        values = set(named.values())
+        return cls(named, values.pop() if len(values) == 1 else None)
+
+    def of(self, worker: str) -> int | None:
+        return self.by_worker.get(worker, self.shared)
 
 
 def _figure(height_in: float, rows: int = 1, cols: int = 1,
@@ -258,9 +286,14 @@ def _time_unit(span_s: float) -> tuple[str, float]:
     return "hours", 3600.0
 
 
-def throughput_chart(commits: list[PartCommit], untimed_parts: int) -> Chart:
-    caption = ("From the commit time of each part: the rows and output tokens committed "
-               "per interval, from the first commit on.")
+def _commit_throughput(commits: list[PartCommit], untimed_parts: int) -> Chart:
+    """Rates from part commit times: the fallback for an output whose rows have no start
+    and finish times (written by an older version). Commits come in bursts, so the rate
+    peaks over what the engine did."""
+    caption = ("From the commit time of each part (this output's rows have no start and "
+               "finish times: written by an older version): the rows and output tokens "
+               "committed per interval, from the first commit on. Parts are committed in "
+               "bursts, so the rate's peaks overstate the engine's.")
     if untimed_parts:
         caption += (f" {untimed_parts:,} parts have no recorded commit time (written by an "
                     "older version or by a run that was killed) and are left out.")
@@ -268,39 +301,156 @@ def throughput_chart(commits: list[PartCommit], untimed_parts: int) -> Chart:
     if len(commits) < 2 or span <= 0:
         return Chart("throughput", "Throughput over the run", caption,
                      _placeholder("fewer than two commit times: no throughput over time to show"))
-    fig, (top, bottom) = _figure(4.8, rows=2, sharex=True, height_ratios=[1, 1.2])
-    unit, scale = _time_unit(span)
     at = np.array([c.at - commits[0].at for c in commits])
     rows = np.array([c.rows for c in commits])
     tokens = np.array([c.output_tokens for c in commits])
-    top.step(np.append(0, at) / scale, np.append(0, np.cumsum(rows)), where="post",
-             color=ROWS, linewidth=1.6)
-    top.set_ylabel("rows committed", color=INK)
-    top.set_ylim(bottom=0)
-    _thousands(top)
     bins = int(np.clip(len(commits) // 2, 1, TIME_BINS))
     edges = np.linspace(0, span, bins + 1)
     # The first part's rows were made before the first commit, which starts the clock.
     rate_tokens = np.histogram(at[1:], edges, weights=tokens[1:])[0] / (span / bins)
     rate_rows = np.histogram(at[1:], edges, weights=rows[1:])[0] / (span / bins)
-    bottom.stairs(rate_tokens, edges / scale, fill=True, color=TOKENS, alpha=0.8,
-                  label="output tok/s")
+    fig = _rates_figure(np.append(0, at), np.append(0, np.cumsum(rows)), "rows committed",
+                        edges, rate_tokens, rate_rows, "the first commit", [])
+    return Chart("throughput", "Throughput over the run", caption, _png(fig))
+
+
+def _rates_figure(done_at: np.ndarray, done: np.ndarray, done_label: str, edges: np.ndarray,
+                  rate_tokens: np.ndarray, rate_rows: np.ndarray, since: str,
+                  gaps: list[tuple[float, float]], mean_tokens: float | None = None) -> Figure:
+    """Rows done over time above; output tok/s (bars) and rows/s (line) per interval below."""
+    span = float(edges[-1])
+    fig, (top, bottom) = _figure(4.8, rows=2, sharex=True, height_ratios=[1, 1.2])
+    unit, scale = _time_unit(span)
+    top.step(done_at / scale, done, where="post", color=ROWS, linewidth=1.6)
+    top.set_ylabel(done_label, color=INK)
+    top.set_ylim(bottom=0)
+    _thousands(top)
+    handles: list[Artist] = [bottom.stairs(rate_tokens, edges / scale, fill=True,
+                                           color=TOKENS, alpha=0.8, label="output tok/s")]
     bottom.set_ylabel("output tok/s", color=INK)
     bottom.set_ylim(0, max(rate_tokens.max(), 1) * 1.25)  # room for the legend
     _thousands(bottom)
+    if mean_tokens is not None:
+        handles.append(bottom.axhline(mean_tokens, color=INK, linestyle="--", linewidth=1,
+                                      label=f"mean {mean_tokens:,.0f} tok/s"))
     rows_ax = bottom.twinx()
-    rows_ax.stairs(rate_rows, edges / scale, color=ROWS, linewidth=1.6, label="rows/s")
+    handles.insert(1, rows_ax.stairs(rate_rows, edges / scale, color=ROWS, linewidth=1.6,
+                                     label="rows/s"))
     rows_ax.set_ylabel("rows/s", color=ROWS)
     rows_ax.set_ylim(0, max(rate_rows.max(), 1) * 1.25)
     rows_ax.tick_params(colors=ROWS, labelsize=9)
     rows_ax.spines[["top"]].set_visible(False)
-    handles = bottom.get_legend_handles_labels()[0] + rows_ax.get_legend_handles_labels()[0]
-    bottom.legend(handles, ["output tok/s", "rows/s"], frameon=False, fontsize=8.5,
-                  loc="upper left", ncols=2)
-    bottom.set_xlabel(f"{unit} since the first commit", color=INK)
+    bottom.legend(handles=handles, frameon=False, fontsize=8.5, loc="upper left",
+                  ncols=len(handles))
+    _mark_gaps([top, bottom], gaps, scale)
+    bottom.set_xlabel(_since(unit, since, gaps), color=INK)
     for ax in (top, bottom):
         ax.set_xlim(0, span / scale)
+    return fig
+
+
+def _since(unit: str, since: str, gaps: list[tuple[float, float]]) -> str:
+    return f"{unit} since {since}" + (", idle gaps cut out" if gaps else "")
+
+
+def _mark_gaps(axes: list[Axes], gaps: list[tuple[float, float]], scale: float) -> None:
+    """A cut-out gap (no row in any engine) as a dotted line saying how long it was."""
+    for at, length in gaps:
+        for ax in axes:
+            ax.axvline(at / scale, color=MUTED, linestyle=":", linewidth=1.2)
+        axes[0].annotate(f"gap {_seconds_label(length)}", (at / scale, 1), xytext=(3, -3),
+                         xycoords=("data", "axes fraction"), textcoords="offset points",
+                         va="top", fontsize=8, color=MUTED)
+
+
+def throughput_chart(tally: Tally) -> Chart:
+    view = tally.timeline.view(TIME_BINS)
+    if view is None:
+        return _commit_throughput(tally.commits, tally.untimed_parts)
+    caption = ("Each row's output tokens spread evenly over its time in the engine "
+               "(started_at to finished_at), and rows as they finished, per interval. The "
+               "dashed line is the mean over the time rows were in an engine.")
+    if view.gaps:
+        caption += (f" {len(view.gaps):,} gaps with no row in any engine (a run stopped "
+                    "and resumed, a retry's rows kept from its source) are cut out.")
+    if tally.unspanned:
+        caption += (f" {tally.unspanned:,} rows with a completion have no start and finish "
+                    "times (written by an older version, or re-parsed) and are left out.")
+    widths = np.diff(view.edges)
+    done = np.append(0, np.cumsum(view.rows_per_s * widths))
+    mean = float((view.tokens_per_s * widths).sum() / view.edges[-1])
+    fig = _rates_figure(view.edges, done, "rows finished", view.edges, view.tokens_per_s,
+                        view.rows_per_s, "the first row entered an engine", view.gaps, mean)
     return Chart("throughput", "Throughput over the run", caption, _png(fig))
+
+
+def occupancy_chart(tally: Tally, limits: Limits) -> Chart:
+    """Rows in each worker's engine over time, as a share of its in-flight limit where the
+    manifest records it: an idle or underfilled engine shows at a glance."""
+    name, title = "occupancy", "Engine occupancy over the run"
+    view = tally.timeline.view(OCCUPANCY_BINS)
+    caption = ("Rows in each worker's engine (from each row's started_at to finished_at), "
+               "averaged per interval")
+    if view is None:
+        return Chart(name, title, caption + ".", _placeholder(
+            "no row start and finish times in this output (written by an older version)"))
+    limit = {w: limits.of(w) for w in view.in_engine}
+    known = all(v is not None for v in limit.values())
+    if known:
+        caption += (", over the worker's in-flight limit (the manifest's this_run.in_flight: "
+                    "the job's cap, or what the KV cache holds): 100% is a full engine.")
+    else:
+        caption += "; the manifest records no in-flight limit for some workers: shown as rows."
+    if tally.rollout:
+        caption += " A conversation counts from its first turn's submit to its end, tools too."
+    series = {w: v / (limit[w] or 1) if known else v for w, v in view.in_engine.items()}
+    _, scale = _time_unit(float(view.edges[-1]))
+    if len(series) > MAX_WORKER_LINES:
+        fig = _occupancy_map(series, view.edges, scale, known, view.gaps)
+    else:
+        fig, (ax,) = _figure(3.0)
+        for i, (worker, values) in enumerate(series.items()):
+            ax.stairs(values * (100 if known else 1), view.edges / scale, linewidth=1.6,
+                      label=worker, color=WORKER_COLORS[i % len(WORKER_COLORS)],
+                      fill=len(series) == 1, alpha=0.35 if len(series) == 1 else 1)
+        top = max(float(v.max()) for v in series.values())
+        if known:
+            ax.axhline(100, color=INK, linestyle="--", linewidth=1, label="in-flight limit")
+            ax.set_ylim(0, max(105, top * 100 * 1.3))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}%"))
+        else:
+            ax.set_ylim(0, max(1, top) * 1.3)
+        ax.set_ylabel("of the in-flight limit" if known else "rows in the engine", color=INK)
+        ax.legend(frameon=False, fontsize=8.5, loc="lower right", bbox_to_anchor=(1, 1),
+                  ncols=min(5, len(series) + 1))
+        ax.set_xlim(0, view.edges[-1] / scale)
+        _mark_gaps([ax], view.gaps, scale)
+        ax.set_xlabel(_since(_time_unit(float(view.edges[-1]))[0],
+                             "the first row entered an engine", view.gaps), color=INK)
+    return Chart(name, title, caption, _png(fig))
+
+
+def _occupancy_map(series: dict[str, np.ndarray], edges: np.ndarray, scale: float,
+                   known: bool, gaps: list[tuple[float, float]]) -> Figure:
+    """Many workers: one row each, coloured by occupancy (a gap or a dark row stands out)."""
+    names = list(series)
+    height, _ = _bar_rows(len(names))
+    fig, (ax,) = _figure(min(height, 12.0))
+    grid = np.vstack([series[w] for w in names])
+    mesh = ax.pcolormesh(edges / scale, np.arange(len(names) + 1), grid, cmap="viridis",
+                         vmin=0, vmax=1 if known else None)
+    ax.set_yticks(np.arange(len(names)) + 0.5, names, fontsize=7 if len(names) > 24 else 9)
+    ax.invert_yaxis()
+    ax.grid(False)
+    bar = fig.colorbar(mesh, ax=ax, pad=0.01)
+    bar.set_label("of the in-flight limit" if known else "rows in the engine", color=INK)
+    if known:
+        bar.formatter = FuncFormatter(lambda v, _: f"{v:.0%}")
+        bar.update_ticks()
+    _mark_gaps([ax], gaps, scale)
+    ax.set_xlabel(_since(_time_unit(float(edges[-1]))[0], "the first row entered an engine",
+                         gaps), color=INK)
+    return fig
 
 
 def tools_chart(tools: Counter[str], failures: Counter[str], rollout: bool) -> Chart:
@@ -337,8 +487,8 @@ def tools_chart(tools: Counter[str], failures: Counter[str], rollout: bool) -> C
     return Chart("tools", "Tool calls by name", caption, _png(fig))
 
 
-def draw(tally: Tally) -> list[Chart]:
+def draw(tally: Tally, limits: Limits) -> list[Chart]:
     return [status_chart(tally.status), tokens_chart(tally.reasoning, tally.answer),
-            timing_chart(tally.ttft, tally.latency),
-            throughput_chart(tally.commits, tally.untimed_parts),
+            timing_chart(tally.ttft, tally.latency), throughput_chart(tally),
+            occupancy_chart(tally, limits),
             tools_chart(tally.tools, tally.tool_failures, tally.rollout)]

@@ -145,7 +145,7 @@ def _draw(layout: OutputLayout, folder: str, manifest: Manifest, tally: Tally) -
     drawn, not when a run starts."""
     from thinkbatch.tasks.report import charts
 
-    drawn = charts.draw(tally)
+    drawn = charts.draw(tally, charts.Limits.of_run(manifest.this_run))
     for chart in drawn:
         layout.store.write_atomic(join(folder, f"{chart.name}.png"), chart.png)
     target = join(folder, PAGE)

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from thinkbatch.schemas.manifest import ShardStats
+from thinkbatch.tasks.report.timeline import Timeline
 from thinkbatch.tasks.store import checkpoint
 from thinkbatch.tasks.store.checkpoint import sum_ints
 from thinkbatch.tasks.store.layout import OutputLayout
@@ -37,6 +38,8 @@ TOOL_NAMES = "tool_calls.list.element.name"
 # A rollout's tools as run: every turn's results (name, and the error when one failed).
 RESULT_NAMES = "turns.list.element.tool_results.list.element.name"
 RESULT_ERRORS = "turns.list.element.tool_results.list.element.error"
+SPAN = ["started_at", "finished_at", "worker"]  # parts written before rows kept them lack these
+UNNAMED_WORKER = "(unnamed)"
 
 
 @dataclass
@@ -129,6 +132,8 @@ class Tally:
     latency: Seconds = field(default_factory=Seconds)
     commits: list[PartCommit] = field(default_factory=list)
     untimed_parts: int = 0  # parts whose marker has no commit time (written before it was kept)
+    timeline: Timeline = field(default_factory=Timeline)  # rows' spans in the engine
+    unspanned: int = 0  # rows generated (a completion) with no start or finish time
     tools: Counter[str] = field(default_factory=Counter)  # calls by name
     tool_failures: Counter[str] = field(default_factory=Counter)  # rollouts: failed, by name
     turns: int = 0  # rollouts: engine turns of every conversation
@@ -179,15 +184,38 @@ def _value_counts(names: pa.Array) -> dict[str, int]:
     return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
 
 
-def _columns(names: list[str]) -> tuple[list[str], bool]:
+def _add_spans(tally: Tally, batch: pa.RecordBatch, spans: bool) -> None:
+    """Rows with a start and a finish into the timeline; rows with a completion but no
+    span (a part written before rows kept them, a replay) are counted apart."""
+    if not spans:
+        tally.unspanned += len(batch) - batch.column("completion_tokens").null_count
+        return
+    start, finish = batch.column("started_at"), batch.column("finished_at")
+    timed = pc.and_(pc.is_valid(start), pc.is_valid(finish))
+    tally.unspanned += len(batch) - batch.column("completion_tokens").null_count - sum_ints(
+        pc.and_(timed, pc.is_valid(batch.column("completion_tokens"))).cast(pa.int64()))
+
+    def unix_s(col: pa.Array) -> np.ndarray:
+        return pc.filter(col, timed).cast(pa.int64()).to_numpy(zero_copy_only=False) / 1e6
+
+    tokens = pc.fill_null(pc.filter(batch.column("completion_tokens"), timed), 0)
+    workers = pc.dictionary_encode(
+        pc.fill_null(pc.filter(batch.column("worker"), timed), UNNAMED_WORKER))
+    tally.timeline.add(unix_s(start), unix_s(finish), tokens.to_numpy(zero_copy_only=False),
+                       workers.indices.to_numpy(zero_copy_only=False),
+                       workers.dictionary.to_pylist())
+
+
+def _columns(names: list[str]) -> tuple[list[str], bool, bool]:
     rollout = "turns" in names
+    spans = all(n in names for n in SPAN)
     tools = [RESULT_NAMES, RESULT_ERRORS, "num_turns"] if rollout else [TOOL_NAMES]
-    return NUMERIC + tools, rollout
+    return NUMERIC + tools + (SPAN if spans else []), rollout, spans
 
 
 def _add_part(tally: Tally, layout: OutputLayout, part: str, committed_at: float | None) -> None:
     file = layout.store.open_parquet(part)
-    columns, tally.rollout = _columns(file.schema_arrow.names)
+    columns, tally.rollout, spans = _columns(file.schema_arrow.names)
     rows = tokens = 0
     for batch in file.iter_batches(batch_size=BATCH_ROWS, columns=columns):
         rows += batch.num_rows
@@ -199,6 +227,7 @@ def _add_part(tally: Tally, layout: OutputLayout, part: str, committed_at: float
         tally.ttft.add(_seconds(batch.column("ttft_s")))
         tally.latency.add(_seconds(batch.column("latency_s")))
         _add_tools(tally, batch)
+        _add_spans(tally, batch, spans)
     tally.completion_tokens += tokens
     if committed_at is None:
         tally.untimed_parts += 1

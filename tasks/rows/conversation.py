@@ -61,6 +61,7 @@ class Conversation:
     messages: list[dict[str, Any]] = field(default_factory=list)  # the history so far
     turns: list[Turn] = field(default_factory=list)
     started: float | None = None  # monotonic time its first turn was submitted
+    started_at: float | None = None  # the same as Unix time, for its row's `started_at`
     malformed: int = 0  # consecutive turns whose tool calls had malformed arguments
     history: PromptHistory | None = None  # the next turn's prompt, rendered ahead
     hidden: int = 0  # tool results hidden for the next turn (rollout.context)
@@ -155,6 +156,8 @@ class Conversations:
         conv.turns = [Turn.of_state(t) for t in saved["turns"]]
         conv.malformed = saved["malformed"]
         conv.started = time.monotonic() - saved["elapsed_s"]
+        # A state saved before it was kept: as long ago as the conversation has run.
+        conv.started_at = saved.get("started_at", time.time() - saved["elapsed_s"])
         if self._renderer is not None and self._render is not None:
             req = dataclasses.replace(conv.req, messages=conv.messages)
             try:
@@ -185,7 +188,7 @@ class Conversations:
         if self.spec is None:
             return conv.req
         if conv.started is None:
-            conv.started = time.monotonic()
+            conv.started, conv.started_at = time.monotonic(), time.time()
         self._open.add((conv.req.row_index, conv.sample))
         return dataclasses.replace(conv.req, messages=conv.messages, prompt=conv.history)
 
@@ -285,7 +288,8 @@ class Conversations:
         return json.dumps({"row_id": conv.req.row_id, "messages": conv.messages,
                            "turns": [t.state() for t in conv.turns],
                            "malformed": conv.malformed,
-                           "elapsed_s": time.monotonic() - conv.started},
+                           "elapsed_s": time.monotonic() - conv.started,
+                           "started_at": conv.started_at},
                           ensure_ascii=False, default=str).encode()
 
     def close(self) -> None:
@@ -360,4 +364,5 @@ class Conversations:
         if not conv.turns:
             return None
         assert conv.started is not None
-        return Trajectory(conv.messages, conv.turns, time.monotonic() - conv.started)
+        return Trajectory(conv.messages, conv.turns, time.monotonic() - conv.started,
+                          conv.started_at, time.time())

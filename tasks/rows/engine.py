@@ -332,6 +332,7 @@ class VllmEngine:
         except self._dead as e:
             raise self._died(e) from e
         self._alive_at = time.monotonic()
+        now = time.time()
         done = []
         for out in outputs:
             if not out.finished:
@@ -348,8 +349,10 @@ class VllmEngine:
                 finish_reason=comp.finish_reason,
                 prompt_token_ids=out.prompt_token_ids,
                 ttft_s=m.first_token_latency if m else None,
-                latency_s=(time.time() - m.arrival_time) if m else None,
+                latency_s=(now - m.arrival_time) if m else None,
                 capped=capped,
+                started_at=m.arrival_time if m else None,  # vLLM's, Unix time
+                finished_at=now,
             ))
         return done
 

@@ -66,8 +66,10 @@ class Pipeline:
                  parser: OutputParser, schema: Any, listeners: Listener,
                  may_commit: Callable[[int], bool],
                  restart_engine: Callable[[Engine], Engine] | None = None,
-                 toolbox: Toolbox | None = None, carry: Carry | None = None):
+                 toolbox: Toolbox | None = None, carry: Carry | None = None,
+                 worker: str | None = None):
         self.job = job
+        self.worker = worker  # the process's name its rows carry (their `worker` column)
         self.plan = plan
         self.engine = engine
         self._restart_engine = restart_engine
@@ -390,7 +392,7 @@ class Pipeline:
         trajectory = self.conversations.end(conv)
         if shard_id in self._lost:
             return
-        row = output_row(self.job, conv.req, conv.sample, parsed, gen, trajectory)
+        row = output_row(self.job, conv.req, conv.sample, parsed, gen, trajectory, self.worker)
         self.committer.add(shard_id, row)
         self.listeners.row_done(row)
         self._remaining[shard_id] -= 1

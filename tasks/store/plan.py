@@ -103,4 +103,5 @@ def make_plan(job: JobSpec, store: Storage) -> Plan:
         total_rows=sum(f.num_rows for f in files),
         fingerprint=digest(parts),
         fingerprint_parts=parts,
+        row_times=True,
     )

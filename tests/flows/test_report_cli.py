@@ -6,20 +6,21 @@ import json
 import os
 import re
 import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import CLI, engine_section, job_dict, prompt_rows, write_prompts
-from tests.tasks.report.test_charts import CHART_TITLES, write_output
+from tests.tasks.report.test_charts import CHART_NAMES, CHART_TITLES, write_output
 from thinkbatch.flows.job import generate_dataset
 from thinkbatch.schemas.manifest import Manifest
 from thinkbatch.tasks.report.tally import tally_output
 from thinkbatch.tasks.store.layout import OutputLayout
 from thinkbatch.tasks.store.storage import Storage
 
-CHART_FILES = {"report.html", "status.png", "tokens.png", "timing.png", "throughput.png",
-               "tools.png"}
+CHART_FILES = {"report.html", *(f"{name}.png" for name in CHART_NAMES)}
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -91,6 +92,15 @@ def test_a_run_writes_its_report_at_the_end(tiny_model: str, prefect_harness,
         f"p99 {ttft.p99:,.3f} s")
     tally = tally_output(OutputLayout(str(out), Storage()))
     assert tally.ttft.n == 24 and tally.untimed_parts == 0 and len(tally.commits) >= 6
+    # Each row's span in the engine, by the worker that generated it (the flow run).
+    rows = pq.read_table(out / "data").to_pylist()
+    (worker,) = {r["worker"] for r in rows}
+    assert worker and tally.timeline.rows == 24 and list(tally.timeline.busy) == [worker]
+    for r in rows:
+        span = (r["finished_at"] - r["started_at"]).total_seconds()
+        assert span == pytest.approx(r["latency_s"], abs=1e-3) and r["ttft_s"] <= span
+        assert manifest.this_run.wall_s > (datetime.now(timezone.utc) - r["finished_at"]
+                                           ).total_seconds() > 0
     assert set(tally.tools) == {"get_weather"}  # the calls the random weights made
     markers = [json.loads(p.read_text()) for p in (out / "_shards").iterdir()]
     assert all(sorted(m["committed_at"]) == m["parts"] for m in markers)

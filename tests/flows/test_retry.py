@@ -182,7 +182,8 @@ def test_carry_commits_kept_rows_once_in_this_versions_schema(tmp_path: Path) ->
     from thinkbatch.tasks.store.commit import Committer
 
     schema = output_schema()
-    old = pa.schema([f for f in schema if f.name != "chat_template_kwargs"])
+    old = pa.schema([f for f in output_schema(row_times=False)
+                     if f.name != "chat_template_kwargs"])
     rows = [{"id": f"r{i}", "row_index": i, "sample_index": 0, "answer": f"a{i}",
              "status": "truncated" if i % 2 else "ok"} for i in range(6)]
     source = OutputLayout(str(tmp_path / "src"), Storage())
@@ -207,6 +208,7 @@ def test_carry_commits_kept_rows_once_in_this_versions_schema(tmp_path: Path) ->
     assert table.schema.equals(schema)
     assert table.column("answer").to_pylist() == ["a0", "a2", "a4"]
     assert table.column("chat_template_kwargs").null_count == 3
+    assert table.column("started_at").null_count == table.column("worker").null_count == 3
 
     committer = Committer(layout, schema, flush_rows=10, flush_seconds=60, compression="zstd",
                           on_shard_done=lambda s, stats: None, may_commit=lambda s: True)

@@ -21,6 +21,7 @@ from tests.conftest import prompt_rows, write_prompts
 from thinkbatch.schemas.job import JobSpec
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.manifest import ShardStats
+from thinkbatch.schemas.output import ROW_TIME_NAMES
 from thinkbatch.schemas.plan import Plan
 from thinkbatch.schemas.record import Generation, RowRequest
 from thinkbatch.tasks import runner
@@ -201,12 +202,31 @@ def test_shards_complete_with_every_row_its_status_and_a_marker_of_their_parts(
         "id": "q00000", "row_index": 0, "sample_index": 0, "topic": "math",
         "reasoning": None, "answer": "answer 0", "tool_calls": None, "finish_reason": "stop",
         "status": "ok", "error": None, "prompt_tokens": None, "completion_tokens": None,
-        "reasoning_tokens": None, "ttft_s": None, "latency_s": None,
-        "chat_template_kwargs": None, "raw_text": None}
+        "reasoning_tokens": None, "ttft_s": None, "latency_s": None, "started_at": None,
+        "finished_at": None, "worker": None, "chat_template_kwargs": None, "raw_text": None}
     assert (out[2]["status"], out[2]["answer"]) == ("no_answer", None)
     assert (out[6]["status"], out[6]["error"], out[6]["finish_reason"]) == (
         "invalid_input", "prompt is null or empty", None)
     assert out[7]["id"] == "q00007" and out[7]["topic"] == "weather"
+
+
+def test_an_output_planned_before_rows_kept_their_times_resumes_without_them(
+        tmp_path: Path) -> None:
+    """Its parts lack started_at, finished_at and worker: a resumed run's parts must too,
+    so every part of it has one schema (and a shard's parts can be compacted)."""
+    job = _job(tmp_path, _rows(6), rows_per_shard=3)
+    layout, plan = _plan(job)
+    assert plan.row_times
+    layout.store.write_atomic(layout.plan, plan.model_dump_json(exclude={"row_times"}).encode())
+    _, older = _plan(job)  # resumed from the stored plan
+    _run(_pipeline(job, layout, older), 0)
+    _run(_pipeline(job, layout, plan), 1)
+
+    def columns(shard_id: int) -> set[str]:
+        (part,) = layout.parts_of(shard_id)
+        return set(layout.store.open_parquet(part).schema_arrow.names)
+
+    assert not older.row_times and columns(1) - columns(0) == ROW_TIME_NAMES
 
 
 def test_flush_rows_cuts_parts_of_that_many_rows(tmp_path: Path) -> None:
