@@ -2,7 +2,7 @@
 
     python benchmarks/run.py --only fleet_sim            # 11-15 min on 2 busy cores
     FLEET_SIM_LABEL=after python benchmarks/run.py --only fleet_sim
-    FLEET_SIM_SETTINGS='{"expected_tokens_per_row": 25000}' FLEET_SIM_LABEL=... (a variant)
+    FLEET_SIM_SETTINGS='{"flush_sim_s": 3600}' FLEET_SIM_LABEL=... (a variant)
 
 Each node is a process running the real worker flow (`shard_worker`, sim_worker.py)
 against a real Prefect server and moto's S3 server, with a simulated engine
@@ -61,13 +61,15 @@ class Settings:
     claim_ttl_sim_s: float = 9_000.0  # 7.5 s wall: renewals every ~1.9 s per claim
     pause_ttls: float = 1.5  # the paused node stays stopped at least this many claim TTLs,
     pause_max_ttls: float = 30.0  # and until another takes a claim over, at most this many
-    flush_sim_s: float = 3_600.0  # the job's flush_seconds, simulated
+    flush_sim_s: float = 600.0  # the job's flush_seconds, simulated (0.5 s wall)
     step_real_s: float = 0.05  # the longest a simulated engine step blocks (vLLM: ~a step)
     chaos_window: tuple[float, float] = (0.1, 0.75)  # kills fall in this share of the run
     timeout_real_s: float = 1500.0
     seed: int = 24
     model: dict[str, Any] = field(default_factory=dict)  # SimModel fields over its defaults
-    expected_tokens_per_row: int | None = None  # the job's, over the preset's (32,768)
+    # The job's, over the preset's 32,768; None: the rows' size the simulated KV cache is
+    # sized for (SimModel.tokens_per_row), as a user who knows their rows states it.
+    expected_tokens_per_row: int | None = None
 
     @classmethod
     def quick(cls) -> Settings:
@@ -82,7 +84,11 @@ class Settings:
 def job_dict(s: Settings) -> dict[str, Any]:
     """A Kimi-K2-Thinking job as its preset makes it (max_in_flight, max_tokens, the
     engine layout), on S3, scaled out; replay rows so nothing imports vLLM: the
-    simulated engine ignores the text and writes its own name as each row's answer."""
+    simulated engine ignores the text and writes its own name as each row's answer. Its
+    `expected_tokens_per_row` is the simulated rows' size (the preset's 32,768 capped the
+    engines at 174 of their 228 slots), and with it the in-flight limit is the slots."""
+    from sim_engine import SimModel
+
     from thinkbatch.schemas.job_file import resolve_raw
 
     return resolve_raw({
@@ -90,8 +96,8 @@ def job_dict(s: Settings) -> dict[str, Any]:
         "input": {"path": f"s3://{BUCKET}/in/", "id_column": "id"},
         "shards": {"rows_per_shard": s.rows_per_shard},
         "engine": {"kind": "replay", "replay_column": "raw_text",
-                   **({"expected_tokens_per_row": s.expected_tokens_per_row}
-                      if s.expected_tokens_per_row else {})},
+                   "expected_tokens_per_row": (s.expected_tokens_per_row
+                                               or SimModel(**s.model).tokens_per_row)},
         "parsers": {"reasoning": None, "tool_call": None},
         "output": {"path": f"s3://{BUCKET}/out", "flush_seconds": s.flush_sim_s * s.scale},
         "scale": {"workers": s.workers, "claim_ttl_s": s.claim_ttl_sim_s * s.scale},

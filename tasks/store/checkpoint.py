@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -65,48 +66,85 @@ def committed_keys(layout: OutputLayout, shard_id: int) -> set[tuple[int, int]]:
     return {k for part in layout.parts_of(shard_id) for k in _keys(layout, part)}
 
 
-def compact(layout: OutputLayout, shard_id: int, compression: str) -> list[str]:
-    """The shard's parts, each row once. Fencing stops a writer that lost its claim, but
-    a part can slip in between its last check and its PUT; then the shard's rows are
-    rewritten once without duplicates (first copy wins) and the old parts removed."""
-    parts = layout.parts_of(shard_id)
-    flat = [k for p in parts for k in _keys(layout, p)]
+# A rollout part's columns summed into its shard's marker: column -> marker field.
+ROLLOUT_SUMS = {"num_turns": "turns", "tool_calls_total": "tool_calls_total",
+                "tool_errors": "tool_errors"}
+
+
+@dataclass(frozen=True)
+class PartSummary:
+    """What a shard's marker needs of one part: its keys, counts by status and sums.
+
+    The committer makes it from the table it has just written (`of_table`), so marking a
+    shard done reads only the parts other processes wrote: with rows of hours a shard is
+    committed a few rows at a time, and reading back dozens of small parts (twice) kept
+    the writer busy for seconds per shard on S3."""
+
+    keys: list[tuple[int, int]]
+    status: Counter[str]
+    prompt_tokens: int
+    completion_tokens: int
+    rollout: dict[str, int]
+
+    @classmethod
+    def of_table(cls, t: pa.Table) -> PartSummary:
+        names = t.column_names
+        return cls(keys=list(zip(t.column("row_index").to_pylist(),
+                                 t.column("sample_index").to_pylist())),
+                   status=Counter(t.column("status").to_pylist()),
+                   prompt_tokens=sum_ints(t.column("prompt_tokens")),
+                   completion_tokens=sum_ints(t.column("completion_tokens")),
+                   rollout={field: sum_ints(t.column(c))
+                            for c, field in ROLLOUT_SUMS.items() if c in names})
+
+    @classmethod
+    def read(cls, layout: OutputLayout, part: str) -> PartSummary:
+        """One read of the columns it needs (older parts may lack the rollout ones)."""
+        file = layout.store.open_parquet(part)
+        sums = [c for c in ROLLOUT_SUMS if c in file.schema_arrow.names]
+        return cls.of_table(file.read(columns=[*KEY, "status", "prompt_tokens",
+                                               "completion_tokens", *sums]))
+
+
+def _name(part: str) -> str:
+    return part.rsplit("/", 1)[-1]
+
+
+def compact(layout: OutputLayout, shard_id: int, compression: str,
+            known: dict[str, PartSummary] | None = None) -> dict[str, PartSummary]:
+    """The shard's parts (path -> summary), each row once. Fencing stops a writer that
+    lost its claim, but a part can slip in between its last check and its PUT; then the
+    shard's rows are rewritten once without duplicates (first copy wins) and the old
+    parts removed. `known`: summaries by part name of parts this process wrote."""
+    known = known or {}
+    parts = {p: known.get(_name(p)) or PartSummary.read(layout, p)
+             for p in layout.parts_of(shard_id)}
+    flat = [k for summary in parts.values() for k in summary.keys]
     if len(flat) == len(set(flat)):
         return parts
     table = pa.concat_tables(layout.store.open_parquet(p).read() for p in parts)
     seen: set[tuple[int, int]] = set()
     keep = [k for k, i in enumerate(flat) if not (i in seen or seen.add(i))]
     target = layout.new_part(shard_id)
-    layout.store.write_parquet(target, table.take(keep), compression)
+    kept = table.take(keep)
+    layout.store.write_parquet(target, kept, compression)
     for p in parts:
         layout.store.delete(p)
-    return [target]
+    return {target: PartSummary.of_table(kept)}
 
 
-# A rollout part's columns summed into its shard's marker: column -> marker field.
-ROLLOUT_SUMS = {"num_turns": "turns", "tool_calls_total": "tool_calls_total",
-                "tool_errors": "tool_errors"}
-
-
-def shard_stats(layout: OutputLayout, parts: list[str]) -> ShardStats:
+def shard_stats(parts: dict[str, PartSummary]) -> ShardStats:
     """Counts by status and token totals of a shard's parts; a rollout job's parts add
     their turns, tools run and tool errors."""
     statuses: Counter[str] = Counter()
-    prompt_tokens = completion_tokens = rows = 0
-    rollout: dict[str, int] = {}
-    for part in parts:
-        file = layout.store.open_parquet(part)
-        sums = [c for c in ROLLOUT_SUMS if c in file.schema_arrow.names]
-        t = file.read(columns=["status", "prompt_tokens", "completion_tokens", *sums])
-        rows += t.num_rows
-        statuses.update(t.column("status").to_pylist())
-        prompt_tokens += sum_ints(t.column("prompt_tokens"))
-        completion_tokens += sum_ints(t.column("completion_tokens"))
-        for c in sums:
-            rollout[ROLLOUT_SUMS[c]] = rollout.get(ROLLOUT_SUMS[c], 0) + sum_ints(t.column(c))
-    return ShardStats(rows=rows, status=dict(statuses), prompt_tokens=prompt_tokens,
-                      completion_tokens=completion_tokens, **rollout,
-                      parts=[p.rsplit("/", 1)[-1] for p in parts])
+    rollout: Counter[str] = Counter()
+    for summary in parts.values():
+        statuses.update(summary.status)
+        rollout.update(summary.rollout)
+    return ShardStats(rows=sum(len(x.keys) for x in parts.values()), status=dict(statuses),
+                      prompt_tokens=sum(x.prompt_tokens for x in parts.values()),
+                      completion_tokens=sum(x.completion_tokens for x in parts.values()),
+                      **rollout, parts=[_name(p) for p in parts])
 
 
 def sum_ints(col: pa.Array | pa.ChunkedArray) -> int:
@@ -116,11 +154,12 @@ def sum_ints(col: pa.Array | pa.ChunkedArray) -> int:
 
 def mark_done(layout: OutputLayout, shard_id: int, compression: str = "zstd",
               committed_at: dict[str, float] | None = None,
-              engine: EngineLayout | None = None) -> ShardStats:
+              engine: EngineLayout | None = None,
+              known: dict[str, PartSummary] | None = None) -> ShardStats:
     """The marker lists the parts that hold the shard; any other part of it is an orphan.
     `committed_at` (part name -> Unix time) keeps the commit times of the listed parts,
-    `engine` what generated those."""
-    stats = shard_stats(layout, compact(layout, shard_id, compression))
+    `engine` what generated those; `known` the parts this process wrote (PartSummary)."""
+    stats = shard_stats(compact(layout, shard_id, compression, known))
     times = {n: committed_at[n] for n in stats.parts if n in (committed_at or {})}
     stats.committed_at = times or None
     stats.engine = engine if times else None

@@ -12,10 +12,19 @@ shards come first: those with a claim left behind (a dead run's is taken over at
 when its process is gone from this machine's boot and pid namespace, else after its
 TTL) or with committed parts, so a killed run's half-done shards are finished before
 fresh ones are started.
+
+A worker also lists `_claims/` alone (in-progress shards only: a short listing at any
+job size) at most once per claim TTL while it claims. A claim listed at the same version
+(ETag) as at the worker's previous look was not renewed for a TTL, which a live holder
+does every TTL/4: its holder is dead or stalled, and the claim is tried first. So a node
+lost mid-run leaves its half-done shards to the live nodes' next claims, a TTL or two
+later, not to the end of their orders or to a replacement that loads for 20 minutes;
+and a live holder's claims cost nothing to skip.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from thinkbatch.schemas.plan import Plan
@@ -35,6 +44,8 @@ class ShardClaims:
         self._held: dict[int, Lease] = {}
         self._order: deque[int] = deque()  # candidates not tried since the last listing
         self._started: set[int] | None = None  # shards with committed parts, listed at start
+        self._looked = time.monotonic()  # when `_claims/` was last listed,
+        self._seen: dict[int, str] = {}  # and each claim's version then
 
     def unfinished(self) -> list[int]:
         done = checkpoint.done_shards(self.layout)
@@ -46,18 +57,36 @@ class ShardClaims:
         if self._started is None:
             self._started = {s for n in store.list_files(self.layout.data, ".parquet")
                              if (s := self.layout.shard_of(n)) is not None}
-        claimed = {int(n.split(".")[0]) for n in store.list_files(self.layout.claims, ".json")}
-        resumed = claimed | self._started
+        self._seen = self._list_claims()
+        resumed = self._seen.keys() | self._started
         n = len(self.plan.shards)
         todo = [s for s in self.unfinished() if s not in self._held]
         self._order = deque(sorted(todo, key=lambda s: (s not in resumed,
                                                         (s - self.start_at) % n)))
+
+    def _list_claims(self) -> dict[int, str]:
+        """Every claim now: shard -> its version."""
+        self._looked = time.monotonic()
+        return {int(n.split(".")[0]): v for n, v in
+                self.layout.store.list_versions(self.layout.claims, ".json").items()}
+
+    def _claims_left_behind_first(self) -> None:
+        """Claims not renewed since the last look (module docstring) go to the front of
+        the order, whether or not this worker tried them before."""
+        now = self._list_claims()
+        stale = sorted(s for s, v in now.items() if self._seen.get(s) == v
+                       and s not in self._held)
+        self._seen = now
+        if stale:
+            self._order = deque([*stale, *(s for s in self._order if s not in stale)])
 
     def claim_next(self) -> int | None:
         """A shard now held by this worker, or None if every unfinished shard is held
         by a live worker. Lists the store at most once per call: when the order has run
         out, or when a candidate was found done (another worker got there first)."""
         listed = False
+        if self._order and time.monotonic() - self._looked >= self.ttl_s:
+            self._claims_left_behind_first()
         while True:
             if not self._order:
                 if listed:

@@ -1,7 +1,16 @@
 """Buffering finished rows and committing them as Parquet parts on a writer thread,
 so generation never waits for storage. A part is written atomically; a shard's done
 marker is written only after all of its parts. A rollout's open conversations are saved
-on the same thread, fenced the same way (store/open_conversations.py)."""
+on the same thread, fenced the same way (store/open_conversations.py).
+
+The driver hands the writer its jobs without waiting for them: one slow request (a
+claim renewal, a part's PUT, a progress artifact the commit callback updates) must not
+keep it from polling the engine, or finished rows sit in an engine that looks full to
+it. It waits only when the writer has fallen `max_behind_rows` rows behind (two
+flushes' worth by default), so memory stays bounded when storage cannot keep up. A flush
+due by time alone waits until the previous timed flush is written (not for an idle
+writer: shards that end keep it busy), so slow storage gets fewer, larger parts instead
+of a growing queue of small ones."""
 
 from __future__ import annotations
 
@@ -32,7 +41,7 @@ class Committer:
                  flush_seconds: float, compression: str, on_shard_done: OnShardDone,
                  may_commit: Callable[[int], bool], on_commit: OnCommit | None = None,
                  on_lost: Callable[[int, FencedOut], None] | None = None,
-                 save_seconds: float | None = None):
+                 save_seconds: float | None = None, max_behind_rows: int | None = None):
         self.layout = layout
         self.schema = schema
         self.flush_rows = flush_rows
@@ -47,8 +56,10 @@ class Committer:
         self._buffer: dict[int, list[dict[str, Any]]] = defaultdict(list)
         self._buffered = 0
         self._last_flush = time.monotonic()
-        # shard -> part name -> Unix time of its commit, for the shard's marker (writer thread)
+        # shard -> part name -> Unix time of its commit, and what the marker needs of it
+        # (checkpoint.PartSummary): for the shard's marker (writer thread)
         self._committed_at: dict[int, dict[str, float]] = defaultdict(dict)
+        self._summaries: dict[int, dict[str, checkpoint.PartSummary]] = defaultdict(dict)
         # Open conversations (None: not saved, a single-turn job): the latest state of each
         # not yet written, per shard, written once `save_seconds` passed (driver thread);
         # those written, whose files go once their rows are committed (writer thread).
@@ -56,8 +67,14 @@ class Committer:
         self._states: dict[int, dict[tuple[int, int], bytes]] = defaultdict(dict)
         self._last_save = time.monotonic()
         self._saved: dict[int, set[tuple[int, int]]] = defaultdict(set)
-        # Bounded: if storage falls behind, the producer waits instead of growing memory.
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=8)
+        # Jobs queued for the writer, each with its rows (a state saved counts as one);
+        # the producer waits only once they exceed `max_behind_rows` (module docstring).
+        self._jobs: queue.Queue[tuple[Callable[[], None], int] | None] = queue.Queue()
+        self.max_behind_rows = max_behind_rows or 2 * flush_rows
+        self._behind = 0
+        self._caught_up = threading.Condition()
+        self._queued = self._written = 0  # jobs queued and written so far
+        self._timed = 0  # the job count a timed flush waits to see written
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="thinkbatch-writer", daemon=True)
         self._thread.start()
@@ -82,11 +99,13 @@ class Committer:
         self.raise_if_failed()
         if (self._states and time.monotonic() - self._last_save >= (self.save_seconds or 0)):
             self._flush_states()
-        due = time.monotonic() - self._last_flush >= self.flush_seconds
+        due = (time.monotonic() - self._last_flush >= self.flush_seconds
+               and self._written >= self._timed)
         if self._buffered >= self.flush_rows or (due and self._buffered):
             for shard_id in list(self._buffer):
                 self._flush_shard(shard_id)
             self._last_flush = time.monotonic()
+            self._timed = self._queued
 
     def flush(self) -> None:
         """Commit every buffered row and open conversation now: a clean stop keeps what
@@ -111,7 +130,8 @@ class Committer:
         self._last_save = time.monotonic()
         for shard_id, of_shard in states.items():
             if of_shard and shard_id not in self._lost:
-                self._put(lambda s=shard_id, o=of_shard: self._write_states(s, o))
+                self._put(lambda s=shard_id, o=of_shard: self._write_states(s, o),
+                          len(of_shard))
 
     def _write_states(self, shard_id: int, states: dict[tuple[int, int], bytes]) -> None:
         if shard_id in self._lost:
@@ -128,7 +148,7 @@ class Committer:
             return self._give_up(shard_id, "not marking it done")
         self.on_shard_done(shard_id, checkpoint.mark_done(
             self.layout, shard_id, self.compression, self._committed_at.pop(shard_id, None),
-            self.engine))
+            self.engine, self._summaries.pop(shard_id, None)))
         if self.save_seconds is not None:  # what a kill or another run left of the shard
             self._saved.pop(shard_id, None)
             open_conversations.sweep(self.layout, shard_id)
@@ -147,7 +167,7 @@ class Committer:
         last = {k: pending.pop(k) for k in [(r["row_index"], r["sample_index"]) for r in rows]
                 if k in pending}
         table = pa.Table.from_pylist(rows, schema=self.schema)
-        self._put(lambda: self._commit(shard_id, table, last))
+        self._put(lambda: self._commit(shard_id, table, last), len(rows))
 
     def _commit(self, shard_id: int, table: pa.Table,
                 states: dict[tuple[int, int], bytes] | None = None) -> None:
@@ -161,7 +181,9 @@ class Committer:
             self._saved[shard_id].update(states)
         part = self.layout.new_part(shard_id)
         self.layout.store.write_parquet(part, table, self.compression)
-        self._committed_at[shard_id][part.rsplit("/", 1)[-1]] = time.time()
+        name = part.rsplit("/", 1)[-1]
+        self._committed_at[shard_id][name] = time.time()
+        self._summaries[shard_id][name] = checkpoint.PartSummary.of_table(table)
         if saved := self._saved.get(shard_id):
             ended = saved & set(zip(table.column("row_index").to_pylist(),
                                     table.column("sample_index").to_pylist()))
@@ -178,25 +200,31 @@ class Committer:
             raise error
         self._lost.add(shard_id)
         self._committed_at.pop(shard_id, None)
+        self._summaries.pop(shard_id, None)
         self._saved.pop(shard_id, None)
         self.on_lost(shard_id, error)
 
-    def _put(self, job: Callable[[], None]) -> None:
-        while True:
-            self.raise_if_failed()
-            try:
-                self._jobs.put(job, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+    def _put(self, job: Callable[[], None], rows: int = 0) -> None:
+        with self._caught_up:
+            while self._behind and self._behind + rows > self.max_behind_rows:
+                self.raise_if_failed()
+                self._caught_up.wait(0.5)
+            self._behind += rows
+            self._queued += 1
+        self._jobs.put((job, rows))
 
     def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while (item := self._jobs.get()) is not None:
+            job, rows = item
             if self._error is None:
                 try:
                     job()
                 except BaseException as e:  # surfaced to the producer on its next call
                     self._error = e
+            with self._caught_up:
+                self._behind -= rows
+                self._written += 1
+                self._caught_up.notify_all()
 
     def raise_if_failed(self) -> None:
         if self._error is not None:

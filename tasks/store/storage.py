@@ -146,11 +146,24 @@ class _Local:
         return stats
 
     def list_names(self, folder: str, prefix: str = "") -> list[str]:
+        return list(self.list_versions(folder, prefix))
+
+    def list_versions(self, folder: str, prefix: str = "") -> dict[str, str]:
+        """Name -> its version: a replaced file (an atomic write renames a new inode into
+        place) has a new inode number or modification time."""
         try:
             with os.scandir(folder) as entries:
-                return [e.name for e in entries if e.name.startswith(prefix)]
+                out = {}
+                for e in entries:
+                    if e.name.startswith(prefix):
+                        try:
+                            st = e.stat()
+                        except FileNotFoundError:
+                            continue
+                        out[e.name] = f"{st.st_ino}-{st.st_mtime_ns}"
+                return out
         except FileNotFoundError:
-            return []
+            return {}
 
     def open_input(self, path: str) -> Any:
         return pa.OSFile(path)
@@ -369,10 +382,14 @@ class _S3:
                        for o in objects if not _hidden(o["Key"])), key=lambda f: f.path)
 
     def list_names(self, folder: str, prefix: str = "") -> list[str]:
+        return list(self.list_versions(folder, prefix))
+
+    def list_versions(self, folder: str, prefix: str = "") -> dict[str, str]:
+        """Name -> ETag, from the listing itself: no request per object."""
         bucket, key = _split(folder)
         under = key.rstrip("/") + "/"
-        return [o["Key"][len(under):] for o in self._list(bucket, under + prefix)
-                if "/" not in o["Key"][len(under):]]
+        return {o["Key"][len(under):]: o["ETag"].strip('"')
+                for o in self._list(bucket, under + prefix) if "/" not in o["Key"][len(under):]}
 
     def open_input(self, path: str) -> Any:
         return self.arrow_fs.open_input_file(path.removeprefix("s3://"))
@@ -471,6 +488,13 @@ class Storage:
         however many objects the folder holds; locally it filters one directory scan."""
         return sorted(n for n in self._for(folder).list_names(folder, prefix)
                       if n.endswith(suffix) and not n.startswith("."))
+
+    def list_versions(self, folder: str, suffix: str = "") -> dict[str, str]:
+        """`list_files` with each file's version as the listing gives it (S3: its ETag;
+        local: inode and mtime): a file seen twice at the same version was not written
+        in between, which no clock has to say."""
+        return {n: v for n, v in self._for(folder).list_versions(folder).items()
+                if n.endswith(suffix) and not n.startswith(".")}
 
     def open_parquet(self, path: str) -> pq.ParquetFile:
         return pq.ParquetFile(self._for(path).open_input(path))

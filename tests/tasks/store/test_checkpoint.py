@@ -109,15 +109,24 @@ def test_duplicate_rows_from_a_fenced_out_writer_are_compacted_and_orphans_swept
 
 
 class CountingStorage(Storage):
-    """The real local store, counting listings per folder."""
+    """The real local store, counting listings per folder and leases read."""
 
     def __init__(self) -> None:
         super().__init__()
         self.listed: Counter[str] = Counter()
+        self.leases_read: list[str] = []
 
     def list_files(self, folder: str, *args, **kwargs) -> list[str]:
         self.listed[folder.rsplit("/", 1)[-1]] += 1
         return super().list_files(folder, *args, **kwargs)
+
+    def list_versions(self, folder: str, *args, **kwargs) -> dict[str, str]:
+        self.listed[folder.rsplit("/", 1)[-1]] += 1
+        return super().list_versions(folder, *args, **kwargs)
+
+    def read_with_age(self, path: str) -> tuple[bytes, str, float]:
+        self.leases_read.append(path.rsplit("/", 1)[-1])
+        return super().read_with_age(path)
 
 
 def test_finalize_lists_data_once_whatever_the_number_of_shards(tmp_path: Path) -> None:

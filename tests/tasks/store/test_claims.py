@@ -46,8 +46,8 @@ print(json.dumps({"still_ours": ours}), flush=True)
 """
 
 
-def _layout(tmp_path: Path) -> tuple[OutputLayout, object]:
-    inputs = write_prompts(tmp_path / "in.parquet", prompt_rows(30))
+def _layout(tmp_path: Path, rows: int = 30) -> tuple[OutputLayout, object]:
+    inputs = write_prompts(tmp_path / "in.parquet", prompt_rows(rows))
     job = load_job(inline={"input": {"path": str(inputs)}, "shards": {"rows_per_shard": 10},
                            "engine": {"model": "m"}, "output": {"path": str(tmp_path / "out")}})
     layout = OutputLayout(job.output.path, STORE)
@@ -117,3 +117,27 @@ def test_claims_list_the_store_when_their_order_runs_out_not_per_claim(tmp_path:
     assert store.listed == {"data": 1, "_claims": 1, "_shards": 1}
     assert claims.claim_next() is None  # the order ran out: one more look, nothing left
     assert store.listed == {"data": 1, "_claims": 2, "_shards": 2}
+
+
+def test_a_claim_left_unrenewed_for_a_ttl_is_taken_before_the_order_runs_out(
+        tmp_path: Path) -> None:
+    """Another worker holds shard 2 when this one first tries it; it then stops renewing
+    (a lost node). One TTL later this worker takes shard 2 over next, before shard 3 of its
+    own order, from a listing of `_claims/` alone; a claim renewed meanwhile is not tried."""
+    layout, plan = _layout(tmp_path, rows=50)
+    store = CountingStorage()
+    layout = OutputLayout(layout.root, store)
+    ttl = 0.5
+    STORE.write_atomic(layout.claim(0), holder_record(owner="live", ttl_s=600))
+    STORE.write_atomic(layout.claim(2), holder_record(owner="lost", ttl_s=ttl))
+    claims = ShardClaims(layout, plan, "a", ttl_s=ttl, start_at=1)
+    assert claims.claim_next() == 1  # 0 and 2 were held (claims first), then fresh 1
+    time.sleep(ttl)
+    STORE.write_atomic(layout.claim(0), holder_record(owner="live", ttl_s=600))  # renewed
+    time.sleep(ttl)
+    store.leases_read.clear()
+    assert claims.claim_next() == 2
+    assert store.leases_read == ["000002.json"]  # shard 0's live claim is not read
+    assert store.listed["_claims"] == 2 and store.listed["_shards"] == 1
+    assert json.loads(STORE.read_bytes(layout.claim(2)))["owner"] == "a"
+    claims.release_all()

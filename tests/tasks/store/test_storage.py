@@ -87,6 +87,22 @@ def test_listing_by_name_prefix(root: str) -> None:
     assert store.list_files(f"{root}/d", prefix="shard-000008-") == []
 
 
+
+def test_a_listing_gives_versions_that_change_only_when_a_file_is_written(root: str) -> None:
+    """What tells a lease nobody renews (tasks/store/claims.py), without reading it."""
+    store = Storage()
+    v = store.write_atomic(f"{root}/c/1.json", b"a", if_absent=True)
+    store.write_atomic(f"{root}/c/2.json", b"b", if_absent=True)
+    store.write_atomic(f"{root}/c/sub/3.json", b"c")
+    first = store.list_versions(f"{root}/c", ".json")
+    assert sorted(first) == ["1.json", "2.json"]
+    assert store.list_versions(f"{root}/c", ".json") == first
+    store.write_atomic(f"{root}/c/1.json", b"a renewed", if_match=v)
+    second = store.list_versions(f"{root}/c", ".json")
+    assert second["1.json"] != first["1.json"] and second["2.json"] == first["2.json"]
+    assert store.list_versions(f"{root}/nothing") == {}
+
+
 CAS_HOLDER = """
 import os, signal, sys
 from thinkbatch.tasks.store import storage
