@@ -32,7 +32,8 @@ the stretch hidden): still the ids a full render gives, and the turn is counted
 (`rerendered`) where it did not extend the previous prompt. Where no control token can be
 trusted as a cut, the whole text is tokenized.
 
-Kept per conversation: its ids as 4-byte integers, where the template's control tokens
+Kept per conversation: its ids as 2-byte integers where the vocabulary allows (under
+65,536 ids), else 4-byte, where the template's control tokens
 lie, the text of its head and of its last stretch (from the last control token before its
 generation prompt), and references to the messages it rendered; not the text.
 """
@@ -65,7 +66,7 @@ class RenderText(Protocol):
 class PromptHistory:
     """One turn's prompt of one conversation, and what the next turn reuses of it."""
 
-    ids: array  # its token ids
+    ids: array  # its token ids (`id_type`)
     starts: array  # the template's control tokens that cut the tokenization: their
     ends: array  # character spans in the text
     at: array  # and each one's place in `ids`
@@ -102,6 +103,14 @@ def splitting_ids(tokenizer: Any) -> frozenset[int]:
         tiktoken_specials(tokenizer).values())
 
 
+def id_type(tokenizer: Any) -> str:
+    """The narrowest array type that holds every id the tokenizer gives: its vocabulary,
+    added tokens and tiktoken's special table ("H": 2 bytes, "i": 4)."""
+    top = max([*tokenizer.get_vocab().values(), *tokenizer.get_added_vocab().values(),
+               *tiktoken_specials(tokenizer).values()], default=0)
+    return "H" if top < 1 << 16 else "i"
+
+
 class Histories:
     """One tokenizer's incremental prompts: `control` as the engine guards them, the
     template's text from `render_text`."""
@@ -111,6 +120,7 @@ class Histories:
         self.control = control
         self._splitting = splitting_ids(control.tokenizer)
         self._control_ids = frozenset(control.ids.values())
+        self._id_type = id_type(control.tokenizer)
         self._append_only: dict[str, bool] = {}  # the probe's verdict, per template use
 
     def next(self, prev: PromptHistory | None, messages: Messages, tools: Tools,
@@ -285,8 +295,9 @@ class Histories:
         if tokens is None:
             raise ValueError("the chat template altered data that spells control tokens; "
                              "set input.allow_special_tokens: true to pass them through")
-        return self._ahead(text, array("i", tokens[0]), tokens[1:], messages, tools, kwargs,
-                           nonce, allow, rerendered=prev is not None, tokenized=len(text))
+        return self._ahead(text, array(self._id_type, tokens[0]), tokens[1:], messages, tools,
+                           kwargs, nonce, allow, rerendered=prev is not None,
+                           tokenized=len(text))
 
     def _render(self, messages: Messages, tools: Tools, kwargs: dict[str, Any],
                 nonce: str | None, allow: bool,
