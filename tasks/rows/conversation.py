@@ -91,6 +91,13 @@ def tool_message(result: ToolResult) -> dict[str, Any]:
             "content": result.content}
 
 
+def _result_messages(messages: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The tool messages of a conversation's last `n` tool results, in order: each turn's
+    results are appended as its tool messages (those before are the input's)."""
+    tools = [m for m in messages if m.get("role") == "tool"]
+    return tools[len(tools) - n:] if n else []
+
+
 class Conversations:
     """The conversations of one pipeline between their turns. Without `job.rollout` each
     ends at its first turn and nothing here waits: no tools, no limit."""
@@ -158,6 +165,11 @@ class Conversations:
             return
         conv.messages = saved["messages"]
         conv.turns = [Turn.of_state(t) for t in saved["turns"]]
+        if saved.get("results_in_messages"):
+            results = [r for t in conv.turns for r in t.results or ()]
+            for r, m in zip(results, _result_messages(conv.messages, len(results))):
+                if r.content is None:
+                    r.content = m.get("content")
         conv.malformed = saved["malformed"]
         conv.started = time.monotonic() - saved["elapsed_s"]
         if self._renderer is not None and self._render is not None:
@@ -285,12 +297,18 @@ class Conversations:
     @staticmethod
     def _state(conv: Conversation) -> bytes:
         """What a rerun resumes the conversation from (`resume`): its turns, tool results
-        in, and the history they make."""
+        in, and the history they make. A result whose text is its tool message's (not
+        hidden) is saved once, in the message (`_results_of`)."""
         assert conv.started is not None
+        turns = [t.state() for t in conv.turns]
+        results = [r for t in turns for r in t["results"] or ()]
+        for r, m in zip(results, _result_messages(conv.messages, len(results))):
+            if r[2] is m.get("content"):
+                r[2] = None
         return json.dumps({"row_id": conv.req.row_id, "messages": conv.messages,
-                           "turns": [t.state() for t in conv.turns],
-                           "malformed": conv.malformed,
-                           "elapsed_s": time.monotonic() - conv.started},
+                           "turns": turns, "malformed": conv.malformed,
+                           "elapsed_s": time.monotonic() - conv.started,
+                           "results_in_messages": True},
                           ensure_ascii=False, default=str).encode()
 
     def close(self) -> None:

@@ -423,6 +423,11 @@ def test_a_rerun_resumes_each_conversation_at_its_last_saved_turn_and_runs_no_to
     assert done.cancelled() and _rows(layout) == {}
     folder = Path(layout.open_conversations(0))
     assert sorted(p.name for p in folder.iterdir()) == ["0-0.json", "1-0.json", "2-0.json"]
+    # Each result's text is saved once, in its tool message (the turn's copy restored from
+    # it on resume).
+    for saved in folder.iterdir():
+        text = saved.read_text()
+        assert [text.count(f"looked up {x}") for x in ("a", "b")] == [1, 1]
 
     second = Script(job, turns)
     rows = _run(job, second)
