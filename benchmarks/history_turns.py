@@ -126,7 +126,7 @@ def conversation(tokenizer: str, turns: int, samples: list[int],
             before[turn] = min(times)
             equal = equal and list(full) == prev.ids.tolist()
     text = len(json.dumps(messages, ensure_ascii=False).encode())
-    kept = (sys.getsizeof(prev.text) + sys.getsizeof(prev.ids)
+    kept = (sys.getsizeof(prev.tail) + sys.getsizeof(prev.head_text) + sys.getsizeof(prev.ids)
             + sum(sys.getsizeof(a) for a in (prev.starts, prev.ends, prev.at)))
     return {
         "tokenizer": tokenizer, "escaped": escaped, "turns": turns,

@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import statistics
+import sysconfig
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,15 @@ def _memory(samples: list[tuple[int, int, int]]) -> dict[str, Any]:
             "text_per_open_conversation_at_peak_kib": peak[1] / max(peak[2], 1) / 1024}
 
 
+def _where(where: str, scratch: Path) -> str:
+    """A traceback line's file, named from the repository, the scratch folder, the
+    standard library or site-packages: no machine's own paths in the results."""
+    where = where.split("site-packages/")[-1]
+    for root in (f"{HERE.parent}/", f"{scratch}/", f"{sysconfig.get_paths()['stdlib']}/"):
+        where = where.removeprefix(root)
+    return where
+
+
 def _kill(ctx: Context, d: Path, n: int, seed: int = 23) -> dict[str, Any]:
     """A kill after a random share (30-80%) of the job's turns, with tracemalloc on (the
     memory figures come from this run), then a rerun cut once it finished 3 turns a
@@ -169,8 +179,7 @@ def _kill(ctx: Context, d: Path, n: int, seed: int = 23) -> dict[str, Any]:
               if line.startswith("memory")]
     held = [line.split(" ", 2)[1:] for line in _lines(d / "killed.engine_tally")
             if line.startswith("holder")]
-    holders = [{"mib": int(size) / 2**20, "where": where.split("site-packages/")[-1]}
-               for size, where in held]
+    holders = [{"mib": int(size) / 2**20, "where": _where(where, d)} for size, where in held]
     return {"kill_after_turns": kill_at, "of_turns": total,
             "memory": {**_memory(memory), "holders_at_kill": holders},
             "turns_before_kill": len(done), "open_at_kill": len(open_at_kill),

@@ -226,8 +226,10 @@ class RolloutSpec(_Strict):
         description="Open conversations are saved at turn boundaries (their tools returned) "
                     "into the output's `_open/` folder, at most this many seconds apart, so "
                     "a kill resumes each at its last saved tool call instead of turn 1 "
-                    "(its tools not run again). 0: at every turn boundary; null: never "
-                    "(a kill redoes open conversations from their first turn).")
+                    "(its tools not run again). 0: at every turn boundary, each next turn "
+                    "waiting until its save is written (a kill then regenerates at most one "
+                    "turn per conversation); null: never (a kill redoes open conversations "
+                    "from their first turn).")
 
     @model_validator(mode="after")
     def _one_recorded(self) -> RolloutSpec:

@@ -52,7 +52,7 @@ def fit(prompt: PromptHistory, messages: list[dict[str, Any]], rerender: Rerende
         todo = hidable(messages, keep_last)
         if not todo:
             break
-        per_char = len(current) / max(len(current.text), 1)
+        per_char = len(current) / max(current.chars, 1)
         excess, saved = len(current) - limit, 0.0
         for i in todo:
             saved += (len(_text(messages[i].get("content"))) - len(HIDDEN)) * per_char

@@ -14,7 +14,8 @@ hide_tool_results` has earlier tool results hidden there too (tasks/rows/context
 With `rollout.checkpoint_seconds` set, a conversation's state (its messages, turns and
 malformed count) is made into bytes on the render thread once its tools returned, and the
 committer saves it (store/open_conversations.py): a rerun resumes it from there, its next
-turn rendered from the saved messages, without calling those tools again.
+turn rendered from the saved messages, without calling those tools again. At 0 (every
+turn boundary) its next turn waits until that save is written (`defer`).
 A conversation is one output row, written when it ends: an answer (`ok`), `max_turns`,
 a turn that failed (its status; a rollout names the turn in `error`), or `tool_error`
 when a call failed because its source is down for good (an MCP server no restart brought
@@ -66,6 +67,7 @@ class Conversation:
     history: PromptHistory | None = None  # the next turn's prompt, rendered ahead
     hidden: int = 0  # tool results hidden for the next turn (rollout.context)
     state: bytes | None = None  # its state at its last turn boundary, not yet saved
+    saving: bool = False  # its next turn waits for that state to be written (`defer`)
 
     @property
     def key(self) -> str:
@@ -90,6 +92,13 @@ def tool_message(result: ToolResult) -> dict[str, Any]:
             "content": result.content}
 
 
+def _result_messages(messages: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The tool messages of a conversation's last `n` tool results, in order: each turn's
+    results are appended as its tool messages (those before are the input's)."""
+    tools = [m for m in messages if m.get("role") == "tool"]
+    return tools[len(tools) - n:] if n else []
+
+
 class Conversations:
     """The conversations of one pipeline between their turns. Without `job.rollout` each
     ends at its first turn and nothing here waits: no tools, no limit."""
@@ -111,8 +120,9 @@ class Conversations:
                       if self.spec is not None else None)
         self._open: set[tuple[int, int]] = set()
         self._at_tools = 0
-        self._results: queue.Queue[tuple[Conversation, list[ToolResult]]] = queue.Queue()
-        self._back: deque[tuple[Conversation, list[ToolResult]]] = deque()
+        # A conversation whose tools returned; or (None) whose state is now written.
+        self._results: queue.Queue[tuple[Conversation, list[ToolResult] | None]] = queue.Queue()
+        self._back: deque[tuple[Conversation, list[ToolResult] | None]] = deque()
         self._render = render
         # One thread: a tokenizer is not shared between threads (engine.py, _own_copy).
         self._renderer = (ThreadPoolExecutor(1, thread_name_prefix="thinkbatch-render")
@@ -120,8 +130,10 @@ class Conversations:
         self.rerendered = 0  # turns whose template rewrote the previous prompt (history.py)
         self._window = window  # the engine's max_model_len, where it has one
         self.results_hidden = 0  # tool results hidden to fit the context (context.py)
-        # Open conversations are saved between turns (rollout.checkpoint_seconds).
+        # Open conversations are saved between turns (rollout.checkpoint_seconds); at every
+        # turn boundary (0), a conversation's next turn waits until its state is written.
         self.saving = self.spec is not None and self.spec.checkpoint_seconds is not None
+        self.durable = self.saving and self.spec is not None and self.spec.checkpoint_seconds == 0
 
     # -- feeder thread ----------------------------------------------------------------
 
@@ -154,6 +166,11 @@ class Conversations:
             return
         conv.messages = saved["messages"]
         conv.turns = [Turn.of_state(t) for t in saved["turns"]]
+        if saved.get("results_in_messages"):
+            results = [r for t in conv.turns for r in t.results or ()]
+            for r, m in zip(results, _result_messages(conv.messages, len(results))):
+                if r.content is None:
+                    r.content = m.get("content")
         conv.malformed = saved["malformed"]
         conv.started = time.monotonic() - saved["elapsed_s"]
         # A state saved before it was kept: as long ago as the conversation has run.
@@ -283,13 +300,18 @@ class Conversations:
     @staticmethod
     def _state(conv: Conversation) -> bytes:
         """What a rerun resumes the conversation from (`resume`): its turns, tool results
-        in, and the history they make."""
+        in, and the history they make. A result whose text is its tool message's (not
+        hidden) is saved once, in the message (`_results_of`)."""
         assert conv.started is not None
+        turns = [t.state() for t in conv.turns]
+        results = [r for t in turns for r in t["results"] or ()]
+        for r, m in zip(results, _result_messages(conv.messages, len(results))):
+            if r[2] is m.get("content"):
+                r[2] = None
         return json.dumps({"row_id": conv.req.row_id, "messages": conv.messages,
-                           "turns": [t.state() for t in conv.turns],
-                           "malformed": conv.malformed,
+                           "turns": turns, "malformed": conv.malformed,
                            "elapsed_s": time.monotonic() - conv.started,
-                           "started_at": conv.started_at},
+                           "started_at": conv.started_at, "results_in_messages": True},
                           ensure_ascii=False, default=str).encode()
 
     def close(self) -> None:
@@ -324,11 +346,42 @@ class Conversations:
             return Parsed(status, error=error)
         return Parsed(status, error=f"turn {len(conv.turns) + 1}: {error}")
 
+    def defer(self, conv: Conversation) -> None:
+        """Hold a conversation whose state is being written (`durable`) until `saved`: a
+        kill then never finds a turn generated after tool results that are not on disk,
+        so it regenerates at most the turn whose tools ran last. Counted as at its tools,
+        so the driver waits for it. Its prompt's id list is let go meanwhile (a Python
+        list costs ~40 bytes a token: 4 MB at 100k tokens) and made again when due."""
+        conv.saving = True
+        if conv.history is not None:
+            conv.history.ready = None
+        self._at_tools += 1
+
+    def saved(self, conv: Conversation) -> None:
+        """The deferred conversation's state is written (the writer thread): its prompt's
+        id list is made again on the render thread, then `ready` gives it back, its next
+        turn due."""
+        if self._renderer is not None:
+            try:
+                self._renderer.submit(self._due, conv)
+                return
+            except RuntimeError:  # the render thread was shut down: the pipeline closed
+                pass
+        self._results.put((conv, None))
+
+    def _due(self, conv: Conversation) -> None:
+        try:
+            if conv.history is not None and conv.history.ready is None:
+                conv.history.ready = conv.history.ids.tolist()
+        finally:
+            self._results.put((conv, None))
+
     def ready(self) -> Conversation | None:
         """A conversation whose tools returned, its results in its history; else None.
         One that met a tool source down for good comes back refused (its request's
         error set), so that submitting it ends it `tool_error`. Raises ToolboxError
-        (the job stops) once the calls fail beyond rollout.max_tool_error_rate."""
+        (the job stops) once the calls fail beyond rollout.max_tool_error_rate. A
+        deferred one comes back with `saving` still set, once its state is written."""
         if not self._at_tools:
             return None
         try:
@@ -336,6 +389,8 @@ class Conversations:
         except queue.Empty:
             return None
         self._at_tools -= 1
+        if results is None:
+            return conv
         if (stop := self.toolbox.failing()) is not None:
             raise ToolboxError(stop)
         self.rerendered += conv.history is not None and conv.history.rerendered

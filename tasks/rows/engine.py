@@ -146,7 +146,8 @@ def text_renderer(offline: Any) -> RenderText:
     """The chat template's text as `LLM.chat` renders it (vLLM's `_preprocess_chat`: the
     same chat parameters, messages as served), before it is tokenized. None where vLLM's
     own render gives no text alone: a template that tokenizes (Mistral's), multimodal
-    data, prompt embeddings."""
+    data, prompt embeddings. Without `generation` the text stops before the generation
+    prompt (the history's own, tasks/rows/history.py)."""
     from vllm.renderers import ChatParams, merge_kwargs
     from vllm.utils.mistral import is_mistral_tokenizer
 
@@ -154,13 +155,13 @@ def text_renderer(offline: Any) -> RenderText:
                  or offline.model_config.enable_prompt_embeds)
 
     def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-               kwargs: dict[str, Any]) -> str | None:
+               kwargs: dict[str, Any], generation: bool = True) -> str | None:
         if tokenizes:
             return None
         params = ChatParams(
             chat_template=offline.chat_template, chat_template_content_format="auto",
             chat_template_kwargs=merge_kwargs(kwargs or None, dict(
-                add_generation_prompt=True, continue_final_message=False, tools=tools,
+                add_generation_prompt=generation, continue_final_message=False, tools=tools,
                 tokenize=False)))
         _, prompt = offline.renderer.render_messages(as_served(messages), params)
         text = prompt.get("prompt")

@@ -302,10 +302,20 @@ class Pipeline:
             return backlog  # only the suspects on trial run, until the search ends
         while self.engine.in_flight < self.in_flight_limit.limit:
             if (conv := conversations.ready()) is not None:
+                if conv.saving:  # its state is written: its next turn is due
+                    conv.saving = False
+                    self._submit(conv)
+                    continue
                 self.listeners.tools_returned(conv.turns[-1].results or ())
                 if conv.state is not None:  # written on the writer thread (store/commit.py)
-                    self.committer.save(conv.shard_id, (conv.req.row_index, conv.sample),
-                                        conv.state)
+                    key = (conv.req.row_index, conv.sample)
+                    if conversations.durable:
+                        conversations.defer(conv)
+                        self.committer.save(conv.shard_id, key, conv.state,
+                                            saved=lambda c=conv: conversations.saved(c))
+                        conv.state = None
+                        continue
+                    self.committer.save(conv.shard_id, key, conv.state)
                     conv.state = None
                 self._submit(conv)
                 continue

@@ -89,11 +89,26 @@ class Committer:
         self._buffer[shard_id].append(row)
         self._buffered += 1
 
-    def save(self, shard_id: int, key: tuple[int, int], state: bytes) -> None:
+    def save(self, shard_id: int, key: tuple[int, int], state: bytes,
+             saved: Callable[[], None] | None = None) -> None:
         """An open conversation's state at a turn boundary, replacing any not yet written:
-        written with the others once `save_seconds` passed (maybe_flush)."""
-        if self.save_seconds is not None and shard_id not in self._lost:
+        written with the others once `save_seconds` passed (maybe_flush). With `saved`,
+        written now, alone, and `saved` called once it is (on the writer thread; also
+        when it is not written: the shard is lost, or the write failed and the job
+        fails), so the conversation can wait for it."""
+        if self.save_seconds is None or shard_id in self._lost:
+            if saved is not None:
+                saved()
+            return
+        if saved is None:
             self._states[shard_id][key] = state
+            return
+        self._states[shard_id].pop(key, None)  # superseded
+        try:
+            self._put(lambda: self._write_states(shard_id, {key: state}, saved))
+        except BaseException:
+            saved()
+            raise
 
     def maybe_flush(self) -> None:
         self.raise_if_failed()
@@ -133,13 +148,18 @@ class Committer:
                 self._put(lambda s=shard_id, o=of_shard: self._write_states(s, o),
                           len(of_shard))
 
-    def _write_states(self, shard_id: int, states: dict[tuple[int, int], bytes]) -> None:
-        if shard_id in self._lost:
-            return
-        if not self.may_commit(shard_id):
-            return self._give_up(shard_id, "not saving its open conversations")
-        open_conversations.write(self.layout, shard_id, states)
-        self._saved[shard_id].update(states)
+    def _write_states(self, shard_id: int, states: dict[tuple[int, int], bytes],
+                      saved: Callable[[], None] | None = None) -> None:
+        try:
+            if shard_id in self._lost:
+                return
+            if not self.may_commit(shard_id):
+                return self._give_up(shard_id, "not saving its open conversations")
+            open_conversations.write(self.layout, shard_id, states)
+            self._saved[shard_id].update(states)
+        finally:
+            if saved is not None:
+                saved()
 
     def _done(self, shard_id: int) -> None:
         if shard_id in self._lost:

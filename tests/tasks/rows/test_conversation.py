@@ -423,6 +423,11 @@ def test_a_rerun_resumes_each_conversation_at_its_last_saved_turn_and_runs_no_to
     assert done.cancelled() and _rows(layout) == {}
     folder = Path(layout.open_conversations(0))
     assert sorted(p.name for p in folder.iterdir()) == ["0-0.json", "1-0.json", "2-0.json"]
+    # Each result's text is saved once, in its tool message (the turn's copy restored from
+    # it on resume).
+    for saved in folder.iterdir():
+        text = saved.read_text()
+        assert [text.count(f"looked up {x}") for x in ("a", "b")] == [1, 1]
 
     second = Script(job, turns)
     rows = _run(job, second)
@@ -445,6 +450,51 @@ def test_a_rerun_resumes_each_conversation_at_its_last_saved_turn_and_runs_no_to
             for r in (x["content"] for x in t["tool_results"] or ())} == {
         c.split()[0] for c in calls}
     assert not list(folder.iterdir())
+
+
+class OnDisk(Script):
+    """Reads, at each later turn's submit, the conversation's saved state as a kill would
+    find it on disk."""
+
+    def __init__(self, job: JobSpec, turns: dict[int, list[str]], layout: OutputLayout):
+        super().__init__(job, turns)
+        self.output = layout
+        self.found: list[tuple[int, int, bool]] = []  # (row, turn, saved messages == asked)
+
+    def submit(self, key: str, req: RowRequest, params: Any) -> None:
+        turn = 1 + sum(m["role"] == "assistant" for m in req.messages or ())
+        if turn > 1:
+            path = Path(self.output.open_conversation(0, req.row_index, 0))
+            saved = json.loads(path.read_text())["messages"] if path.exists() else None
+            self.found.append((req.row_index, turn, saved == list(req.messages or ())))
+        super().submit(key, req, params)
+
+
+def test_saving_every_turn_a_turn_is_generated_only_once_its_state_is_on_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """checkpoint_seconds 0: a conversation's next turn waits until the state its tools
+    left is written, so a kill never finds a turn generated on results not on disk (it
+    would regenerate it, and the turns after). Storage is slowed so that an unawaited
+    save would be late."""
+    from thinkbatch.tasks.store import open_conversations
+
+    write = open_conversations.write
+
+    def slow(*args: Any) -> None:
+        time.sleep(0.05)
+        write(*args)
+
+    monkeypatch.setattr(open_conversations, "write", slow)
+    job = _job(tmp_path, 3, checkpoint_seconds=0)
+    turns = {r: [call(("lookup", {"city": f"c{r}{t}"})) for t in range(3)] + [answer("ok")]
+             for r in range(3)}
+    layout = runner.output(job)
+    engine = OnDisk(job, turns, layout)
+    rows = _run(job, engine)
+    assert all(row["status"] == "ok" for row in rows.values())
+    assert sorted((r, t) for r, t, _ in engine.found) == [
+        (r, t) for r in range(3) for t in (2, 3, 4)]
+    assert all(same for _, _, same in engine.found)
 
 
 def test_a_row_tool_that_shadows_a_toolbox_tool_is_invalid(tmp_path: Path) -> None:
