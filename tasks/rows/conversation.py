@@ -301,7 +301,7 @@ class Conversations:
     def _state(conv: Conversation) -> bytes:
         """What a rerun resumes the conversation from (`resume`): its turns, tool results
         in, and the history they make. A result whose text is its tool message's (not
-        hidden) is saved once, in the message (`_results_of`)."""
+        hidden) is saved once, in the message (`_result_messages`)."""
         assert conv.started is not None
         turns = [t.state() for t in conv.turns]
         results = [r for t in turns for r in t["results"] or ()]
