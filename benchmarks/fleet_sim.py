@@ -58,9 +58,12 @@ class Settings:
     kills: int = 3
     pause: bool = True
     sim_hour_s: float = 3.0  # wall seconds per simulated hour
-    claim_ttl_sim_s: float = 9_000.0  # 7.5 s wall: renewals every ~1.9 s per claim
+    # 30 s wall: renewals every 7.5 s per claim. A node holds 10-25 claims (rows of hours
+    # keep shards open), and renewing ~240 claims every 1.9 s (a 7.5 s TTL) swamped the
+    # one moto process: a fleet with the default 120 s TTL renews every 30 s.
+    claim_ttl_sim_s: float = 36_000.0
     pause_ttls: float = 1.5  # the paused node stays stopped at least this many claim TTLs,
-    pause_max_ttls: float = 30.0  # and until another takes a claim over, at most this many
+    pause_max_ttls: float = 4.0  # and until another takes a claim over, at most this many
     flush_sim_s: float = 600.0  # the job's flush_seconds, simulated (0.5 s wall)
     step_real_s: float = 0.05  # the longest a simulated engine step blocks (vLLM: ~a step)
     chaos_window: tuple[float, float] = (0.1, 0.75)  # kills fall in this share of the run
