@@ -99,8 +99,7 @@ def test_a_run_writes_its_report_at_the_end(tiny_model: str, prefect_harness,
     for r in rows:
         span = (r["finished_at"] - r["started_at"]).total_seconds()
         assert span == pytest.approx(r["latency_s"], abs=1e-3) and r["ttft_s"] <= span
-        assert manifest.this_run.wall_s > (datetime.now(timezone.utc) - r["finished_at"]
-                                           ).total_seconds() > 0
+        assert r["started_at"] <= r["finished_at"] <= datetime.now(timezone.utc)
     assert set(tally.tools) == {"get_weather"}  # the calls the random weights made
     markers = [json.loads(p.read_text()) for p in (out / "_shards").iterdir()]
     assert all(sorted(m["committed_at"]) == m["parts"] for m in markers)

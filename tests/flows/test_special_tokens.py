@@ -18,7 +18,7 @@ from tests.tasks.rows.test_prompt_tokens import FORGED_PROMPT
 pytestmark = pytest.mark.engine
 
 CLEAN = re.sub(r"<\|im_end\|>|</?think>", "", FORGED_PROMPT)
-TIMING = frozenset({"ttft_s", "latency_s"})
+TIMING = frozenset({"ttft_s", "latency_s", "started_at", "finished_at", "worker"})
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ WORKING = re.compile(r"(?P<a>\d+)[+-](?P<b>\d+)\. .* Answer (?P<result>\d+)\.")
 NUMBER = re.compile(r"\d+")
 ROWS = 40
 CHAT_ROWS = 4  # through vLLM's own LLM.chat too: two arithmetic, two tool prompts
-TIMING = frozenset({"ttft_s", "latency_s"})
+TIMING = frozenset({"ttft_s", "latency_s", "started_at", "finished_at", "worker"})
 
 
 @pytest.fixture(scope="module")
