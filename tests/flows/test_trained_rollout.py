@@ -103,7 +103,8 @@ def _content(row: dict) -> dict:
     """A conversation without its timings (each turn's tool latencies, the row's)."""
     turns = [{**t, "tool_results": [{k: v for k, v in r.items() if k != "latency_s"}
                                     for r in t["tool_results"] or ()]} for t in row["turns"]]
-    return {**{k: v for k, v in row.items() if k not in ("ttft_s", "latency_s", "started_at", "finished_at", "worker")},
+    timing = ("ttft_s", "latency_s", "started_at", "finished_at", "worker")
+    return {**{k: v for k, v in row.items() if k not in timing},
             "turns": turns}
 
 
