@@ -146,7 +146,11 @@ class _Local:
         return stats
 
     def list_names(self, folder: str, prefix: str = "") -> list[str]:
-        return list(self.list_versions(folder, prefix))
+        try:
+            with os.scandir(folder) as entries:
+                return [e.name for e in entries if e.name.startswith(prefix)]
+        except FileNotFoundError:
+            return []
 
     def list_versions(self, folder: str, prefix: str = "") -> dict[str, str]:
         """Name -> its version: a replaced file (an atomic write renames a new inode into
