@@ -237,6 +237,7 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
             while not stopping.requested:
                 if wants() and time.monotonic() >= next_look:
                     while wants():
+                        asked = time.monotonic()
                         if (shard_id := claims.claim_next()) is None:
                             # Listings cost requests on S3: a worker that finds nothing
                             # looks again less and less often, until a shard of its own ends.
@@ -251,8 +252,8 @@ def work_shards(job: JobSpec, layout: OutputLayout, plan: Plan, owner: str,
                                                        show_progress=show_progress, live=live,
                                                        listeners=listeners, worker=worker)
                             run.engine_load_s = opened.load_s
-                            started = time.monotonic()
-                        done = opened.pipeline.submit_shard(shard_id)
+                            started = asked = time.monotonic()  # a load is no claim's lead
+                        done = opened.pipeline.submit_shard(shard_id, asked)
                         active[shard_id] = done, (track(shard_id, done) if track
                                                   else _nothing)
                     if not active and not claims.unfinished():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class Pipeline:
         self.carry = carry  # a retry's rows kept from its source
         self._shards: queue.Queue[Shard | None] = queue.Queue()
         self._futures: dict[int, Future[ShardStats]] = {}
+        self._claim_s: dict[int, float] = {}  # how long each shard's claim took
         self._items: queue.Queue[Any] = queue.Queue(maxsize=4)  # rendered batches, bounded
         self._remaining: dict[int, int] = {}
         self._inflight: dict[str, Conversation] = {}
@@ -123,22 +125,27 @@ class Pipeline:
         """Rows in the engine (a rollout: conversations generating a turn)."""
         return len(self._inflight)
 
-    def submit_shard(self, shard_id: int) -> Future[ShardStats]:
-        """Queue a shard; the future resolves with its stats once it is committed."""
+    def submit_shard(self, shard_id: int, asked_at: float | None = None) -> Future[ShardStats]:
+        """Queue a shard; the future resolves with its stats once it is committed.
+        `asked_at` (time.monotonic) is when its claim was asked for: the claim and the
+        read of its first rows are the lead that sizes the backlog (in_flight.Backlog)."""
         fut: Future[ShardStats] = Future()
         if self._error is not None:
             fut.set_exception(self._error)
             return fut
         self._futures[shard_id] = fut
+        self._claim_s[shard_id] = 0.0 if asked_at is None else time.monotonic() - asked_at
         shard = self.plan.shards[shard_id]
         self.backlog.add(shard.num_rows * self.job.sampling.n)
         self._shards.put(shard)
         return fut
 
     def wants_shard(self) -> bool:
-        """Whether the rows not yet in the engine run lower than it holds at once: time to
-        claim another shard, so the engine stays full to the last row."""
-        return self.backlog.rows < self.in_flight_limit.limit
+        """Whether the rows not yet in the engine run lower than it starts before another
+        shard's rows arrive (at most what it holds at once): time to claim another shard,
+        so the engine stays full to the last row and no worker hoards the job's last
+        shards (in_flight.Backlog)."""
+        return self.backlog.wants_rows(self.in_flight_limit.limit)
 
     def close(self) -> None:
         """Finish the requests in flight and their commits; a shard left unfinished (the
@@ -189,6 +196,7 @@ class Pipeline:
         n = self.job.sampling.n
         try:
             while (shard := self._shards.get()) is not None:
+                got = time.monotonic()
                 done = checkpoint.committed_keys(self.layout, shard.shard_id)
                 self.listeners.done_before(len(done))
                 if self.carry is not None:  # a retry: the source's other rows, as they are
@@ -198,7 +206,11 @@ class Pipeline:
                 self.backlog.add(-len(done))
                 saved = (open_conversations.load(self.layout, shard.shard_id, done)
                          if self.conversations.saving else {})
+                # The claim and the reads, not the waits for the queue: a lead that counted
+                # the backlog ahead of it would keep the backlog long.
+                lead: float | None = self._claim_s.pop(shard.shard_id) + time.monotonic() - got
                 self._put_item(_ShardStart(shard.shard_id, shard.num_rows * n - len(done)))
+                resumed = time.monotonic()
                 for batch in shard_batches(self.layout.store, self.plan, shard, columns,
                                            self.job.input.id_column):
                     work = [self.conversations.conversation(shard.shard_id, r, s)
@@ -211,6 +223,9 @@ class Pipeline:
                         if (state := saved.pop((conv.req.row_index, conv.sample), None)):
                             self.conversations.resume(conv, state)
                     if work:
+                        if lead is not None:
+                            self.backlog.lead(lead + time.monotonic() - resumed)
+                            lead = None
                         self._put_item(work)
         except BaseException as e:
             self._fail(e)
@@ -398,6 +413,7 @@ class Pipeline:
         self._emit(conv, parsed, gen)
 
     def _emit(self, conv: Conversation, parsed: Parsed, gen: Generation | None) -> None:
+        self.backlog.row_done()
         shard_id = conv.shard_id
         trajectory = self.conversations.end(conv)
         if shard_id in self._lost:

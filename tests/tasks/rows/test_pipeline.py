@@ -28,6 +28,7 @@ from thinkbatch.tasks import runner
 from thinkbatch.tasks.report import trace
 from thinkbatch.tasks.rows import pipeline as pipeline_module
 from thinkbatch.tasks.rows.engine import EngineDied, ReplayEngine
+from thinkbatch.tasks.rows.in_flight import Backlog
 from thinkbatch.tasks.rows.pipeline import Pipeline
 from thinkbatch.tasks.store import checkpoint
 from thinkbatch.tasks.store.commit import FencedOut
@@ -485,3 +486,43 @@ def test_a_worker_takes_another_shard_while_fewer_rows_wait_than_the_engine_hold
     pipe.close()
     assert max(engine.held) == 16
     assert pipe.backlog.rows == 0
+
+
+class HourLongRows(Backlog):
+    """The pipeline's backlog on a clock where rows end 44 s apart, however fast the
+    replay runs: a Kimi-K2-Thinking node's 228 slots with rows of ~2.8 hours."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+        self.ended = 0
+        super().__init__(lambda: self.t)
+
+    def row_done(self) -> None:
+        self.t += 44.0
+        self.ended += 1
+        super().row_done()
+
+
+def test_a_worker_whose_rows_take_hours_claims_when_its_waiting_rows_run_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once rows end slowly, a worker claims a shard only when the engine would otherwise
+    wait for it: a limit's worth of waiting rows is hours of one engine's work, which
+    the engines that run dry at the end of a job cannot have."""
+    monkeypatch.setattr(pipeline_module, "Backlog", HourLongRows)
+    job = _job(tmp_path, _rows(40), rows_per_shard=2, max_in_flight=16, flush_rows=1)
+    layout, plan = _plan(job)
+    pipe = _pipeline(job, layout, plan, LastingReplay(job, polls=20))
+    backlog = pipe.backlog
+    assert isinstance(backlog, HourLongRows)
+    waiting_at_claims, futures = [], []
+    for shard_id in range(len(plan.shards)):
+        deadline = time.monotonic() + 6 * WAIT_S
+        while not pipe.wants_shard():
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        if backlog.ended >= 2:  # the rate is known
+            waiting_at_claims.append(backlog.rows)
+        futures.append(pipe.submit_shard(shard_id, asked_at=time.monotonic()))
+    assert [f.result(timeout=WAIT_S).rows for f in futures] == [2] * 20
+    pipe.close()
+    assert waiting_at_claims and set(waiting_at_claims) == {0}
