@@ -15,6 +15,7 @@ from thinkbatch.tasks.rows.engine import RequestRejected, get_engine
 from thinkbatch.tasks.rows.parse import OutputParser
 
 KIMI = ParserSpec(reasoning="kimi_k2", tool_call="kimi_k2")
+LEFT_BEHIND_S = 60  # a closed engine's processes that live longer were left behind
 
 
 def _request(engine: Any, i: int, prompt_len: int) -> RowRequest:
@@ -102,6 +103,8 @@ def test_closing_the_engine_ends_its_processes_without_waiting_out_vllms_grace(
     started = time.monotonic()
     drop_engine(engine)
     took = time.monotonic() - started
-    gone, alive = psutil.wait_procs(processes, timeout=5)
-    assert not [p for p in alive if p.name().startswith("VLLM")], alive
     assert took < 4, took
+    # Gone, not gone within 5 s: on 2 loaded cores vLLM's worker took longer than that to
+    # exit after a close that returned in time. A process left behind never exits.
+    gone, alive = psutil.wait_procs(processes, timeout=LEFT_BEHIND_S)
+    assert not [p for p in alive if p.name().startswith("VLLM")], alive
