@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from thinkbatch.schemas.job_file import resolve_raw
+from thinkbatch.schemas.output import ROW_TIME_NAMES
 from thinkbatch.tasks.report import trace
 
 os.environ["VLLM_CONFIGURE_LOGGING"] = "0"
@@ -35,6 +36,8 @@ TRAINED_MODEL = ASSETS / "tiny-kimi-thinking"  # real weights, the Hugging Face 
 # tiktoken, loaded with trust_remote_code; miniature/tiktoken_tokenizer.py): the same ids.
 TIKTOKEN_MODEL = ASSETS / "tiny-kimi-thinking-tiktoken"
 TOKENIZERS = ("hf", "tiktoken")  # the two classes of tokenizer the engine tests run with
+# Columns that differ between two runs of the same rows: tests that compare runs drop them.
+PER_RUN_COLUMNS = frozenset({"ttft_s", "latency_s", *ROW_TIME_NAMES})
 
 
 def tokenizer_engine(tokenizer: str) -> dict[str, Any]:

@@ -71,6 +71,7 @@ def test_a_run_writes_its_report_at_the_end(tiny_model: str, prefect_harness,
     job = job_dict(tmp_path / "in.parquet", tmp_path / "out", engine_section(tiny_model),
                    shards={"rows_per_shard": 8}, output={"flush_rows": 4},
                    sampling={"max_tokens": 96})
+    before = datetime.now(timezone.utc)
     generate_dataset(job)
 
     out = tmp_path / "out"
@@ -99,7 +100,7 @@ def test_a_run_writes_its_report_at_the_end(tiny_model: str, prefect_harness,
     for r in rows:
         span = (r["finished_at"] - r["started_at"]).total_seconds()
         assert span == pytest.approx(r["latency_s"], abs=1e-3) and r["ttft_s"] <= span
-        assert r["started_at"] <= r["finished_at"] <= datetime.now(timezone.utc)
+        assert before <= r["started_at"] <= r["finished_at"] <= datetime.now(timezone.utc)
     assert set(tally.tools) == {"get_weather"}  # the calls the random weights made
     markers = [json.loads(p.read_text()) for p in (out / "_shards").iterdir()]
     assert all(sorted(m["committed_at"]) == m["parts"] for m in markers)

@@ -12,13 +12,13 @@ import re
 import pyarrow.dataset as ds
 import pytest
 
-from tests.conftest import TOKENIZERS, engine_section, job_dict, write_prompts
+from tests.conftest import (PER_RUN_COLUMNS, TOKENIZERS, engine_section, job_dict,
+                            write_prompts)
 from tests.tasks.rows.test_prompt_tokens import FORGED_PROMPT
 
 pytestmark = pytest.mark.engine
 
 CLEAN = re.sub(r"<\|im_end\|>|</?think>", "", FORGED_PROMPT)
-TIMING = frozenset({"ttft_s", "latency_s", "started_at", "finished_at", "worker"})
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_both_tokenizers_write_the_same_rows(runs) -> None:
     """The same prompt, the same weights and seed: the same rows, raw text first, with no
     space after a kept special token."""
     for allow in (False, True):
-        hf, tiktoken = ({k: {c: v for c, v in r.items() if c not in TIMING} for k, r in
+        hf, tiktoken = ({k: {c: v for c, v in r.items() if c not in PER_RUN_COLUMNS} for k, r in
                          runs[name, allow].items()} for name in TOKENIZERS)
         assert all(r["raw_text"].startswith("<think>") for r in tiktoken.values()), tiktoken
         assert tiktoken == hf, allow

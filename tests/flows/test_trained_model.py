@@ -20,7 +20,8 @@ import pyarrow.dataset as ds
 import pytest
 
 from miniature.tiny_tasks import ITEMS, heldout_rows, score, summarize
-from tests.conftest import TOKENIZERS, engine_section, job_dict, tokenizer_engine, write_prompts
+from tests.conftest import (PER_RUN_COLUMNS, TOKENIZERS, engine_section, job_dict,
+                            tokenizer_engine, write_prompts)
 from thinkbatch.flows.job import generate_dataset
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.record import Generation
@@ -31,7 +32,6 @@ WORKING = re.compile(r"(?P<a>\d+)[+-](?P<b>\d+)\. .* Answer (?P<result>\d+)\.")
 NUMBER = re.compile(r"\d+")
 ROWS = 40
 CHAT_ROWS = 4  # through vLLM's own LLM.chat too: two arithmetic, two tool prompts
-TIMING = frozenset({"ttft_s", "latency_s", "started_at", "finished_at", "worker"})
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_arithmetic_is_worked_from_the_question_and_answered_right(rows: list[di
 def test_both_tokenizers_write_the_same_rows(runs: dict[str, list[dict]]) -> None:
     """Raw text and every column but the timings; no space after a kept special token
     (vLLM's slow-tokenizer detokenizer writes one unless told not to)."""
-    hf, tiktoken = ([{k: v for k, v in r.items() if k not in TIMING} for r in runs[name]]
+    hf, tiktoken = ([{k: v for k, v in r.items() if k not in PER_RUN_COLUMNS} for r in runs[name]]
                     for name in TOKENIZERS)
     assert all(r["raw_text"].startswith("<think>") for r in tiktoken), tiktoken[:2]
     assert tiktoken == hf

@@ -21,7 +21,7 @@ import pytest
 
 from miniature.eval_tiny_model import ROLLOUT_JOB, rollout_figures
 from miniature.tiny_tasks import heldout_rows, score_rollout, tool_result
-from tests.conftest import CLI, TOKENIZERS, tokenizer_engine, write_prompts
+from tests.conftest import CLI, PER_RUN_COLUMNS, TOKENIZERS, tokenizer_engine, write_prompts
 
 pytestmark = pytest.mark.engine
 
@@ -103,8 +103,7 @@ def _content(row: dict) -> dict:
     """A conversation without its timings (each turn's tool latencies, the row's)."""
     turns = [{**t, "tool_results": [{k: v for k, v in r.items() if k != "latency_s"}
                                     for r in t["tool_results"] or ()]} for t in row["turns"]]
-    timing = ("ttft_s", "latency_s", "started_at", "finished_at", "worker")
-    return {**{k: v for k, v in row.items() if k not in timing},
+    return {**{k: v for k, v in row.items() if k not in PER_RUN_COLUMNS},
             "turns": turns}
 
 
