@@ -7,11 +7,15 @@ and its shards are claimed again and resumed from their committed parts.
 
 A claim costs the same at 100 shards as at 100k: each worker keeps its own order of
 candidates, from one listing of `_shards/` and `_claims/` (and of `data/` once, at
-start), and lists again only when that order runs out or turns out stale. Resumed
-shards come first: those with a claim left behind (a dead run's is taken over at once
-when its process is gone from this machine's boot and pid namespace, else after its
-TTL) or with committed parts, so a killed run's half-done shards are finished before
-fresh ones are started.
+start), and lists again only when that order runs out or turns out stale. At its first
+listing a worker tries resumed shards first: those with a claim left behind (a dead
+run's is taken over at once when its process is gone from this machine's boot and pid
+namespace, else after its TTL) or with committed parts, so a killed run's half-done
+shards are finished before fresh ones are started. At later listings a claim it sees is
+most likely a live worker's: claimed shards go last, after the fresh ones. Each try of
+a live claim costs two requests, and a fleet holds hundreds: a node that runs dry near a
+job's end would try them all before the fresh shards still left (in the simulated fleet,
+simulated hours of an idle engine).
 
 A worker also lists `_claims/` alone (in-progress shards only: a short listing at any
 job size) at most once per claim TTL while it claims. A claim listed at the same version
@@ -52,17 +56,23 @@ class ShardClaims:
         return [s.shard_id for s in self.plan.shards if s.shard_id not in done]
 
     def _list_candidates(self) -> None:
-        """Unfinished shards in claim order: resumed ones, then fresh ones from start_at."""
+        """Unfinished shards in claim order (module docstring), each rank from start_at."""
         store = self.layout.store
+        first = self._started is None
         if self._started is None:
             self._started = {s for n in store.list_files(self.layout.data, ".parquet")
                              if (s := self.layout.shard_of(n)) is not None}
         self._seen = self._list_claims()
-        resumed = self._seen.keys() | self._started
+        claimed = self._seen.keys()
         n = len(self.plan.shards)
+
+        def rank(s: int) -> int:
+            if first:
+                return 0 if s in claimed or s in self._started else 1
+            return 2 if s in claimed else 0 if s in self._started else 1
+
         todo = [s for s in self.unfinished() if s not in self._held]
-        self._order = deque(sorted(todo, key=lambda s: (s not in resumed,
-                                                        (s - self.start_at) % n)))
+        self._order = deque(sorted(todo, key=lambda s: (rank(s), (s - self.start_at) % n)))
 
     def _list_claims(self) -> dict[int, str]:
         """Every claim now: shard -> its version."""

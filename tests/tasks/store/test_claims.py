@@ -105,6 +105,29 @@ def test_resumed_shards_come_first_and_a_dead_runs_claim_is_taken_over_at_once(
     claims.release_all()
 
 
+def test_after_its_first_listing_a_worker_takes_fresh_shards_before_trying_held_ones(
+        tmp_path: Path) -> None:
+    """Near a job's end a fleet holds hundreds of live claims, and each try costs two
+    requests: a worker that lists again (its order turned out stale) takes the fresh
+    shards left before it reads any claim it saw held. Its first listing still tries
+    claims first (the test above: a dead run's)."""
+    layout, plan = _layout(tmp_path, rows=50)
+    store = CountingStorage()
+    layout = OutputLayout(layout.root, store)
+    STORE.write_atomic(layout.claim(3), holder_record(owner="live", ttl_s=600))
+    claims = ShardClaims(layout, plan, "a", ttl_s=600)
+    assert claims.claim_next() == 0  # first listing: held 3 tried first, then fresh 0
+    assert store.leases_read == ["000003.json"]
+    STORE.write_atomic(layout.done_marker(1), json.dumps({"parts": []}).encode())
+    store.leases_read.clear()
+    assert claims.claim_next() == 2  # 1 found done: a fresh listing, 2 before held 3
+    assert store.listed["_claims"] == 2
+    assert store.leases_read == []
+    assert claims.claim_next() == 4
+    assert claims.claim_next() is None and "000003.json" in store.leases_read  # tried last
+    claims.release_all()
+
+
 def test_claims_list_the_store_when_their_order_runs_out_not_per_claim(tmp_path: Path) -> None:
     layout, plan = _layout(tmp_path)
     store = CountingStorage()
