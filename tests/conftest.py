@@ -137,6 +137,13 @@ def write_job(path: Path, job: dict[str, Any]) -> Path:
 
 
 CLI = [sys.executable, "-m", "thinkbatch.flows.cli"]
+# vLLM's engine core and its worker inside the run's process, not in two spawned processes
+# of their own: each spawn imports vLLM and torch again (~15 s of CPU apiece), and two CLI
+# runs side by side took 124 s with them, 69 s without. For the subprocess tests whose
+# subject is rows, storage, claims or the flow. The tests of the engine's processes
+# (test_orphans, test_signals, test_engine_death, test_worker_stops, test_engine's close)
+# and `make demo` run vLLM's own process layout, as a user's run does.
+ENGINE_IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 def free_port() -> int:
@@ -147,15 +154,17 @@ def free_port() -> int:
 
 
 def kill_after_first_commit(job: Path | list[str], env: dict[str, str] | None = None) -> set[int]:
-    """Run `thinkbatch run JOB` (or the command given as a list of arguments), SIGKILL its
-    process group right after its first commit; returns the row indices it had submitted
-    to the engine by then, as its trace (tasks/report/trace.py) tells."""
+    """Run `thinkbatch run JOB` (or the command given as a list of arguments), its engine
+    in process (ENGINE_IN_PROCESS), SIGKILL its process group right after its first
+    commit; returns the row indices it had submitted to the engine by then, as its trace
+    (tasks/report/trace.py) tells."""
     args = job if isinstance(job, list) else ["run", str(job)]
     with tempfile.TemporaryDirectory() as tmp:
         path, log = Path(tmp, "trace.jsonl"), Path(tmp, "stderr")
         with log.open("w") as stderr:
             proc = subprocess.Popen([*CLI, *args, "--no-progress"],
-                                    env={**os.environ, **(env or {}), trace.ENV: str(path)},
+                                    env={**os.environ, **ENGINE_IN_PROCESS, **(env or {}),
+                                         trace.ENV: str(path)},
                                     stderr=stderr, stdout=subprocess.DEVNULL,
                                     start_new_session=True)
         try:

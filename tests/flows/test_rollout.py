@@ -19,8 +19,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import (CLI, engine_section, job_dict, kill_after_first_commit, prompt_rows,
-                            write_job, write_prompts)
+from tests.conftest import (CLI, ENGINE_IN_PROCESS, engine_section, job_dict,
+                            kill_after_first_commit, prompt_rows, write_job, write_prompts)
 from thinkbatch.flows.job import generate_dataset
 from thinkbatch.schemas.job_file import load_job
 from thinkbatch.schemas.record import Generation, RowRequest
@@ -326,7 +326,7 @@ def test_kill_mid_rollout_then_resume_writes_every_conversation_once_and_whole(
         _assert_whole(row, 4)
 
     r = subprocess.run([*CLI, "run", str(job), "--no-progress"], capture_output=True, text=True,
-                       timeout=600)
+                       timeout=600, env={**os.environ, **ENGINE_IN_PROCESS})
     assert r.returncode == 0, r.stderr
     second = [r for p in sorted(set(data.glob("*.parquet")) - first_parts)
               for r in pq.read_table(p).to_pylist()]
@@ -366,7 +366,7 @@ def test_a_killed_rollout_resumes_each_conversation_at_its_last_saved_tool_call(
     assert (tmp_path / "out" / "_open").exists()
 
     r = subprocess.run([*CLI, "run", str(job), "--no-progress"], capture_output=True, text=True,
-                       timeout=600, env={**os.environ, **env})
+                       timeout=600, env={**os.environ, **ENGINE_IN_PROCESS, **env})
     assert r.returncode == 0, r.stderr
     second = [r for p in sorted(set(data.glob("*.parquet")) - first_parts)
               for r in pq.read_table(p).to_pylist()]
@@ -443,7 +443,8 @@ def test_a_run_starts_each_mcp_server_once_and_writes_no_secret(tiny_model: str,
         job = write_job(tmp_path / "job.yaml", spec)
         return subprocess.run([*CLI, "run", str(job), "--no-progress"], capture_output=True,
                               text=True, timeout=600,
-                              env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")})
+                              env={**os.environ, **ENGINE_IN_PROCESS,
+                                   "PREFECT_HOME": str(tmp_path / "prefect")})
 
     def sha(key: str) -> str:
         return hashlib.sha256(key.encode()).hexdigest()

@@ -15,8 +15,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import (CLI, engine_section, job_dict, kill_after_first_commit, prompt_rows,
-                            write_job)
+from tests.conftest import (CLI, ENGINE_IN_PROCESS, engine_section, job_dict,
+                            kill_after_first_commit, prompt_rows, write_job)
 from thinkbatch.flows.job import generate_dataset
 from thinkbatch.tasks.store.lease import acquire_run_lease
 from thinkbatch.tasks.store.storage import Storage
@@ -44,7 +44,7 @@ def _output(s3, bucket: str, prefix: str = "out") -> pa.Table:
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **ENGINE_IN_PROCESS, **(env or {})})
 
 
 @pytest.mark.engine

@@ -14,8 +14,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import (CLI, engine_section, job_dict, prompt_rows, write_job,
-                            write_prompts)
+from tests.conftest import (CLI, ENGINE_IN_PROCESS, engine_section, job_dict, prompt_rows,
+                            write_job, write_prompts)
 from tests.prefect_server import DEPLOYING, PrefectServer
 
 pytestmark = pytest.mark.engine
@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def server(s3, tmp_path_factory):
-    srv = PrefectServer(tmp_path_factory.mktemp("prefect-home"), env=DEPLOYING)
+    srv = PrefectServer(tmp_path_factory.mktemp("prefect-home"),
+                        env={**DEPLOYING, **ENGINE_IN_PROCESS})
     for pool in ("thinkbatch-gpu", "thinkbatch-control"):
         r = srv.cli("work-pool", "create", pool, "--type", "process")
         assert r.returncode == 0, r.stderr

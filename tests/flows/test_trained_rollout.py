@@ -14,6 +14,7 @@ same conversations, turn by turn and token count by token count."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pyarrow.dataset as ds
@@ -21,7 +22,8 @@ import pytest
 
 from miniature.eval_tiny_model import ROLLOUT_JOB, rollout_figures
 from miniature.tiny_tasks import heldout_rows, score_rollout, tool_result
-from tests.conftest import CLI, PER_RUN_COLUMNS, TOKENIZERS, tokenizer_engine, write_prompts
+from tests.conftest import (CLI, ENGINE_IN_PROCESS, PER_RUN_COLUMNS, TOKENIZERS,
+                            tokenizer_engine, write_prompts)
 
 pytestmark = pytest.mark.engine
 
@@ -42,7 +44,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
                               f"output.path={root / name}", *engine, "--no-progress",
                               "--show-rows", "0"],
                              check=False, cwd=ROOT, capture_output=True, text=True,
-                             timeout=600)
+                             timeout=600, env={**os.environ, **ENGINE_IN_PROCESS})
         assert run.returncode == 0, run.stderr[-4000:]
         table = ds.dataset(root / name / "data", format="parquet").to_table()
         out[name] = sorted(table.to_pylist(), key=lambda r: r["id"])
