@@ -59,7 +59,7 @@ class ShardClaims:
         """Unfinished shards in claim order (module docstring), each rank from start_at."""
         store = self.layout.store
         first = self._started is None
-        if self._started is None:
+        if first:
             self._started = {s for n in store.list_files(self.layout.data, ".parquet")
                              if (s := self.layout.shard_of(n)) is not None}
         self._seen = self._list_claims()
