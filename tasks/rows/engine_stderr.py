@@ -11,6 +11,7 @@ the last lines, from which `cause` reads the first exception a traceback ended w
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -21,6 +22,8 @@ KEEP_LINES = 4000  # a few tracebacks of a TP8 engine, from every rank
 QUIET_S = 0.3  # a dying engine's last lines are in once the pipe was quiet this long
 SETTLE_S = 5.0  # the longest `cause` waits for them
 _TRACEBACK = "Traceback (most recent call last):"
+# How vLLM's engine core re-raises a worker's exception (multiproc_executor)
+_WRAPPED = re.compile(r"Worker failed with error '(.*)', please check the stack trace above")
 
 
 class EngineStderr:
@@ -72,12 +75,30 @@ class EngineStderr:
         while not self._eof.is_set() and time.monotonic() < deadline \
                 and time.monotonic() - self._last < QUIET_S:
             time.sleep(0.05)
-        lines = [line for at, line in list(self._lines) if at >= since]
-        return first_exception(lines)
+        kept = list(self._lines)
+        found = first_exception([line for at, line in kept if at >= since])
+        return found and unwrapped(found, [line for _, line in kept])
+
+
+def unwrapped(found: str, lines: list[str]) -> str:
+    """The worker's own exception where `found` is the engine core's wrapping of it. Its
+    traceback can precede `since`: with the engine core a step ahead of its client, a
+    step that was done before the worker failed can come back after the worker printed."""
+    wrapped = _WRAPPED.search(found)
+    if wrapped is None:
+        return found
+    own = [e for e in _exceptions(lines)
+           if e.endswith(f": {wrapped.group(1)}") and not _WRAPPED.search(e)]
+    return own[-1] if own else found
 
 
 def first_exception(lines: list[str]) -> str | None:
-    """The line that ends the first traceback in `lines`: the first line after
+    """The line that ends the first traceback in `lines`."""
+    return next(_exceptions(lines), None)
+
+
+def _exceptions(lines: list[str]) -> Iterator[str]:
+    """The line that ends each traceback in `lines`: the first line after
     `Traceback (most recent call last):` that is not indented (its frames are). A prefix
     before the header (a process tag some logging set-ups add) is stripped from the
     lines that follow."""
@@ -89,5 +110,5 @@ def first_exception(lines: list[str]) -> str | None:
             continue
         body = line.removeprefix(prefix)
         if body and not body[0].isspace():
-            return body.strip()
-    return None
+            yield body.strip()
+            prefix = None
