@@ -12,6 +12,8 @@ The model, per engine (one GPU node):
   ~0.4 s per token per request under load): n decoding rows each advance at
   min(1, S/n) / s_per_token tokens per second, so more rows than slots take longer
   each and add nothing, and fewer leave slots idle. Slot use is min(n, S) / S.
+  With `s_per_token_alone`, fewer rows than slots also decode faster each (the step
+  shortens with the batch), which only an emptying engine sees: the drain at the end.
 - admission as vLLM's scheduler does it: up to `max_num_seqs` rows run, a waiting row
   enters when the KV cache has room for its prompt and the tokens it generated before
   (minus a watermark), and prefills first.
@@ -54,6 +56,10 @@ class SimModel:
     kv_tokens: int = 5_721_088  # the Kimi-K2-Thinking recipe on 8xH200, TP8 + DCP8
     tokens_per_row: int = 25_000  # prompt + output a slot is sized for
     s_per_token: float = 0.4  # decode time per token per request, under load
+    # A row decoding alone (None: every row at s_per_token however few decode). A real
+    # engine's step shortens as its batch empties; with this set, the step grows linearly
+    # from it at one decoding row to s_per_token at S (a variant: the tail's sensitivity).
+    s_per_token_alone: float | None = None
     max_num_seqs: int = 1024  # vLLM's default for the LLM class on H100/H200
     prefill_tokens_per_s: float = 10_000.0  # a (re-)prefill's speed, per request
     watermark: float = 0.01  # share of the KV cache kept free when admitting
@@ -256,7 +262,12 @@ class SimEngine:
     def _rate(self) -> float:
         """Tokens per simulated second of each decoding row."""
         n = self._decoding
-        return self._rate_full * min(1.0, self.slots / n) if n else 0.0
+        if not n:
+            return 0.0
+        alone, full = self.model.s_per_token_alone, self.model.s_per_token
+        if alone is None or n >= self.slots:
+            return self._rate_full * min(1.0, self.slots / n)
+        return 1.0 / (alone + (full - alone) * (n - 1) / max(self.slots - 1, 1))
 
     def _push(self, heap: list, at: float, row: _Row) -> None:
         self._seq += 1
