@@ -29,11 +29,11 @@ def _engine_core(pid: int) -> int | None:
 
 def test_engine_core_killed_mid_run_is_replaced_and_no_row_fails(tmp_path: Path,
                                                                  tiny_model: str) -> None:
-    n = 300
+    n = 150
     write_prompts(tmp_path / "in.parquet", prompt_rows(n))
     job = write_job(tmp_path / "job.yaml", job_dict(
         tmp_path / "in.parquet", tmp_path / "out", engine_section(tiny_model, max_in_flight=16),
-        output={"flush_rows": 16}, shards={"rows_per_shard": 100}))
+        output={"flush_rows": 16}, shards={"rows_per_shard": 50}))
     proc = subprocess.Popen([*CLI, "run", str(job), "--no-progress"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     data = tmp_path / "out" / "data"

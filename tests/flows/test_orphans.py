@@ -31,12 +31,12 @@ def _rows_of(parts: list[Path]) -> list[int]:
 
 def test_a_sigkilled_run_leaves_no_process_behind_then_tp2_finishes(
         tmp_path: Path, tiny_model: str) -> None:
-    n = 200
+    n = 100
     write_prompts(tmp_path / "in.parquet", prompt_rows(n))
     job = write_job(tmp_path / "job.yaml", job_dict(
         tmp_path / "in.parquet", tmp_path / "out",
         engine_section(tiny_model, tensor_parallel_size=2, max_in_flight=IN_FLIGHT),
-        output={"flush_rows": FLUSH}, shards={"rows_per_shard": 100}))
+        output={"flush_rows": FLUSH}, shards={"rows_per_shard": 50}))
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_OMP_THREADS_BIND"}
     path = tmp_path / "trace.jsonl"
     proc = subprocess.Popen([*CLI, "run", str(job), "--no-progress"],

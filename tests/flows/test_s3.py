@@ -51,10 +51,10 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_s3_job_killed_after_a_commit_resumes_exactly_once(s3, tiny_model: str,
                                                            tmp_path: Path) -> None:
     bucket = s3.bucket("e2e")
-    ids = _put_prompts(s3, bucket, (800, 600, 700))
+    ids = _put_prompts(s3, bucket, (240, 180, 210))  # shards that span files and row groups
     job = write_job(tmp_path / "job.yaml", job_dict(
         f"s3://{bucket}/prompts/", f"s3://{bucket}/out", engine_section(tiny_model),  # type: ignore[arg-type]
-        shards={"rows_per_shard": 500}, output={"flush_rows": 100},
+        shards={"rows_per_shard": 150}, output={"flush_rows": 40},
         sampling={"max_tokens": 64, "structured_outputs": {"regex": "<think>[a-z]{1,6}</think>answer [a-z]{1,6}"}}))
     env = {"AWS_SECRET_ACCESS_KEY": SECRET}
     kill_after_first_commit(job, env)

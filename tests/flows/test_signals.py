@@ -16,7 +16,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import CLI, engine_section, job_dict, prompt_rows, write_job, write_prompts
+from tests.conftest import (CLI, ENGINE_IN_PROCESS, engine_section, job_dict, prompt_rows,
+                            write_job, write_prompts)
 from thinkbatch.tasks.report import trace
 
 STOPPED = re.compile(r"^thinkbatch: stopped by (SIG\w+); (\d+) rows committed, "
@@ -68,7 +69,7 @@ def _check_stop_then_resume(job: Path, out: Path, n: int, rc: int, output: str,
     assert not (out / "_lease.json").exists() and not list((out / "_claims").glob("*.json"))
 
     r = subprocess.run([*CLI, "run", str(job), "--no-progress"], capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=600, env={**os.environ, **ENGINE_IN_PROCESS})
     assert r.returncode == 0, r.stderr[-3000:]
     second = _row_indices(set((out / "data").glob("*.parquet")) - first)
     assert sorted(committed + second) == list(range(n))  # every row, exactly once
@@ -99,12 +100,12 @@ def test_ctrl_c_stops_the_real_engine_within_a_minute_without_connect_errors(
         tmp_path: Path, tiny_model: str) -> None:
     """SIGINT reaches the whole process group: thinkbatch, vLLM's engine core and worker.
     The engine must not die under the stop, nor Prefect's temporary server before it."""
-    n, in_flight = 400, 16
+    n, in_flight = 160, 16
     write_prompts(tmp_path / "in.parquet", prompt_rows(n))
     job = write_job(tmp_path / "job.yaml", job_dict(
         tmp_path / "in.parquet", tmp_path / "out",
         engine_section(tiny_model, max_in_flight=in_flight),
-        output={"flush_rows": 16}, shards={"rows_per_shard": 100}))
+        output={"flush_rows": 16}, shards={"rows_per_shard": 40}))
     rc, output, submitted, took = _signal_after_first_commit(job, signal.SIGINT, group=True)
     assert took < 60, took
     assert "engine_error" not in output and "EngineDeadError" not in output
